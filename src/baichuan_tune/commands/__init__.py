@@ -1,0 +1,1 @@
+"""One module per `baichuan-tune` sub-command; each reads top to bottom: config, setup, loop, save."""

@@ -1,0 +1,6 @@
+"""The Baichuan model family, registered with transformers' Auto classes on import."""
+
+from .configuration_baichuan import BaichuanConfig
+from .modeling_baichuan import BaichuanForCausalLM, BaichuanModel, NormHead, alibi_slopes
+
+__all__ = ["BaichuanConfig", "BaichuanForCausalLM", "BaichuanModel", "NormHead", "alibi_slopes"]

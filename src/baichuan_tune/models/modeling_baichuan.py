@@ -1,0 +1,370 @@
+"""The Baichuan model family in one file: Baichuan-7B, Baichuan-13B, Baichuan2-7B and Baichuan2-13B.
+
+Variants are config fields, not copies of this file:
+- `position_embedding`: "rope" (the 7B models) or "alibi" (the 13B models);
+- `norm_head`: Baichuan2's row-normalised output head;
+- `z_loss_weight`: Baichuan2's z-loss on the largest logit.
+
+Weight names are the published ones (`W_pack`, `o_proj`, ...), so the authors' checkpoints load as they
+are and checkpoints saved here load in the authors' code.
+
+Attention masks: a 2-D `attention_mask` is read as segment ids. 0 is padding; tokens attend (causally)
+only to earlier tokens with the same non-zero id. A 0/1 padding mask is the one-segment case, and values
+1, 2, 3, ... pack several samples into one row with no attention across them. RoPE positions restart
+at each segment (so left padding and packing give every sample the positions it would have alone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_baichuan import BaichuanConfig
+
+try:  # transformers' init helpers skip weights that were loaded from a checkpoint
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover - older layouts
+    hf_init = nn.init
+
+# transformers renamed the cache field of model outputs from `past_key_values` to `cache` (5.2x).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class BaichuanRMSNorm(nn.Module):
+    """RMSNorm with its statistics in fp32 whatever the activation dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class BaichuanMLP(nn.Module):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): 2^(-8/n), 2^(-16/n), ... for n a power of two.
+
+    For other head counts (Baichuan-13B has 40) the slopes of the closest lower power of two come first,
+    followed by every other slope of twice that power, as in the reference implementation.
+    """
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two_slopes(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its segment: [B, T] segment ids -> [B, T] positions (0 at each start)."""
+    batch, length = segments.shape
+    index = torch.arange(length, device=segments.device).expand(batch, length)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class BaichuanRotaryEmbedding(nn.Module):
+    """cos/sin tables of LLaMA-style rotary embeddings, always computed in fp32."""
+
+    def __init__(self, config: BaichuanConfig):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, T] x [D/2] -> [B, T, D/2]
+        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]: broadcast over heads
+
+
+def apply_rotary(q, k, cos, sin, in_fp32: bool):
+    """Rotate q and k ([B, H, T, D]). Baichuan2 rotates in fp32 and casts back; Baichuan-7B rotates in
+    the activation dtype with cos/sin cast to it, as the authors' code does."""
+    dtype = q.dtype
+    if in_fp32:
+        q, k = q.float(), k.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q.to(dtype), k.to(dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class BaichuanAttention(nn.Module):
+    def __init__(self, config: BaichuanConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        # q, k and v in one matrix: rows [0, h) are q, [h, 2h) k, [2h, 3h) v.
+        self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, attn_bias, rotary, cache, is_causal):
+        batch, q_len, _ = hidden_states.shape
+        qkv = self.W_pack(hidden_states)  # [B, T, 3*hidden]
+        qkv = qkv.view(batch, q_len, 3, self.num_heads, self.head_dim)  # [B, T, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, D]
+        if rotary is not None:
+            q, k = apply_rotary(q, k, *rotary, in_fp32=self.config.rotary_fp32)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, H, past+T, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(batch, q_len, -1)  # [B, H, T, D] -> [B, T, hidden]
+        return self.o_proj(out)
+
+
+class BaichuanDecoderLayer(nn.Module):
+    def __init__(self, config: BaichuanConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = BaichuanAttention(config, layer_idx)
+        self.mlp = BaichuanMLP(config)
+        self.input_layernorm = BaichuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, attn_bias=None, rotary=None, cache=None, is_causal=False):
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), attn_bias, rotary, cache, is_causal)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class NormHead(nn.Module):
+    """Baichuan2's output head: logits = hidden @ normalize(W, dim=1).T (rows of unit L2 norm).
+
+    The stored weight stays un-normalised, as in the published files. In training the gradient flows
+    through the normalisation. In eval the normalised weight is cached until the weight changes, so
+    decoding does not re-normalise a 125,696-row matrix for every token.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self._cached = None
+        self._cached_key = None
+
+    def normalized_weight(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+            return F.normalize(self.weight, dim=-1)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._cached_key != key:
+            self._cached = F.normalize(self.weight.detach().float(), dim=-1).to(self.weight.dtype)
+            self._cached_key = key
+        return self._cached
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.normalized_weight())
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class BaichuanPreTrainedModel(PreTrainedModel):
+    config_class = BaichuanConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BaichuanDecoderLayer"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NormHead):
+            hf_init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+
+class BaichuanModel(BaichuanPreTrainedModel):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(BaichuanDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = BaichuanRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = BaichuanRotaryEmbedding(config) if config.position_embedding == "rope" else None
+        if config.position_embedding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def attention_inputs(self, attention_mask, batch, q_len, past_len, device, dtype):
+        """(rotary cos/sin, additive attention bias or None, is_causal) for SDPA."""
+        total = past_len + q_len
+        plain = attention_mask is None or bool((attention_mask == 1).all())
+        segments = torch.ones(batch, total, dtype=torch.long, device=device) if plain else attention_mask.long()
+        rotary = None
+        if self.rotary_emb is not None:
+            positions = segment_positions(segments)[:, past_len:]  # [B, T]
+            rotary = self.rotary_emb(positions)
+        if plain and self.rotary_emb is not None:
+            # No padding and no packing: SDPA's own causal masking (the flash path on GPU).
+            return rotary, None, q_len > 1 and past_len == 0
+        key_pos = torch.arange(total, device=device)
+        query_pos = key_pos[past_len:]
+        seg_q = segments[:, past_len:, None]  # [B, T, 1]
+        seg_k = segments[:, None, :]  # [B, 1, total]
+        allowed = (key_pos[None, None] <= query_pos[None, :, None]) & (seg_q == seg_k) & (seg_k != 0)
+        # A padding query attends to itself only, so no row of the softmax is empty.
+        allowed |= key_pos[None, None] == query_pos[None, :, None]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, total]
+        if self.rotary_emb is None:
+            # Baichuan2-13B's form slope * (key - query); Baichuan-13B's slope * key is the same after softmax.
+            distance = (key_pos[None, :] - query_pos[:, None]).to(torch.float32)  # [T, total]
+            alibi = self.alibi_slopes.to(device)[:, None, None] * distance  # [H, T, total]
+            bias = bias + alibi[None].to(dtype)  # [B, H, T, total]
+        return rotary, bias, False
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache, cache = False, None  # recomputation would write the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        batch, q_len, _ = hidden_states.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        rotary, bias, is_causal = self.attention_inputs(
+            attention_mask, batch, q_len, past_len, hidden_states.device, hidden_states.dtype
+        )
+        if position_ids is not None and self.rotary_emb is not None:
+            rotary = self.rotary_emb(position_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, bias, rotary, None, is_causal
+                )
+            else:
+                hidden_states = layer(hidden_states, bias, rotary, cache if use_cache else None, is_causal)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+def causal_lm_loss(logits, labels, z_loss_weight: float = 0.0, ignore_index: int = -100):
+    """Next-token cross-entropy in fp32, plus Baichuan2's z-loss `z_loss_weight * mean(max_logit**2)`.
+
+    The z-loss (Baichuan2 technical report, sec. 2.6) keeps the softmax normaliser small; it is averaged
+    over every shifted position, as the authors' code does.
+    """
+    shift_logits = logits[..., :-1, :].float()  # [B, T-1, V]
+    shift_labels = labels[..., 1:].to(shift_logits.device)  # [B, T-1]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=ignore_index
+    )
+    if z_loss_weight:
+        loss = loss + z_loss_weight * shift_logits.max(dim=-1).values.pow(2).mean()
+    return loss
+
+
+class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__(config)
+        self.model = BaichuanModel(config)
+        if config.norm_head:
+            self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int = 0,
+        cache=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=cache if cache is not None else past_key_values,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.z_loss_weight)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: outputs[_CACHE_FIELD]})
