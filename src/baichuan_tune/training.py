@@ -1,0 +1,350 @@
+"""Pieces every training command shares (sft, rm, dpo, ppo): options, optimizer and schedule, precision,
+the deterministic batch order, checkpoints that resume exactly, the NaN guard, logs, plots and TensorBoard.
+
+The loop itself stays in each command, so a command reads top to bottom; this module holds what would
+otherwise be written four times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import opt, save_config
+from .errors import BaichuanTuneError
+from .io_utils import atomic_dir, atomic_write_json
+
+
+class TrainingError(BaichuanTuneError):
+    """Training cannot go on (a NaN loss, a checkpoint that does not match the run, ...)."""
+
+
+@dataclass
+class ModelOptions:
+    model: str = opt("default", "model folder in the published layout, or 'default' for the built-in model")
+    finetuning_type: Literal["lora", "qlora", "freeze", "full"] = opt("lora", "what to train: lora, qlora, freeze or full")
+    lora_target: list[str] = opt(factory=lambda: ["all"], help="LoRA modules: W_pack,o_proj,gate_proj,up_proj,down_proj or all")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    quantization_bit: int = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
+    freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = opt("outputs/run", "folder for checkpoints, logs, plots and the final model")
+    num_train_epochs: float = opt(3.0, "passes over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    per_device_train_batch_size: int = opt(4, "samples per forward pass")
+    gradient_accumulation_steps: int = opt(1, "forward passes per optimizer step")
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = opt(0.0, "fraction of steps for linear warmup")
+    warmup_steps: int = opt(0, "warmup steps (overrides warmup_ratio when > 0)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = opt(
+        "adamw_torch", "optimizer (the 8-bit and paged ones come from bitsandbytes)"
+    )
+    bf16: bool = opt(False, "bf16 autocast for the forward and backward passes")
+    fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(42, "random seed (data order, dropout, adapter init)")
+    logging_steps: int = opt(10, "log every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
+    save_steps: int = opt(500, "write a checkpoint every N optimizer steps")
+    save_total_limit: int = opt(3, "keep at most this many checkpoints")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    plot_loss: bool = opt(True, "write training_loss.png")
+    report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+def prepare_output_dir(cfg) -> Path:
+    """Create output_dir (refusing to overwrite a finished or running run unless resuming) and save the config."""
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.glob("checkpoint-*")) and not cfg.resume:
+        raise TrainingError(f"{out} already holds checkpoints; pass --resume true to continue, or another --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def precision_dtype(cfg) -> torch.dtype | None:
+    if cfg.bf16 and cfg.fp16:
+        raise TrainingError("choose one of bf16 and fp16")
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None):
+    """fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("nothing to train: no parameter requires a gradient")
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(params, **kwargs)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_optimizer_steps(cfg, num_samples: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
+    per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
+    total = math.ceil(per_epoch * cfg.num_train_epochs)
+    return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
+
+
+def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=gen).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> float:
+    """Unscale, clip, step, zero; returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def loss_is_bad(loss: torch.Tensor, step: int, policy: str, last_checkpoint: Path | None) -> bool:
+    """True when the step must be skipped; raises under the `stop` policy. Checked before backward."""
+    if torch.isfinite(loss).all():
+        return False
+    if policy == "skip":
+        return True
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    raise TrainingError(
+        f"loss is {loss.item()} at optimizer step {step}; {where}. fp16 overflow is the usual cause: "
+        "try --bf16 true, a lower learning rate, or --nan_policy skip"
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Checkpoints:
+    """`output_dir/checkpoint-<step>/`: trainable weights, optimizer, scheduler, scaler, RNG and position.
+
+    Each checkpoint is written into a temporary folder and renamed into place, so a kill mid-save leaves
+    the previous checkpoint as the latest complete one.
+    """
+
+    def __init__(self, output_dir: Path, keep: int):
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, model, optimizer, scheduler, scaler, position: dict) -> Path:
+        from safetensors.torch import save_file
+
+        from .adapters import trainable_state_dict
+
+        final = self.output_dir / f"checkpoint-{step}"
+        with atomic_dir(final) as tmp:
+            save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+            if scaler is not None:
+                extra["scaler"] = scaler.state_dict()
+            torch.save(extra, tmp / "training_state.pt")
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, **position})
+        for old in self.all()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path, model, optimizer, scheduler, scaler) -> dict:
+        """Restore everything saved by `save`; returns the position dict (step, epoch, batch)."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing = set(weights) - set(model.state_dict())
+        if missing:
+            raise TrainingError(f"{path}: checkpoint holds weights this model lacks, e.g. {sorted(missing)[:3]}")
+        model.load_state_dict(weights, strict=False)
+        extra = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if scaler is not None and "scaler" in extra:
+            scaler.load_state_dict(extra["scaler"])
+        _set_rng_state(extra["rng"])
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """Progress bar, `trainer_log.jsonl`, TensorBoard events and the loss plot of one run."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+                 desc: str = "train"):
+        from tqdm.auto import tqdm
+
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "trainer_log.jsonl"
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.start_step = start_step
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "runs"))
+            except ImportError:  # tensorboard is an optional extra
+                self.bar.write("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)")
+
+    def step(self, step: int, **postfix) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
+
+    def log(self, step: int, **values) -> None:
+        record = {"step": step, **values, "elapsed": round(time.time() - self.start, 2)}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith("eval_") else f"train/{key}",
+                                           value, step)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = "") -> bool:
+    """Plot the given keys of trainer_log.jsonl against step into a PNG; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3, label=key)
+            plotted = True
+    if plotted:
+        ax.set_xlabel("step")
+        ax.set_title(title or ", ".join(keys))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return plotted
+
+
+def save_final(model, tokenizer, out: Path, finetuning_type: str) -> Path:
+    """The run's result: a PEFT adapter for lora/qlora, or full weights in the published layout."""
+    if finetuning_type in ("lora", "qlora"):
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        return out
+    from .checkpoint import save_pretrained_atomic
+
+    save_pretrained_atomic(model, tokenizer, out)
+    return out
