@@ -244,9 +244,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if self.rotary_emb is not None:
             positions = segment_positions(segments)[:, past_len:]  # [B, T]
             rotary = self.rotary_emb(positions)
-        if plain and self.rotary_emb is not None:
-            # No padding and no packing: SDPA's own causal masking (the flash path on GPU).
-            return rotary, None, q_len > 1 and past_len == 0
+        if plain and self.rotary_emb is not None and (past_len == 0 or q_len == 1):
+            # No padding and no packing: SDPA's own causal masking (the flash path on GPU). SDPA aligns
+            # is_causal to the top left, so several new tokens after a cache need the explicit bias below.
+            return rotary, None, q_len > 1
         key_pos = torch.arange(total, device=device)
         query_pos = key_pos[past_len:]
         seg_q = segments[:, past_len:, None]  # [B, T, 1]
@@ -367,4 +368,4 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, self.config.z_loss_weight)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: outputs[_CACHE_FIELD]})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})

@@ -1,0 +1,144 @@
+"""SFT step throughput and memory: our Baichuan model vs transformers' LlamaForCausalLM, with PEFT LoRA.
+
+    python benchmarks/bench_sft.py                       # on a GPU: 7B and 13B shapes, lora and qlora
+    python benchmarks/bench_sft.py --presets tiny-baichuan2-7b --device cpu --steps 2   # smoke test
+
+Each case builds a random-weight model of the preset's shape in bf16, attaches LoRA r=8 to every linear
+layer (W_pack/o_proj/gate/up/down; q/k/v/o/gate/up/down for Llama), turns on gradient checkpointing,
+and times full optimizer steps (forward, backward, AdamW) on random token batches of
+batch x seq (default 4 x 1024). `qlora` quantises the base weights to NF4 with double quantisation
+(bitsandbytes). The Llama baseline runs at the first preset's shape (RoPE shapes only) in the same
+process, and the ratio ours/baseline is printed for tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import baichuan_tune  # noqa: E402,F401
+from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
+from baichuan_tune.models.presets import preset_config  # noqa: E402
+
+
+def quantize_nf4(model: nn.Module, compute_dtype=torch.bfloat16) -> nn.Module:
+    """Swap every decoder nn.Linear for a bitsandbytes NF4 Linear4bit (double quant), as QLoRA loads it."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype,
+                                      compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                setattr(module, name, q.to(child.weight.device))
+                del child
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def build(kind: str, preset: str, device: str, method: str):
+    cfg = preset_config(preset)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        lcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                           num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                           num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=4096,
+                           rms_norm_eps=1e-6, tie_word_embeddings=False)
+        lcfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = LlamaForCausalLM(lcfg).to(torch.bfloat16)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:
+        with torch.device(device):
+            model = BaichuanForCausalLM(cfg).to(torch.bfloat16)
+        targets = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if method == "qlora":
+        model = quantize_nf4(model)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=targets))
+    model.enable_input_require_grads()
+    return model, cfg.vocab_size
+
+
+def run_case(kind, preset, method, device, batch, seq, steps, warmup):
+    torch.manual_seed(0)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, vocab = build(kind, preset, device, method)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, vocab, (batch, seq), device=device)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    times = []
+    for i in range(warmup + steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    result = dict(model=kind, preset=preset, method=method, step_s=round(step, 4),
+                  tokens_per_s=round(batch * seq / step, 1), peak_gib=round(peak, 2), loss=round(float(loss), 4))
+    del model, opt, loss
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="baichuan2-7b,baichuan2-13b")
+    ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    presets, methods = args.presets.split(","), args.methods.split(",")
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    results = []
+    for method in methods:
+        for preset in presets:
+            results.append(run_case("baichuan", preset, method, args.device, args.batch, args.seq, args.steps, args.warmup))
+            print(json.dumps(results[-1]), flush=True)
+        base = run_case("llama", presets[0], method, args.device, args.batch, args.seq, args.steps, args.warmup)
+        results.append(base)
+        print(json.dumps(base), flush=True)
+        ours = next(r for r in results if r["preset"] == presets[0] and r["method"] == method and r["model"] == "baichuan")
+        print(f"RATIO {method} {presets[0]}: tokens/s ours/llama = {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
+              f"peak memory ours/llama = {ours['peak_gib'] / base['peak_gib']:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
