@@ -1,0 +1,77 @@
+"""The typed config system: defaults, YAML, CLI overrides, validation and suggestions."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import yaml
+
+from baichuan_tune.config import ConfigError, config_help, opt, parse_config, save_config
+
+
+@dataclass
+class Example:
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    epochs: int = opt(3, "passes over the data")
+    bf16: bool = opt(False, "bf16 autocast")
+    template: Literal["baichuan2", "base"] = opt("baichuan2", "prompt template")
+    targets: list[str] = opt(factory=lambda: ["all"], help="LoRA modules")
+    limit: int | None = opt(None, "optional limit")
+
+
+def test_defaults_then_yaml_then_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1.0e-4\nepochs: 5\ntargets: [W_pack, o_proj]\n")
+    cfg = parse_config(Example, [str(path), "--epochs", "7", "--bf16", "--template=base"])
+    assert cfg.learning_rate == 1e-4 and cfg.epochs == 7 and cfg.bf16 is True
+    assert cfg.template == "base" and cfg.targets == ["W_pack", "o_proj"] and cfg.limit is None
+
+
+def test_cli_strings_are_typed():
+    cfg = parse_config(Example, ["--learning_rate", "5e-5", "--targets", "W_pack,o_proj", "--limit", "10", "--bf16", "false"])
+    assert cfg.learning_rate == 5e-5 and cfg.targets == ["W_pack", "o_proj"] and cfg.limit == 10 and cfg.bf16 is False
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match="unknown option 'learning_rte'.*did you mean 'learning_rate'"):
+        parse_config(Example, ["--learning_rte", "1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("epoch: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown option 'epoch'.*'epochs'"):
+        parse_config(Example, [str(path)])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--epochs", "2.5", "must be an integer"),
+    ("--epochs", "many", "must be an integer"),
+    ("--learning_rate", "fast", "must be a number"),
+    ("--bf16", "maybe", "true or false"),
+    ("--template", "llama", r"must be one of \['baichuan2', 'base'\]"),
+])
+def test_bad_values_name_the_key(flag, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Example, [flag, value])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        parse_config(Example, [str(path)])
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        parse_config(Example, [str(tmp_path / "missing.yaml")])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse_config(Example, ["--epochs", "4"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["epochs"] == 4
+    assert parse_config(Example, [str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_help_lists_every_option_with_its_help():
+    text = config_help(Example, "prog")
+    for name in ("learning_rate", "epochs", "bf16", "template", "targets", "limit"):
+        assert f"--{name}" in text
+    assert "peak learning rate" in text
