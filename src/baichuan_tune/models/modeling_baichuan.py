@@ -100,14 +100,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_inv_freq(config: BaichuanConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d), i < d/2, in fp32."""
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
 class BaichuanRotaryEmbedding(nn.Module):
     """cos/sin tables of LLaMA-style rotary embeddings, always computed in fp32."""
 
     def __init__(self, config: BaichuanConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +219,11 @@ class BaichuanPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, NormHead):
             hf_init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        # Non-persistent buffers are not in checkpoints: from_pretrained leaves them empty and refills them here.
+        elif isinstance(module, BaichuanRotaryEmbedding):
+            hf_init.copy_(module.inv_freq, rope_inv_freq(self.config))
+        elif isinstance(module, BaichuanModel) and module.config.position_embedding == "alibi":
+            hf_init.copy_(module.alibi_slopes, alibi_slopes(self.config.num_attention_heads))
 
 
 class BaichuanModel(BaichuanPreTrainedModel):
