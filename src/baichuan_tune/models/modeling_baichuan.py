@@ -111,12 +111,16 @@ class BaichuanRotaryEmbedding(nn.Module):
 
     def __init__(self, config: BaichuanConfig):
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # model.to(bf16) rounded it: the phase error grows with position
+            inv_freq = rope_inv_freq(self.config)
         # [B, T] x [D/2] -> [B, T, D/2]
-        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
+        freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
         return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]: broadcast over heads
 
