@@ -323,7 +323,7 @@ def _pick_subjects(task: Task, available: list[str], wanted: list[str] | None, p
         if subject not in available:
             raise DataError(f"{path}: no file for subject '{subject}' in this split")
         chosen.append(subject)
-    return chosen
+    return sorted(set(chosen))
 
 
 def load_benchmark(task: Task, path, split: str, subjects: list[str] | None = None,

@@ -1,0 +1,112 @@
+"""`baichuan-tune eval` end to end: a tiny random-weight checkpoint with the real Baichuan2 tokenizer, the real
+C-Eval and CMMLU archives, results.json written, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from baichuan_tune import cli
+from baichuan_tune.commands import eval as eval_command
+from conftest import REFERENCE, need_shared, tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Baichuan2-7B-shaped model with the published Baichuan2 vocabulary and tokenizer."""
+    from baichuan_tune.checkpoint import save_pretrained_atomic
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    vocab = need_shared(REFERENCE / "baichuan2-13b-chat" / "tokenizer.model")
+    tokenizer = BaichuanTokenizer(vocab_file=str(vocab))
+    model = tiny_model("tiny-baichuan2-7b", vocab_size=125696, max_position_embeddings=1024)
+    return save_pretrained_atomic(model, tokenizer, tmp_path_factory.mktemp("eval") / "tiny-baichuan2")
+
+
+def test_ceval_val_end_to_end(checkpoint, shared_data, tmp_path, capsys):
+    data = need_shared(shared_data / "eval" / "ceval" / "ceval.zip")
+    out = tmp_path / "out"
+    code = eval_command.main([
+        "--model", str(checkpoint), "--task", "ceval", "--split", "val", "--data", str(data),
+        "--subjects", "basic_medicine", "law", "college_physics", "--max-questions", "4", "--batch-size", "3",
+        "--max-length", "300", "--output", str(out), "--progress", "false",
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(results["subjects"]) == ["basic_medicine", "college_physics", "law"]
+    assert results["overall"]["questions"] == 12 and results["n_shot"] == 5
+    cats = results["categories"]
+    assert set(cats) == {"Other", "STEM", "Humanities"}
+    assert sum(c["correct"] for c in cats.values()) == results["overall"]["correct"]
+    subject_accs = [s["accuracy"] for s in results["subjects"].values()]
+    assert results["overall"]["accuracy"] == pytest.approx(sum(subject_accs) / 3)  # C-Eval: mean over subjects
+    # a 300-token context: the long five-shot prompts of law and college physics drop examples, and say so
+    assert results["shots_dropped"] == sum(s["shots_dropped"] for s in results["subjects"].values()) > 0
+    assert results["subjects"]["law"]["prompts_shortened"] > 0
+    predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    assert [len(v) for v in predictions.values()] == [4, 4, 4]
+    assert all(p["prediction"] in "ABCD" and abs(sum(p["probs"]) - 1) < 1e-4 for p in predictions["law"])
+    printed = capsys.readouterr().out
+    assert "Average" in printed and "basic_medicine" in printed and "questions/s" in printed
+    assert f"note: {results['shots_dropped']} few-shot examples dropped" in printed
+
+
+def test_cmmlu_test_through_the_cli(checkpoint, shared_data, tmp_path, capsys):
+    data = need_shared(shared_data / "eval" / "cmmlu" / "cmmlu.zip")
+    code = cli.main([
+        "eval", "--model", str(checkpoint), "--task", "cmmlu", "--split", "test", "--data", str(data),
+        "--subjects", "agronomy,arts", "--max-questions", "3", "--n-shot", "2", "--output", str(tmp_path),
+        "--show-subjects", "false", "--progress", "false",
+    ])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert results["overall"]["questions"] == 6 and results["n_shot"] == 2
+    assert "agronomy" not in capsys.readouterr().out  # category table only
+
+
+def test_ceval_test_split_writes_a_submission(checkpoint, shared_data, tmp_path):
+    data = need_shared(shared_data / "eval" / "ceval" / "ceval.zip")
+    code = eval_command.main([
+        "--model", str(checkpoint), "--task", "ceval", "--split", "test", "--data", str(data), "--subjects", "law",
+        "--max-questions", "2", "--n-shot", "1", "--output", str(tmp_path), "--progress", "false",
+    ])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert results["overall"]["accuracy"] is None
+    submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
+    assert list(submission) == ["law"] and sorted(submission["law"]) == ["0", "1"]
+
+
+def test_perplexity_end_to_end(checkpoint, shared_data, tmp_path):
+    source = need_shared(shared_data / "c4_demo.jsonl")
+    small = tmp_path / "c4_small.jsonl"
+    small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    code = eval_command.main(["--model", str(checkpoint), "--task", "ppl", "--data", str(small),
+                              "--max-length", "64", "--output", str(tmp_path / "ppl")])
+    assert code == 0
+    result = json.loads((tmp_path / "ppl" / "results.json").read_text(encoding="utf-8"))
+    assert result["documents"] == 3 and result["tokens"] > 100
+    # random weights: near-uniform over 125,696 pieces, so the perplexity is of that order
+    assert 1e4 < result["perplexity"] < 1e6
+
+
+def test_bad_input_is_one_line_error(checkpoint, shared_data, tmp_path, capsys):
+    cmmlu = need_shared(shared_data / "eval" / "cmmlu" / "cmmlu.zip")
+    assert cli.main(["eval", "--model", str(checkpoint), "--task", "cmmlu", "--split", "val", "--data", str(cmmlu)]) == 2
+    assert "error: CMMLU has no 'val' split" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(checkpoint), "--task", "ceval"]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--data", str(cmmlu), "--quantize", "3"]) == 2
+    assert "--quantize must be 4 or 8" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "bleu", "--data", str(cmmlu)]) == 2
+    assert "must be one of" in capsys.readouterr().err
+    missing = tmp_path / "none.jsonl"
+    assert cli.main(["eval", "--model", str(checkpoint), "--task", "ppl", "--data", str(missing)]) == 2
+    assert f"error: {missing}: not found" in capsys.readouterr().err
+
+
+def test_subjects_accept_spaces_or_commas():
+    assert eval_command._join_list_values(["--subjects", "a", "b", "--n-shot", "1"]) == \
+        ["--subjects", "a,b", "--n-shot", "1"]
+    assert eval_command._join_list_values(["--subjects", "a,b"]) == ["--subjects", "a,b"]
