@@ -84,6 +84,12 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model, vocab = build(kind, preset, device, method)
+    if device.startswith("cuda"):
+        # Measure the training peak only: the bf16 copy that `qlora` quantises from is gone by now,
+        # as it is when a real QLoRA run quantises shard by shard while loading.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, vocab, (batch, seq), device=device)
@@ -105,7 +111,8 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup):
     step = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     result = dict(model=kind, preset=preset, method=method, step_s=round(step, 4),
-                  tokens_per_s=round(batch * seq / step, 1), peak_gib=round(peak, 2), loss=round(float(loss), 4))
+                  tokens_per_s=round(batch * seq / step, 1), weights_gib=round(resident, 2), peak_gib=round(peak, 2),
+                  loss=round(float(loss.detach()), 4))
     del model, opt, loss
     gc.collect()
     return result
