@@ -29,8 +29,8 @@ def test_chosen_answers_are_right_and_rejected_wrong():
         sums = re.fullmatch(r"What is (\d) plus (\d)\?|(\d)加(\d)等于多少？", prompt)
         if sums:
             a, b = (int(x) for x in sums.groups() if x is not None)
-            assert re.search(rf"(is|等于){a + b}[.。]$", chosen)
-            assert not re.search(rf"(is|等于){a + b}[.。]$", rejected)
+            assert re.search(rf"(is |等于){a + b}[.。]$", chosen)
+            assert not re.search(rf"(is |等于){a + b}[.。]$", rejected)
             checked += 1
         country = re.fullmatch(r"What is the capital of (\w+)\?|(\w+)的首都是哪里？", prompt)
         if country:
