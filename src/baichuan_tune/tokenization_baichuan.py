@@ -168,6 +168,88 @@ class BaichuanTokenizer(SentencePieceBackend):
         return state
 
 
+# --- training -----------------------------------------------------------------------------------------------
+
+# The trainer and normaliser settings of the published Baichuan2 tokenizer.model (its trainer_spec and
+# normalizer_spec): BPE; one token per digit; bytes for whatever the pieces miss, so every UTF-8 text encodes;
+# text kept as it is (no NFKC, no leading "▁", spaces kept); runs of spaces may be pieces.
+BAICHUAN2_TRAINER_SPEC = dict(
+    model_type="bpe", character_coverage=0.9998, split_digits=True, byte_fallback=True,
+    allow_whitespace_only_pieces=True, max_sentencepiece_length=32,
+    normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+)
+BYTE_PIECES = 256
+FIXED_PIECES = 3  # <unk> <s> </s>
+
+
+def reserved_token(n: int) -> str:
+    return f"<reserved_{n}>"
+
+
+def train_sentencepiece(lines, vocab_size: int, reserved: int = 200, fill_vocab: bool = False,
+                        max_piece_length: int = 32, character_coverage: float = 0.9998) -> bytes:
+    """Train a Baichuan2-style SentencePiece BPE model on `lines`; return the serialized tokenizer.model.
+
+    Ids: 0 <unk>, 1 <s>, 2 </s>, then `reserved` user-defined <reserved_N> tokens (so they sit at low ids, as in
+    Baichuan2, whose chat roles are ids 195/196), then 256 byte pieces, then the learned pieces. Single-threaded,
+    so the same text and settings give the same bytes. If the text supports fewer pieces than `vocab_size`,
+    `fill_vocab` appends further unused <reserved_N> pieces to reach it exactly; otherwise that is a DataError.
+    """
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from .errors import DataError
+
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError("no training text: every input was empty")
+    spec = dict(BAICHUAN2_TRAINER_SPEC, max_sentencepiece_length=max_piece_length,
+                character_coverage=character_coverage)
+    out = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+            user_defined_symbols=[reserved_token(i) for i in range(reserved)],
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, hard_vocab_limit=False,
+            max_sentence_length=1 << 16, minloglevel=2, **spec,
+        )
+    except RuntimeError as exc:  # sentencepiece reports bad settings for this text as RuntimeError
+        raise DataError(_training_error(str(exc), vocab_size)) from None
+    model = pb.ModelProto.FromString(out.getvalue())
+    missing = vocab_size - len(model.pieces)
+    if missing > 0 and not fill_vocab:
+        raise DataError(
+            f"the training text ({len(lines)} lines) supports only {len(model.pieces)} pieces, fewer than "
+            f"vocab_size {vocab_size}: give more text, a smaller vocab_size, or fill_vocab to pad with unused "
+            "reserved tokens"
+        )
+    for n in range(reserved, reserved + max(missing, 0)):
+        model.pieces.add(piece=reserved_token(n), score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    return model.SerializeToString()
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    import re
+
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if needed:
+        return (f"vocab_size {vocab_size} is too small for this text: its characters alone need {needed.group(1)} "
+                "pieces (with <unk> <s> </s>, reserved and byte pieces); raise vocab_size or lower character_coverage")
+    return f"sentencepiece could not train on this text: {message.splitlines()[0] if message else 'unknown error'}"
+
+
+def compression(tokenizer, lines) -> dict:
+    """Tokens per character and characters per token of `tokenizer` over `lines` (no bos/eos counted)."""
+    lines = [line for line in lines if line]
+    chars = sum(len(line) for line in lines)
+    tokens = sum(len(ids) for ids in tokenizer(lines, add_special_tokens=False).input_ids) if lines else 0
+    return {"lines": len(lines), "chars": chars, "tokens": tokens,
+            "tokens_per_char": tokens / chars if chars else float("nan"),
+            "chars_per_token": chars / tokens if tokens else float("nan")}
+
+
 class BaiChuanTokenizer(BaichuanTokenizer):
     """The same tokenizer under the class name Baichuan-7B's tokenizer_config.json gives (saved as named)."""
 
@@ -183,4 +265,5 @@ def register_tokenizer() -> None:
     AutoTokenizer.register(BaichuanConfig, tokenizer_class=BaichuanTokenizer, exist_ok=True)
 
 
-__all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "check_sentencepiece_file", "register_tokenizer"]
+__all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "check_sentencepiece_file", "compression", "register_tokenizer",
+           "train_sentencepiece"]
