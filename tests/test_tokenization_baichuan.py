@@ -12,7 +12,9 @@ from conftest import REFERENCE, need_shared
 from transformers import AutoTokenizer
 
 import baichuan_tune  # noqa: F401  (registers the Auto classes)
+from baichuan_tune.builtin import DEFAULT_TOKENIZER
 from baichuan_tune.errors import CheckpointError
+from baichuan_tune.models.presets import preset_config
 from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
 
 # Folders under ../shared/reference that hold a published tokenizer.model.
@@ -213,3 +215,16 @@ def test_missing_tokenizer_model_raises_checkpoint_error_naming_the_file():
         AutoTokenizer.from_pretrained(folder)
     assert str(folder / "tokenizer.model") in str(info.value)
 
+
+def test_builtin_default_tokenizer_asset():
+    assert DEFAULT_TOKENIZER.is_file() and DEFAULT_TOKENIZER.stat().st_size < 1_000_000
+    tok = BaichuanTokenizer.from_pretrained(DEFAULT_TOKENIZER.parent)
+    assert len(tok) == preset_config("default").vocab_size
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    user, assistant = tok.convert_ids_to_tokens([195, 196])
+    assert user.startswith("<reserved_") and assistant.startswith("<reserved_")
+    ids = tok(user + "你好" + assistant).input_ids
+    assert ids[0] == 195 and ids[-1] == 196 and len(ids) > 2
+    assert [tok.decode([i]) for i in tok("2024").input_ids] == ["2", "0", "2", "4"]
+    for text in ["Who are you?", "请向下面这个人问好。\n小明", "3加4等于多少？ 🦙 𠀀"]:
+        assert tok.decode(tok(text).input_ids) == text
