@@ -1,0 +1,106 @@
+"""8-bit and 4-bit weights through bitsandbytes: the authors' in-place `model.quantize(8|4)`.
+
+`quantize(model, bits)` swaps every Linear of the decoder layers (`W_pack`, `o_proj`, `gate_proj`,
+`up_proj`, `down_proj`) for bitsandbytes' `Linear8bitLt` (LLM.int8(), vector-wise absmax, outlier
+threshold 6.0) or `Linear4bit` (NF4 in blocks of 64 with double-quantised scales, as QLoRA), the same
+layers the authors' `quantize` converts. The embedding, the norms and `lm_head` (NormHead included)
+stay in the model's dtype. The weights are quantised on the device they are on; moving the model to
+another device afterwards (`model.quantize(4).cuda()`, the authors' idiom) keeps them quantised.
+
+Loading a checkpoint straight into 8/4 bits (`--quantize` on the commands) goes through transformers'
+`BitsAndBytesConfig` in `checkpoint.load_model`; `bnb_config(bits)` here is the config both use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import BaichuanTuneError
+
+QUANTIZED_LINEARS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+BITS = (4, 8)
+
+
+class QuantizeError(BaichuanTuneError, ValueError):
+    """Quantisation was asked for something it cannot do; the message says what and why."""
+
+
+def check_bits(bits) -> int:
+    if bits not in BITS or isinstance(bits, bool):
+        raise QuantizeError(f"quantize must be 4 or 8 (bits per weight), got {bits!r}")
+    return int(bits)
+
+
+def import_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise QuantizeError(
+            "8-bit/4-bit needs bitsandbytes: pip install 'baichuan-tune[quant]' (or pip install bitsandbytes)"
+        ) from exc
+    return bitsandbytes
+
+
+def is_quantized(model) -> bool:
+    """True for a model with bitsandbytes layers (in-place `quantize` or loaded with BitsAndBytesConfig)."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return True
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def bnb_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
+    """transformers' BitsAndBytesConfig for loading a checkpoint in `bits` (same settings as `quantize`)."""
+    import_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if check_bits(bits) == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def _quantized_linear(bnb, linear: nn.Linear, bits: int) -> nn.Module:
+    weight = linear.weight.detach()
+    device, dtype = weight.device, weight.dtype
+    if bits == 8:
+        new = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, threshold=6.0, device="meta"
+        )
+        # Int8Params quantises when it moves off the CPU (or onto it from the CPU), hence the round trip.
+        new.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+            compress_statistics=True, quant_type="nf4", device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=new
+        )
+    return new.to(device)
+
+
+def quantize(model, bits: int):
+    """Quantise `model`'s decoder Linear layers in place to `bits` (8: LLM.int8(), 4: NF4); returns `model`."""
+    bits = check_bits(bits)
+    bnb = import_bitsandbytes()
+    if is_quantized(model):
+        raise QuantizeError("the model is already quantised; load it again in full precision to change bits")
+    replaced = 0
+    for module in list(model.modules()):
+        for name in QUANTIZED_LINEARS:
+            child = getattr(module, name, None)
+            if type(child) is nn.Linear:
+                setattr(module, name, _quantized_linear(bnb, child, bits))
+                replaced += 1
+    if not replaced:
+        raise QuantizeError("found no decoder Linear layers (W_pack, o_proj, gate/up/down_proj) to quantise")
+    model.quantization_bits = bits
+    return model
