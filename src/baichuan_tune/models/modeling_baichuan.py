@@ -353,6 +353,18 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def chat(self, tokenizer, messages, stream=False, generation_config=None, **overrides):
+        """The authors' chat API (see `baichuan_tune.generation.chat`)."""
+        from ..generation import chat
+
+        return chat(self, tokenizer, messages, stream=stream, generation_config=generation_config, **overrides)
+
+    def quantize(self, bits: int):
+        """The authors' in-place 8/4-bit API (see `baichuan_tune.quantize.quantize`); returns the model."""
+        from ..quantize import quantize
+
+        return quantize(self, bits)
+
     def forward(
         self,
         input_ids=None,
