@@ -1,0 +1,112 @@
+"""Merge a LoRA adapter into its base model and write a full checkpoint in the published layout.
+
+    baichuan-tune export --model DIR --adapter DIR --out DIR [--dtype bf16] [--shard-size 5GB] [--safetensors true]
+
+The base is loaded unquantised in --dtype, PEFT's `merge_and_unload` folds W + (alpha/r)·B·A into each
+adapted weight, and the result is written like the published checkpoints: config.json,
+generation_config.json, the tokenizer files and weight shards (+ index) under the published tensor names,
+into a temporary folder renamed into place. The remote-code files of a published base folder
+(modeling_baichuan.py, ...) are copied along, so the authors' code loads the output as it loads the base.
+A quantised base is refused: LoRA deltas added to rounded int8/NF4 weights would not give the trained model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError, opt, parse_config
+
+
+@dataclass
+class ExportConfig:
+    model: str = opt("", "base checkpoint folder the adapter was trained on, or 'default'")
+    adapter: str = opt("", "PEFT adapter folder (adapter_config.json + adapter weights) to merge")
+    out: str = opt("", "output folder (written into a temporary folder, then renamed into place)")
+    dtype: str = opt("bf16", "dtype of the merged weights: bf16, fp16, fp32 or auto (the base's)")
+    shard_size: str = opt("5GB", "largest weight shard, e.g. 5GB or 500MB (several shards get an index file)")
+    safetensors: bool = opt(True, "write safetensors (true) or PyTorch .bin shards as published (false)")
+    device: str = opt("cpu", "where to merge: cpu or cuda (the weights are written from there shard by shard)")
+    overwrite: bool = opt(False, "replace --out if it already holds files")
+    quantize: int | None = opt(None, "not supported: merging needs the full-precision base (see the error)")
+
+    def validate(self) -> None:
+        from ..checkpoint import check_shard_size, parse_dtype
+
+        if self.quantize is not None:
+            raise ConfigError(
+                f"export merges into a full-precision base; --quantize {self.quantize} is refused: LoRA deltas "
+                "added to int8/NF4-rounded weights are not the trained model. Export without --quantize, "
+                "then load the merged model with --quantize for chat/serve/eval"
+            )
+        for name in ("model", "adapter", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        parse_dtype(self.dtype)
+        check_shard_size(self.shard_size)
+
+
+def check_paths(cfg: ExportConfig, base: Path) -> Path:
+    """The output folder, refused if it is the base/adapter folder or already holds files."""
+    out = Path(cfg.out).expanduser()
+    for name, other in (("--model", base), ("--adapter", Path(cfg.adapter).expanduser())):
+        if other.exists() and out.exists() and out.resolve() == other.resolve():
+            raise ConfigError(f"--out {out} is the {name} folder; write the merged model somewhere else")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not cfg.overwrite):
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite true to replace it")
+    return out
+
+
+def refuse_quantized_base(base: Path) -> None:
+    from ..checkpoint import read_config
+    from ..errors import CheckpointError
+
+    config = read_config(base)
+    if getattr(config, "quantization_config", None):
+        raise CheckpointError(
+            f"{base / 'config.json'}: the base checkpoint is quantised ({config.quantization_config.get('quant_method', 'bitsandbytes')}); "
+            "merging needs the full-precision base the adapter was trained on"
+        )
+
+
+def merge(base: Path, adapter: str, dtype: str, device: str):
+    """(merged model, tokenizer): base + adapter with PEFT, then `merge_and_unload`."""
+    from ..checkpoint import load_model_and_tokenizer
+    from ..quantize import is_quantized
+
+    model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, device=device, adapter=adapter)
+    if is_quantized(model):  # a config without quantization_config but bitsandbytes layers all the same
+        raise ConfigError(f"{base}: loaded quantised; merging needs the full-precision base")
+    return model.merge_and_unload(), tokenizer
+
+
+def copy_remote_code(base: Path, out: Path) -> list[str]:
+    """Copy the base folder's top-level .py files (the authors' remote code) as bytes; nothing is run."""
+    from ..io_utils import atomic_write_bytes
+
+    copied = []
+    for file in sorted(base.glob("*.py")):
+        atomic_write_bytes(out / file.name, file.read_bytes())
+        copied.append(file.name)
+    return copied
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_config(ExportConfig, argv, prog="baichuan-tune export")
+    from ..checkpoint import find_weight_files, resolve_model_path, save_pretrained_atomic
+
+    base = resolve_model_path(cfg.model)
+    out = check_paths(cfg, base)
+    refuse_quantized_base(base)
+    start = time.time()
+    model, tokenizer = merge(base, cfg.adapter, cfg.dtype, cfg.device)
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    save_pretrained_atomic(model, tokenizer, out, dtype=dtype, shard_size=cfg.shard_size,
+                           safe_serialization=cfg.safetensors)
+    copied = copy_remote_code(base, out)
+    fmt, files, _ = find_weight_files(out)
+    size = sum(f.stat().st_size for f in files)
+    print(f"merged {cfg.adapter} into {base} -> {out} ({len(files)} {fmt} shard(s), {size / 1e6:.1f} MB"
+          + (f", remote code: {', '.join(copied)}" if copied else "") + f") in {time.time() - start:.1f}s")
+    return 0
