@@ -204,6 +204,12 @@ class NormHead(nn.Module):
             self._cached_key = key
         return self._cached
 
+    def train(self, mode: bool = True):
+        # Fused AdamW and bitsandbytes optimizers write the weight without bumping its version counter, so
+        # the cache is also dropped at every train()/eval() switch.
+        self._cached = self._cached_key = None
+        return super().train(mode)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.normalized_weight())
 
