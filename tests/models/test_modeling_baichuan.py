@@ -250,12 +250,13 @@ def head_logits(hidden, weight):
     return hidden @ (weight / weight.norm(dim=1, keepdim=True)).T
 
 
-def test_norm_head_cache_refreshes_after_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True])  # a fused AdamW step does not bump the version counter
+def test_norm_head_cache_refreshes_after_optimizer_step(fused):
     head = tiny_model("tiny-baichuan2-7b").lm_head.eval()
     x = torch.randn(2, 64)
     with torch.no_grad():
         before = head(x)
-    optimizer = torch.optim.SGD(head.parameters(), lr=10.0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.5, fused=fused)
     head.train()
     head(x).pow(2).sum().backward()
     optimizer.step()
