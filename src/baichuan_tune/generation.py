@@ -212,6 +212,12 @@ def _check_generation_config(config: GenerationConfig) -> None:
             raise ChatFormatError(f"generation option {name} must be {expected}, got {getattr(config, name)!r}")
 
 
+def chat_token_ids(config: GenerationConfig) -> dict:
+    """The role and eos ids of a chat generation config, as `build_chat_input` takes them."""
+    return dict(user_token_id=config.user_token_id, assistant_token_id=config.assistant_token_id,
+                eos_token_id=next(iter(_as_list(config.eos_token_id)), 2))
+
+
 def chat_prompt_ids(model, tokenizer, messages, config: GenerationConfig, fmt: str | None = None) -> list[int]:
     return build_chat_input(
         tokenizer,
@@ -219,9 +225,7 @@ def chat_prompt_ids(model, tokenizer, messages, config: GenerationConfig, fmt: s
         model_max_length=context_length(model),
         max_new_tokens=config.max_new_tokens,
         fmt=fmt or chat_format(model.config),
-        user_token_id=config.user_token_id,
-        assistant_token_id=config.assistant_token_id,
-        eos_token_id=next(iter(_as_list(config.eos_token_id)), 2),
+        **chat_token_ids(config),
     )
 
 
