@@ -187,8 +187,9 @@ class PreferenceModel(torch.nn.Module):
 
 
 def run_double(task, data, tokenizer, choose, **kw):
-    model = PreferenceModel(tokenizer, choose)
-    return ev.evaluate(model, tokenizer, task, data, split=kw.pop("split", "val"), progress=False, **kw), model
+    model = PreferenceModel(tokenizer, choose)  # sees whole prompts: no shared-prefix cache
+    return ev.evaluate(model, tokenizer, task, data, split=kw.pop("split", "val"), progress=False,
+                       share_prefix=False, **kw), model
 
 
 def gold_by_question(zip_path, members, column="answer", question="question"):
@@ -380,6 +381,37 @@ def test_batched_left_padded_scores_equal_one_by_one(preset):
     assert torch.allclose(single[3], direct, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan-13b"])
+def test_shared_prefix_cache_gives_the_same_scores(preset):
+    model = tiny_model(preset)
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 512, (40,), generator=gen).tolist()
+    # rests of equal lengths too: a batch with no padding at all must still be causal inside the rest
+    prompts = [prefix + torch.randint(3, 512, (n,), generator=gen).tolist() for n in (7, 7, 7, 3, 12, 1, 7)]
+    letters = [10, 11, 12, 13]
+    assert ev.common_prefix_length(prompts) >= 40
+    plain = ev.score_prompts(model, prompts, letters, pad_id=0, batch_size=4)
+    for batch_size in (1, 3, 8):
+        shared = ev.score_prompts(model, prompts, letters, pad_id=0, batch_size=batch_size, share_prefix=True)
+        assert torch.allclose(shared, plain, atol=1e-5)
+
+
+def test_shared_prefix_on_real_ceval_prompts(shared_data, baichuan2_tokenizer):
+    model = tiny_model("tiny-baichuan2-7b", vocab_size=125696, max_position_embeddings=4096)
+    task = ev.TASKS["ceval"]
+    data = ev.load_benchmark(task, data_file(shared_data, CEVAL_ZIP), "val", ["basic_medicine"], max_questions=4)
+    kw = dict(split="val", batch_size=3, progress=False)
+    shared = ev.evaluate(model, baichuan2_tokenizer, task, data, share_prefix=True, **kw)
+    plain = ev.evaluate(model, baichuan2_tokenizer, task, data, share_prefix=False, **kw)
+    for a, b in zip(shared, plain):
+        assert torch.allclose(torch.tensor([p["probs"] for p in a.predictions]),
+                              torch.tensor([p["probs"] for p in b.predictions]), atol=1e-4)
+    prompts = [baichuan2_tokenizer.encode(ev.build_prompt(task, data[0].name, data[0].shots, q))
+               for q in data[0].questions]
+    examples = ev.build_prompt(task, data[0].name, data[0].shots, data[0].questions[0]).rsplit("\n\n", 1)[0]
+    assert ev.common_prefix_length(prompts) >= len(baichuan2_tokenizer.encode(examples))  # all five are shared
+
+
 def test_token_budget_splits_batches():
     lengths = [10, 10, 10, 10]
     assert list(ev._batches([0, 1, 2, 3], lengths, batch_size=8, max_batch_tokens=25)) == [[0, 1], [2, 3]]
@@ -428,3 +460,27 @@ def test_read_texts(tmp_path):
         ev.read_texts(tmp_path / "c.jsonl", text_field="content")
     (tmp_path / "d.json").write_text('[{"text": "p"}, {"text": "q"}]', encoding="utf-8")
     assert ev.read_texts(tmp_path / "d.json") == ["p", "q"]
+
+
+def test_speed_benchmark_runs_on_cpu(shared_data, tmp_path, capsys):
+    """benchmarks/bench_eval.py end to end at the tiny shape (on a GPU it runs the Baichuan2-7B shape)."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import REFERENCE
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main([
+        "--data", str(data_file(shared_data, CEVAL_ZIP)),
+        "--tokenizer", str(need_shared(REFERENCE / "baichuan2-13b-chat" / "tokenizer.model")),
+        "--preset", "tiny-baichuan2-7b", "--device", "cpu", "--modes", "fp32", "--prefix", "shared,full",
+        "--max-subjects", "2", "--max-questions", "2", "--json", str(out),
+    ]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["prefix"], r["questions"]) for r in rows] == [("fp32", "shared", 4), ("fp32", "full", 4)]
+    assert all(r["seconds"] > 0 and r["questions_per_s"] > 0 and r["device"] == "cpu" for r in rows)
+    assert "predicted differently" not in capsys.readouterr().out  # same answers with and without the cache

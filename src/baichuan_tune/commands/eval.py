@@ -38,6 +38,7 @@ class EvalConfig:
     batch_size: int = opt(8, "prompts per forward pass")
     max_batch_tokens: int = opt(32768, "at most this many padded tokens per forward pass")
     max_length: int | None = opt(None, "context in tokens (default: the model's); longer prompts drop examples")
+    share_prefix: bool = opt(True, "run a subject's shared header and examples once and reuse their KV cache")
     text_field: str = opt("text", "ppl: the field of a .jsonl/.json record that holds the text")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)")
     device: str = opt("auto", "cuda, cpu or auto (cuda when available)")
@@ -114,7 +115,8 @@ def main(argv: list[str]) -> int:
         return 0
     results = ev.evaluate(model, tokenizer, task, subjects, split=cfg.split, n_shot=cfg.n_shot,
                           max_length=cfg.max_length, batch_size=cfg.batch_size,
-                          max_batch_tokens=cfg.max_batch_tokens, progress=cfg.progress)
+                          max_batch_tokens=cfg.max_batch_tokens, share_prefix=cfg.share_prefix,
+                          progress=cfg.progress)
     seconds = time.time() - start
     summary = ev.summarize(task, results)
     print(ev.format_table(task, summary, show_subjects=cfg.show_subjects))
