@@ -110,6 +110,6 @@ def default_model_dir() -> Path:
 
     torch.manual_seed(0)
     model = BaichuanForCausalLM(preset_config("default"))
-    tokenizer = BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER))
+    tokenizer = BaichuanTokenizer.from_pretrained(str(DEFAULT_TOKENIZER.parent))
     save_pretrained_atomic(model, tokenizer, final)
     return final
