@@ -114,8 +114,8 @@ def write_mmlu(root, subjects=("abstract_algebra", "anatomy"), n_test=4):
         for split, n in (("dev", 5), ("val", 2), ("test", n_test)):
             folder = root / "data" / split
             folder.mkdir(parents=True, exist_ok=True)
-            body = [[f"{subject} {split} question {i}, with a comma?", f"a{i}", f"b{i}", f"c{i}", f"d{i}", "ABCD"[i % 4]]
-                    for i in range(n)]
+            body = [[f"{subject} {split} question {i}, with a comma?", f"a{i}", f"b{i}", f"c{i}", f"d{i}",
+                     "ABCD"[i % 4]] for i in range(n)]
             with open(folder / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerows(body)
             rows[(subject, split)] = body
@@ -484,3 +484,15 @@ def test_speed_benchmark_runs_on_cpu(shared_data, tmp_path, capsys):
     assert [(r["mode"], r["prefix"], r["questions"]) for r in rows] == [("fp32", "shared", 4), ("fp32", "full", 4)]
     assert all(r["seconds"] > 0 and r["questions_per_s"] > 0 and r["device"] == "cpu" for r in rows)
     assert "predicted differently" not in capsys.readouterr().out  # same answers with and without the cache
+
+
+def test_tar_archive_like_hendrycks_data_tar(tmp_path):
+    import tarfile
+
+    write_mmlu(tmp_path / "src")
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "src" / "data", arcname="data")
+    from_tar = ev.load_benchmark(ev.TASKS["mmlu"], archive, "val")
+    from_folder = ev.load_benchmark(ev.TASKS["mmlu"], tmp_path / "src", "val")
+    assert from_tar == from_folder and [len(d.questions) for d in from_tar] == [2, 2]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .errors import BaichuanTuneError, DataError
 
 LETTERS = ("A", "B", "C", "D")
+SPLITS = ("dev", "val", "test")
 CATEGORIES = ("STEM", "Social Sciences", "Humanities", "Other")
 
 # Subjects and their categories: C-Eval from its `subject_mapping.json`, CMMLU from its `src/categories.py`
@@ -170,7 +171,7 @@ class Task:
 TASKS: dict[str, Task] = {
     "ceval": Task(
         "ceval", "C-Eval", "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "", "\n答案：", "",
-        ("dev", "val", "test"), True, True, "subject", _flatten(_CEVAL_SUBJECTS),
+        SPLITS, True, True, "subject", _flatten(_CEVAL_SUBJECTS),
     ),
     "cmmlu": Task(
         "cmmlu", "CMMLU", "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n", "题目：", "\n答案是：", "",
@@ -179,7 +180,7 @@ TASKS: dict[str, Task] = {
     "mmlu": Task(
         # Two spaces after "about": hendrycks' format_subject writes a space before every word of the subject.
         "mmlu", "MMLU", "The following are multiple choice questions (with answers) about  {subject}.\n\n", "",
-        "\nAnswer:", " ", ("dev", "val", "test"), True, False, "question", _flatten(_MMLU_SUBJECTS),
+        "\nAnswer:", " ", SPLITS, True, False, "question", _flatten(_MMLU_SUBJECTS),
     ),
 }
 
@@ -212,46 +213,54 @@ class SubjectData:
 
 
 class _Files:
-    """The files of a folder, a .zip or a .tar(.gz) archive, by their relative POSIX path."""
+    """The CSV files of a folder, a .zip or a .tar(.gz) archive, by their relative POSIX path."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self._tar = path, {}
         if path.is_dir():
-            self._names = {p.relative_to(path).as_posix(): p for p in path.rglob("*.csv")}
+            names = [p.relative_to(path).as_posix() for p in path.rglob("*.csv")]
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                self._names = {n: n for n in zf.namelist() if n.endswith(".csv")}
+                names = [n for n in zf.namelist() if n.endswith(".csv")]
         elif path.is_file() and tarfile.is_tarfile(path):
-            with tarfile.open(path) as tf:
-                self._names = {m.name: m.name for m in tf.getmembers() if m.isfile() and m.name.endswith(".csv")}
+            self._tar = self._read_tar(path)  # one pass: a .tar.gz cannot seek to a member
+            names = list(self._tar)
         elif not path.exists():
             raise DataError(f"{path}: not found (give the benchmark's folder or its .zip/.tar archive)")
         else:
             raise DataError(f"{path}: not a folder, .zip or .tar archive")
         # macOS archive litter (__MACOSX/, ._name) is not data
-        self._names = {n: v for n, v in self._names.items() if "__MACOSX" not in n and not n.rsplit("/", 1)[-1].startswith("._")}
+        self._names = sorted(n for n in names if "__MACOSX" not in n and not n.rsplit("/", 1)[-1].startswith("._"))
+
+    @staticmethod
+    def _read_tar(path: Path) -> dict[str, bytes]:
+        """The CSVs of the dev/val/test folders (MMLU's data.tar also holds a large auxiliary_train)."""
+        out = {}
+        with tarfile.open(path) as tf:
+            for member in tf:
+                parts = member.name.split("/")
+                if member.isfile() and member.name.endswith(".csv") and len(parts) > 1 and parts[-2] in SPLITS:
+                    out[member.name] = tf.extractfile(member).read()
+        return out
 
     def names(self) -> list[str]:
-        return sorted(self._names)
+        return self._names
 
     def label(self, name: str) -> str:
-        return f"{self.path}:{name}" if not self.path.is_dir() else str(self.path / name)
+        return str(self.path / name) if self.path.is_dir() else f"{self.path}:{name}"
 
     def read_text(self, name: str) -> str:
-        raw = self._read_bytes(name)
+        if self.path.is_dir():
+            raw = (self.path / name).read_bytes()
+        elif self._tar:
+            raw = self._tar[name]
+        else:
+            with zipfile.ZipFile(self.path) as zf:
+                raw = zf.read(name)
         try:
             return raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise DataError(f"{self.label(name)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-    def _read_bytes(self, name: str) -> bytes:
-        if self.path.is_dir():
-            return self._names[name].read_bytes()
-        if zipfile.is_zipfile(self.path):
-            with zipfile.ZipFile(self.path) as zf:
-                return zf.read(name)
-        with tarfile.open(self.path) as tf:
-            return tf.extractfile(name).read()
 
 
 def _split_files(files: _Files, task: Task, split: str) -> dict[str, str]:
@@ -273,7 +282,7 @@ def _split_files(files: _Files, task: Task, split: str) -> dict[str, str]:
     return by_dir[min(by_dir, key=lambda d: (d.count("/"), d))]
 
 
-def _columns(task: Task, header: list[str], label: str) -> dict[str, int | None]:
+def _columns(header: list[str], label: str) -> dict[str, int | None]:
     lower = [h.strip().lower() for h in header]
     cols: dict[str, int | None] = {}
     for key in ("question", *(c.lower() for c in LETTERS)):
@@ -287,22 +296,24 @@ def _columns(task: Task, header: list[str], label: str) -> dict[str, int | None]
 
 def parse_csv(task: Task, text: str, subject: str, label: str) -> list[Question]:
     """Questions of one subject file; DataError names the file, record number and field on bad input."""
-    rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    rows = list(csv.reader(io.StringIO(text)))
     if task.has_header:
         if not rows:
             raise DataError(f"{label}: empty file (expected a header row)")
-        cols, rows, first = _columns(task, rows[0], label), rows[1:], 2
+        cols, rows, first = _columns(rows[0], label), rows[1:], 2
     else:
         cols, first = {"question": 0, "a": 1, "b": 2, "c": 3, "d": 4, "answer": 5, "id": None}, 1
     width = 1 + max(v for v in cols.values() if v is not None)
     out = []
     for number, row in enumerate(rows, start=first):
+        if not row:
+            continue  # a blank line
         if len(row) < width:
             raise DataError(f"{label}: record {number}: {len(row)} fields, expected {width}")
         answer = row[cols["answer"]].strip().upper() if cols["answer"] is not None else None
         if answer is not None and answer not in LETTERS:
             raise DataError(f"{label}: record {number}: field 'answer' is {answer!r}, expected one of A, B, C, D")
-        qid = row[cols["id"]].strip() if cols["id"] is not None else str(number - first)
+        qid = row[cols["id"]].strip() if cols["id"] is not None else str(len(out))
         choices = tuple(row[cols[c.lower()]] for c in LETTERS)
         out.append(Question(subject, qid, row[cols["question"]], choices, answer))
     return out
@@ -317,9 +328,8 @@ def _pick_subjects(task: Task, available: list[str], wanted: list[str] | None, p
             import difflib
 
             hint = difflib.get_close_matches(subject, list(task.subjects), n=1)
-            raise BaichuanTuneError(
-                f"--subjects: '{subject}' is not a {task.title} subject" + (f"; did you mean '{hint[0]}'?" if hint else "")
-            )
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise BaichuanTuneError(f"--subjects: '{subject}' is not a {task.title} subject{suggestion}")
         if subject not in available:
             raise DataError(f"{path}: no file for subject '{subject}' in this split")
         chosen.append(subject)
@@ -638,7 +648,8 @@ def format_table(task: Task, summary: dict, show_subjects: bool = True) -> str:
                 if s["category"] == category:
                     lines.append(f"{subject:<42} {category:<16} {s['questions']:>9} {_pct(s['accuracy']):>9}")
         lines.append("")
-    lines.append(f"{'category':<16} {'subjects':>8} {'questions':>9} {'accuracy':>9} {'subj-mean':>9} {'q-weighted':>10}")
+    lines.append(f"{'category':<16} {'subjects':>8} {'questions':>9} {'accuracy':>9} {'subj-mean':>9} "
+                 f"{'q-weighted':>10}")
     rows = list(summary["categories"].items()) + [("Average", summary["overall"])]
     for name, g in rows:
         lines.append(f"{name:<16} {g['subjects']:>8} {g['questions']:>9} {_pct(g['accuracy']):>9} "

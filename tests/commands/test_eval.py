@@ -93,7 +93,8 @@ def test_perplexity_end_to_end(checkpoint, shared_data, tmp_path):
 
 def test_bad_input_is_one_line_error(checkpoint, shared_data, tmp_path, capsys):
     cmmlu = need_shared(shared_data / "eval" / "cmmlu" / "cmmlu.zip")
-    assert cli.main(["eval", "--model", str(checkpoint), "--task", "cmmlu", "--split", "val", "--data", str(cmmlu)]) == 2
+    model = ["--model", str(checkpoint)]
+    assert cli.main(["eval", *model, "--task", "cmmlu", "--split", "val", "--data", str(cmmlu)]) == 2
     assert "error: CMMLU has no 'val' split" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(checkpoint), "--task", "ceval"]) == 2
     assert "--data is required" in capsys.readouterr().err
