@@ -379,3 +379,19 @@ def test_load_pair_data_one_call(tok, shared_data, tmp_path):
                                         num_workers=1, cache_dir="none")
     assert (len(train), len(val)) == (280, 20) and val.columns == train.columns == data.PAIR_COLUMNS
     assert "cache off" in report
+
+
+@pytest.mark.parametrize("model", ["baichuan2-13b-chat", "baichuan-7b"])
+def test_sentencepiece_fast_path_equals_the_tokenizer(shared_reference, shared_data, model):
+    """The data layer's direct SentencePiece calls give the project tokenizer's ids on every real text."""
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    tok = BaichuanTokenizer.from_pretrained(str(shared_reference / model))
+    fast = data._SentencePieceFastPath.wrap(tok)
+    assert isinstance(fast, data._SentencePieceFastPath)
+    texts = [t for rec in _raw(shared_data / "alpaca_zh_demo.json")[:300] + _raw(shared_data / "identity.json")
+             for t in (rec["instruction"], rec["input"], rec["output"])]
+    texts += [rec["text"][:2000] for rec in _raw(shared_data / "c4_demo.jsonl")[:50]]
+    texts += ["Human: 你好\n\nAssistant: ", "said </s> then <s>", "<reserved_106>x", " a ", "\t\n"]
+    for text in texts:
+        assert fast.encode(text) == tok.encode(text, add_special_tokens=False), text[:80]

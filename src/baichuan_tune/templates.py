@@ -93,7 +93,7 @@ class Encoded:
 
     @property
     def num_targets(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def _enc(tokenizer: TokenizerLike, text: str) -> list[int]:
