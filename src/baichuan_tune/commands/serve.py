@@ -22,7 +22,7 @@ class ServeConfig:
     adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
     quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
     host: str = opt("127.0.0.1", "address to listen on; 0.0.0.0 exposes the API to the network (set --api-key)")
     port: int = opt(8000, "TCP port (0 picks a free one)")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $BAICHUAN_TUNE_API_KEY)")
@@ -41,12 +41,6 @@ class ServeConfig:
             raise ConfigError("--api-key must not be empty")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def main(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
@@ -59,7 +53,7 @@ def main(argv: list[str]) -> int:
         sock = bind_socket(cfg.host, cfg.port)  # before loading: a taken port fails fast
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
-    model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.dtype, device=resolve_device(cfg.device),
+    model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.dtype, device=cfg.device,
                                                 quantize=cfg.quantize, adapter=cfg.adapter)
     import uvicorn
 

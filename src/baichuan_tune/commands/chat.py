@@ -1,0 +1,109 @@
+"""Chat with a model in the terminal; the reply is printed token by token as it is generated.
+
+    baichuan-tune chat --model DIR [--adapter DIR] [--quantize 4|8] [--system TEXT] [--temperature 0.3] [--max-new-tokens 512]
+
+Type a message and press Enter. /clear forgets the conversation, /exit or /quit (or Ctrl-D) leaves,
+Ctrl-C stops a reply that is being written. Prompts follow the authors' chat format and history budget;
+temperature, top_k, top_p, repetition_penalty and max_new_tokens default to the checkpoint's
+generation_config.json (temperature 0 = greedy).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from ..config import ConfigError, opt, parse_config
+
+HELP = "commands: /clear forgets the conversation, /exit or /quit leaves (Ctrl-D too), /help shows this"
+
+
+@dataclass
+class ChatConfig:
+    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
+    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
+    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
+    system: str | None = opt(None, "system message put before the conversation (Baichuan2 models only)")
+    temperature: float | None = opt(None, "sampling temperature; 0 = greedy (default: the checkpoint's, 0.3)")
+    top_k: int | None = opt(None, "sample among the k likeliest tokens (default: the checkpoint's, 5)")
+    top_p: float | None = opt(None, "nucleus sampling mass (default: the checkpoint's, 0.85)")
+    repetition_penalty: float | None = opt(None, "penalty for repeated tokens (default: the checkpoint's)")
+    max_new_tokens: int | None = opt(None, "longest reply in tokens (default: the checkpoint's, at most half the context)")
+
+    def validate(self) -> None:
+        if self.quantize not in (None, 4, 8):
+            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
+
+
+class ChatSession:
+    """A conversation: `ask(text, write)` streams the reply through `write` and keeps both in the history."""
+
+    def __init__(self, model, tokenizer, config, system: str | None = None):
+        from ..generation import chat_format, validate_messages
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.system = [{"role": "system", "content": system}] if system else []
+        validate_messages(self.system + [{"role": "user", "content": ""}], chat_format(model.config))
+        self.history: list[dict] = []
+
+    def clear(self) -> None:
+        self.history = []
+
+    def ask(self, text: str, write) -> str:
+        from ..generation import chat_prompt_ids, generate_text
+
+        messages = self.system + self.history + [{"role": "user", "content": text}]
+        prompt = chat_prompt_ids(self.model, self.tokenizer, messages, self.config)
+        reply = generate_text(self.model, self.tokenizer, prompt, self.config, on_text=write).text
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run(session: ChatSession, read=input, write=_write) -> None:
+    """The read-reply loop until /exit, /quit or end of input."""
+    write(HELP + "\n")
+    while True:
+        try:
+            text = read("\nUser: ").strip()
+        except EOFError:
+            write("\n")
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/clear":
+            session.clear()
+            write("(history cleared)\n")
+        elif text == "/help":
+            write(HELP + "\n")
+        elif text:
+            write("Baichuan: ")
+            try:
+                session.ask(text, write)
+            except KeyboardInterrupt:  # the unanswered question is not kept
+                write(" (stopped)")
+            write("\n")
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
+    from ..checkpoint import load_model_and_tokenizer
+    from ..generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                                quantize=cfg.quantize, adapter=cfg.adapter)
+    try:
+        config = chat_generation_config(model, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                        repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
+        input_budget(context_length(model), config.max_new_tokens, chat_format(model.config))
+        session = ChatSession(model, tokenizer, config, cfg.system)
+    except ChatFormatError as exc:
+        raise ConfigError(str(exc)) from None
+    run(session)
+    return 0

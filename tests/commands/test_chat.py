@@ -1,0 +1,103 @@
+"""`baichuan-tune chat`: multi-turn replies, /clear, /exit, streaming, and the options reaching generation.
+
+Oracle: `model.chat` on the same conversations with greedy decoding (the command must keep the history
+that the authors' API would be given, and forget it after /clear).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from conftest import tiny_model
+
+from baichuan_tune.builtin import DEFAULT_TOKENIZER
+from baichuan_tune.checkpoint import save_pretrained_atomic
+from baichuan_tune.cli import main
+from baichuan_tune.commands.chat import ChatSession, run
+from baichuan_tune.generation import chat_generation_config
+
+
+@pytest.fixture
+def tiny_chat(tmp_path):
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    model = tiny_model("tiny-baichuan2-7b", vocab_size=4096, intermediate_size=192)
+    tokenizer = BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER))
+    return model, tokenizer, save_pretrained_atomic(model, tokenizer, tmp_path / "tiny")
+
+
+def replies(stdout: str) -> list[str]:
+    return re.findall(r"Baichuan: (.*?)\n\nUser: ", stdout, flags=re.S)
+
+
+def test_multi_turn_clear_and_exit(tiny_chat, monkeypatch, capsys):
+    model, tokenizer, folder = tiny_chat
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nWhat is 3 plus 4?\n/clear\nWho are you?\n/exit\nnever read\n"))
+    assert main(["chat", "--model", str(folder), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    got = replies(out)
+    u1, u2, u3 = "Hello there", "What is 3 plus 4?", "Who are you?"
+    a1 = model.chat(tokenizer, [{"role": "user", "content": u1}], temperature=0, max_new_tokens=6)
+    a2 = model.chat(tokenizer, [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                                {"role": "user", "content": u2}], temperature=0, max_new_tokens=6)
+    a3 = model.chat(tokenizer, [{"role": "user", "content": u3}], temperature=0, max_new_tokens=6)
+    assert got == [a1, a2, a3]
+    assert "(history cleared)" in out and "never read" not in out
+
+
+def test_end_of_input_leaves(tiny_chat, monkeypatch, capsys):
+    _, _, folder = tiny_chat
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(folder), "--max-new-tokens", "3"]) == 0
+    assert len(replies(capsys.readouterr().out + "\nUser: ")) == 1
+
+
+def test_reply_is_streamed_piece_by_piece(tiny_chat):
+    model, tokenizer, _ = tiny_chat
+    session = ChatSession(model, tokenizer, chat_generation_config(model, temperature=0, max_new_tokens=12))
+    pieces = []
+    reply = session.ask("Tell me a story", pieces.append)
+    assert len(pieces) > 3 and "".join(pieces) == reply
+    assert session.history == [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": reply}]
+
+
+def test_system_message_and_sampling_options_reach_generation(tiny_chat, monkeypatch):
+    model, tokenizer, _ = tiny_chat
+    config = chat_generation_config(model, temperature=0.7, top_k=3, top_p=0.5, max_new_tokens=4)
+    session = ChatSession(model, tokenizer, config, system="You are terse.")
+    seen = {}
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or real(**kw))
+    lines = iter(["hi", "/quit"])
+    run(session, read=lambda prompt: next(lines), write=lambda text: None)
+    cfg = seen["generation_config"]
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.do_sample) == (0.7, 3, 0.5, 4, True)
+    system_ids = tokenizer.encode("You are terse.", add_special_tokens=False)
+    hi_ids = tokenizer.encode("hi", add_special_tokens=False)
+    assert seen["input_ids"][0].tolist() == system_ids + [195] + hi_ids + [196]
+
+
+def test_bad_options_get_one_clear_error(tiny_chat, capsys):
+    _, _, folder = tiny_chat
+    assert main(["chat", "--model", str(folder), "--quantize", "3"]) == 2
+    assert "--quantize must be 4 or 8" in capsys.readouterr().err
+    assert main(["chat", "--model", str(folder), "--max-new-tokens", "512"]) == 2  # the whole context (512)
+    assert "max_new_tokens" in capsys.readouterr().err
+    assert main(["chat", "--model", str(folder), "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_quantize_option_loads_a_quantized_model(tiny_chat, monkeypatch, capsys):
+    pytest.importorskip("bitsandbytes")
+    from baichuan_tune.commands import chat as chat_command
+    from baichuan_tune.quantize import is_quantized
+
+    _, _, folder = tiny_chat
+    sessions = []
+    monkeypatch.setattr(chat_command, "run", lambda session: sessions.append(session))
+    assert main(["chat", "--model", str(folder), "--quantize", "8", "--device", "cpu"]) == 0
+    assert is_quantized(sessions[0].model)
+    reply = sessions[0].ask("hello", lambda text: None)
+    assert isinstance(reply, str)
