@@ -381,7 +381,7 @@ def encode_prompt(task: Task, tokenizer, subject_name: str, shots: list[Question
     """(token ids, few-shot examples dropped, head truncated): drop examples from the end until it fits."""
     k = len(shots)
     while True:
-        ids = tokenizer.encode(build_prompt(task, subject_name, shots[:k], q))
+        ids = tokenizer.encode(build_prompt(task, subject_name, shots[:k], q), verbose=False)  # we check length
         if len(ids) <= max_length or k == 0:
             break
         k -= 1
@@ -707,7 +707,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     max_length = max_length or context_length(model)
     windows = []
     for text in texts:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, verbose=False)  # long documents are cut into windows below
         windows += [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
