@@ -630,7 +630,7 @@ def _flatten(seqs: list[list[int]]):
     return flat, lengths
 
 
-_WORKER: dict[str, _Encoder] = {}
+_WORKER: dict = {}
 
 
 def _init_worker(tokenizer, options: _EncodeOptions) -> None:
@@ -638,8 +638,12 @@ def _init_worker(tokenizer, options: _EncodeOptions) -> None:
     _WORKER["encoder"] = _Encoder(tokenizer, options)
 
 
-def _encode_in_worker(records: list) -> dict:
-    return _WORKER["encoder"].chunk(records)
+def _encode_in_worker(task) -> dict:
+    """Encode a chunk: a (start, end) range of the records inherited at fork, or a list of records."""
+    if isinstance(task, tuple):
+        start, end = task
+        return _WORKER["encoder"].chunk(_WORKER["records"][start:end])
+    return _WORKER["encoder"].chunk(task)
 
 
 def _file_sha256(path: str | Path) -> str:
@@ -687,17 +691,25 @@ def _worker_count(num_workers: int) -> int:
 
 
 def _run_chunks(records: list, tokenizer, options: _EncodeOptions, workers: int, chunk_size: int) -> list[dict]:
-    from tqdm import tqdm
-
-    chunks = [records[i : i + chunk_size] for i in range(0, len(records), chunk_size)]
-    bar = dict(total=len(chunks), desc="tokenising", unit="chunk", disable=None, leave=False)
-    if workers <= 1 or len(chunks) <= 1:
-        encoder = _Encoder(tokenizer, options)
-        return [encoder.chunk(c) for c in tqdm(chunks, **bar)]
     import multiprocessing
 
-    with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
-        return list(tqdm(pool.imap(_encode_in_worker, chunks), **bar))
+    from tqdm import tqdm
+
+    ranges = [(i, min(i + chunk_size, len(records))) for i in range(0, len(records), chunk_size)]
+    bar = dict(total=len(ranges), desc="tokenising", unit="chunk", disable=None, leave=False)
+    if workers <= 1 or len(ranges) <= 1:
+        encoder = _Encoder(tokenizer, options)
+        return [encoder.chunk(records[a:b]) for a, b in tqdm(ranges, **bar)]
+    context = multiprocessing.get_context()
+    forked = context.get_start_method() == "fork"
+    # Forked workers inherit the record list, so only index ranges cross the pipe; otherwise send records.
+    tasks = ranges if forked else [records[a:b] for a, b in ranges]
+    _WORKER["records"] = records if forked else None
+    try:
+        with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
+            return list(tqdm(pool.imap(_encode_in_worker, tasks), **bar))
+    finally:
+        _WORKER.pop("records", None)
 
 
 def _assemble(parts: list[dict], columns: tuple[str, ...], skip_bad: bool) -> TokenizedDataset:
