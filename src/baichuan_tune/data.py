@@ -472,7 +472,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
         start += len(f.records)
         eval_ += [r for i, r in zip(ids, f.records) if i in eval_ids]
         kept = [r for i, r in zip(ids, f.records) if i not in eval_ids]
-        if f.source.count or f.source.ratio:
+        if kept and (f.source.count or f.source.ratio):
             kept = _resample(kept, f.source.count or max(1, round(f.source.ratio * len(kept))), rng)
         train += kept
         counts[f.source.path] = counts.get(f.source.path, 0) + len(kept)
