@@ -395,3 +395,29 @@ def test_sentencepiece_fast_path_equals_the_tokenizer(shared_reference, shared_d
     texts += ["Human: 你好\n\nAssistant: ", "said </s> then <s>", "<reserved_106>x", " a ", "\t\n"]
     for text in texts:
         assert fast.encode(text) == tok.encode(text, add_special_tokens=False), text[:80]
+
+
+def test_builtin_demo_dataset():
+    from baichuan_tune.builtin import demo_sft_records
+
+    loaded = load_dataset("demo", val_size=0.1, seed=0)
+    raw = demo_sft_records()
+    assert len(loaded.train) + len(loaded.eval) == len(raw) and len(loaded.eval) == round(0.1 * len(raw))
+    first = next(ex for ex in loaded.train if ex.where == "demo: record 1")
+    user = raw[0]["instruction"] + ("\n" + raw[0]["input"] if raw[0]["input"] else "")
+    assert first.turns == [("user", user), ("assistant", raw[0]["output"])]
+
+
+def test_data_options_feed_the_loaders(tok, shared_data):
+    from baichuan_tune.config import parse_config
+
+    argv = ["--dataset", f"{shared_data / 'identity.json'},{shared_data / 'alpaca_zh_demo.json'}:20",
+            "--val_size", "5", "--cutoff_len", "128", "--cache_dir", "none", "--name", "Bot", "--template", "baichuan"]
+    options = parse_config(data.DataOptions, argv)
+    assert options.dataset == [str(shared_data / "identity.json"), f"{shared_data / 'alpaca_zh_demo.json'}:20"]
+    train, val, report = load_sft_data(options.dataset, tok, **options.load_kwargs(seed=1))
+    loaded = load_dataset(options.dataset, val_size=5, seed=1)
+    identity_in_val = sum("identity.json" in e.where for e in loaded.eval)
+    assert len(val) == 5 and len(train) == 91 - identity_in_val + 20
+    assert "WARNING: no value for placeholders" not in report  # name and author come from the options
+    assert train[0]["input_ids"][0] == 195 and "cache off" in report
