@@ -338,13 +338,24 @@ def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss",
 
 
 def save_final(model, tokenizer, out: Path, finetuning_type: str) -> Path:
-    """The run's result: a PEFT adapter for lora/qlora, or full weights in the published layout."""
+    """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout.
+
+    Everything is written into a hidden folder first and then renamed file by file into `out`, so an
+    interrupted save never leaves a half-written adapter or shard under its final name.
+    """
+    import os
+
+    out = Path(out)
+    staging = out / ".final"
     if finetuning_type in ("lora", "qlora"):
-        with atomic_dir(out) as tmp:
+        with atomic_dir(staging) as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-        return out
-    from .checkpoint import save_pretrained_atomic
+    else:
+        from .checkpoint import save_pretrained_atomic
 
-    save_pretrained_atomic(model, tokenizer, out)
+        save_pretrained_atomic(model, tokenizer, staging)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
     return out

@@ -1,0 +1,141 @@
+"""`baichuan-tune sft` end to end on CPU with the built-in default model and demo data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baichuan_tune.commands import sft
+from baichuan_tune.config import ConfigError, parse_config
+from baichuan_tune.training import TrainingError
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run_sft(out: Path, *extra: str) -> dict:
+    args = ["--model", "default", "--dataset", "demo", "--max_samples", "48", "--cutoff_len", "64",
+            "--per_device_train_batch_size", "8", "--logging_steps", "1", "--output_dir", str(out),
+            "--device", "cpu", "--cache_dir", "none", "--preprocessing_num_workers", "1", *extra]
+    assert sft.main(args) == 0
+    return json.loads((out / "train_results.json").read_text())
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_writes_every_output_and_peft_loads_the_adapter(tmp_path):
+    out = tmp_path / "lora"
+    results = run_sft(out, "--max_steps", "4", "--val_size", "8", "--eval_steps", "2", "--learning_rate", "1e-3")
+    assert results["global_step"] == 4
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "training_loss.png",
+                 "train_results.json", "config.yaml", "tokenizer.model"):
+        assert (out / name).is_file(), name
+    assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert {"lr", "grad_norm", "epoch", "tokens_per_s", "elapsed"} <= set(log[0])
+    assert any("eval_loss" in r for r in log)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    # PEFT itself loads the adapter on this model, and it is not a no-op: LoRA's B matrices moved from 0.
+    from peft import PeftModel
+
+    from baichuan_tune.checkpoint import load_model, resolve_model_path
+
+    base = load_model(resolve_model_path("default"), dtype="fp32")
+    ids = torch.tensor([[1, 195, 300, 400, 196]])
+    with torch.no_grad():
+        plain = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+    assert not torch.allclose(plain, tuned)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_training_lowers_the_loss(tmp_path):
+    out = tmp_path / "full"
+    run_sft(out, "--finetuning_type", "full", "--max_steps", "24", "--learning_rate", "2e-3", "--num_train_epochs", "10")
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 24
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch):
+    common = ("--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1", "--learning_rate", "1e-3")
+    straight = tmp_path / "straight"
+    run_sft(straight, *common)
+
+    killed = tmp_path / "killed"
+    import baichuan_tune.training as training
+
+    real_step, calls = training.optimizer_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # killed after checkpoint-4 was written, in the middle of the run
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "optimizer_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(killed, *common)
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(TrainingError, match="--resume"):
+        run_sft(killed, *common)
+    run_sft(killed, *common, "--resume", "true")
+
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_nan_loss_stops_with_step_and_checkpoint_or_is_skipped(tmp_path, monkeypatch):
+    from baichuan_tune.models.modeling_baichuan import BaichuanForCausalLM
+
+    real_forward, calls = BaichuanForCausalLM.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3 and self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BaichuanForCausalLM, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 3; the last good checkpoint is .*checkpoint-2"):
+        run_sft(tmp_path / "stop", "--finetuning_type", "full", "--max_steps", "5", "--save_steps", "2")
+    calls["n"] = 0
+    results = run_sft(tmp_path / "skip", "--finetuning_type", "full", "--max_steps", "5", "--nan_policy", "skip")
+    assert results["skipped_steps"] == 1 and results["global_step"] == 5
+
+
+def test_qlora_on_cpu_trains_lora_over_nf4_weights(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    run_sft(out, "--finetuning_type", "qlora", "--max_steps", "2", "--lora_target", "W_pack")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["W_pack"] and config["r"] == 8
+
+
+def test_unknown_option_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        sft.main(["--dataset", "demo", "--learnig_rate", "1e-4", "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("sft_*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = parse_config(sft.SFTConfig, [str(path)])
+    assert cfg.model.startswith("/path/to/") and cfg.dataset, "examples change only the model and data paths"
+    assert cfg.finetuning_type == "qlora" and cfg.lora_rank == 8
