@@ -84,23 +84,51 @@ def _quantized_linear(bnb, linear: nn.Linear, bits: int) -> nn.Module:
         new.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=new
         )
-    return new.to(device)
+    return new.to(device).train(linear.training)
+
+
+def check_cpu_4bit_shapes(model, names=QUANTIZED_LINEARS) -> None:
+    """Refuse shapes bitsandbytes' CPU NF4 kernels cannot take, before any weight is touched.
+
+    On a CPU, bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 kernel, which asserts
+    out_features % 32 == 0, and its unpacked path quantises blocks of 64 that straddle rows wrongly when
+    in_features % 64 != 0 (2.5x the NF4 rounding error). Every published shape meets both; GPUs have
+    neither limit.
+    """
+    for module_name, module in model.named_modules():
+        for name in names:
+            child = getattr(module, name, None)
+            if type(child) is nn.Linear and child.weight.device.type == "cpu":
+                if child.out_features % 32 or child.in_features % 64:
+                    raise QuantizeError(
+                        f"{module_name}.{name} is [{child.out_features}, {child.in_features}]: 4-bit on a CPU needs "
+                        "out_features divisible by 32 and in_features by 64 (bitsandbytes' CPU kernels); use 8 "
+                        "bits here, or a GPU"
+                    )
+
+
+def quantize_linears(model, bits: int, names=QUANTIZED_LINEARS) -> int:
+    """Swap every plain nn.Linear child called one of `names` for its bitsandbytes version; the count."""
+    bnb = import_bitsandbytes()
+    replaced = 0
+    for module in list(model.modules()):
+        for name in names:
+            child = getattr(module, name, None)
+            if type(child) is nn.Linear:
+                setattr(module, name, _quantized_linear(bnb, child, bits))
+                replaced += 1
+    return replaced
 
 
 def quantize(model, bits: int):
     """Quantise `model`'s decoder Linear layers in place to `bits` (8: LLM.int8(), 4: NF4); returns `model`."""
     bits = check_bits(bits)
-    bnb = import_bitsandbytes()
+    import_bitsandbytes()
     if is_quantized(model):
         raise QuantizeError("the model is already quantised; load it again in full precision to change bits")
-    replaced = 0
-    for module in list(model.modules()):
-        for name in QUANTIZED_LINEARS:
-            child = getattr(module, name, None)
-            if type(child) is nn.Linear:
-                setattr(module, name, _quantized_linear(bnb, child, bits))
-                replaced += 1
-    if not replaced:
+    if bits == 4:
+        check_cpu_4bit_shapes(model)
+    if not quantize_linears(model, bits):
         raise QuantizeError("found no decoder Linear layers (W_pack, o_proj, gate/up/down_proj) to quantise")
     model.quantization_bits = bits
     return model
