@@ -379,6 +379,13 @@ def _authorize(served: ServedModel, request) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _check_model(served: ServedModel, req):
+    if req.model != served.name:
+        raise APIError(404, f"model '{req.model}' is not served here; this server serves '{served.name}'",
+                       param="model", code="model_not_found")
+    return req
+
+
 def _error_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -418,9 +425,6 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     _error_handlers(app)
 
     async def generate(req: _Sampling, prompt: list[int], config, chat: bool):
-        if req.model != served.name:
-            raise APIError(404, f"model '{req.model}' is not served here; this server serves '{served.name}'",
-                           param="model", code="model_not_found")
         job = Job(prompt, config, req.stops(), req.seed, asyncio.get_running_loop())
         worker.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -444,14 +448,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorize(served, request)
-        req = await parse_body(request, ChatRequest)
+        req = _check_model(served, await parse_body(request, ChatRequest))
         prompt, config = chat_prompt(served, req)
         return await generate(req, prompt, config, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         _authorize(served, request)
-        req = await parse_body(request, CompletionRequest)
+        req = _check_model(served, await parse_body(request, CompletionRequest))
         prompt, config = completion_prompt(served, req)
         return await generate(req, prompt, config, chat=False)
 
