@@ -214,9 +214,10 @@ def describe(r: dict) -> str:
 def summary(preset: str, size: int, ours: dict, base: dict) -> str:
     return (f"RESULT preset={preset} device={ours['device']} dtype={ours['dtype']} size_on_disk={fmt(size)} | "
             f"load_model {ours['seconds']:.1f}s peak_anon {fmt(ours['peak_anon'])} peak_rss {fmt(ours['peak_rss'])} "
-            f"peak_gpu {fmt(ours['peak_gpu'])} first_forward {ours['first_forward']:.1f}s | torch_load {base['seconds']:.1f}s peak_anon {fmt(base['peak_anon'])} "
-            f"peak_rss {fmt(base['peak_rss'])} | "
-            f"ratio time {ours['seconds'] / base['seconds']:.2f}x peak_anon {ours['peak_anon'] / max(base['peak_anon'], 1):.2f}x")
+            f"peak_gpu {fmt(ours['peak_gpu'])} first_forward {ours['first_forward']:.1f}s | "
+            f"torch_load {base['seconds']:.1f}s peak_anon {fmt(base['peak_anon'])} peak_rss {fmt(base['peak_rss'])} | "
+            f"ratio time {ours['seconds'] / base['seconds']:.2f}x "
+            f"peak_anon {ours['peak_anon'] / max(base['peak_anon'], 1):.2f}x")
 
 
 def llama_copy(folder: Path) -> Path | None:

@@ -525,3 +525,12 @@ def test_default_model_resolves_to_the_builtin_folder():
     path = resolve_model_path("default")
     assert path == builtin.default_model_dir()
     assert validate_checkpoint(path).config.norm_head is True
+
+
+def test_generation_settings_are_saved_even_when_transformers_finds_them_inconsistent(tmp_path):
+    model = tiny_model()
+    for key, value in dict(user_token_id=195, temperature=0.3, top_k=5, do_sample=False).items():  # greedy chat
+        setattr(model.generation_config, key, value)
+    out = save_pretrained_atomic(model, None, tmp_path / "out")
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert (saved["user_token_id"], saved["temperature"], saved["top_k"]) == (195, 0.3, 5)

@@ -116,7 +116,9 @@ def read_config(path: Path):
     data = _read_json(config_file, "the model config")
     model_type = data.get("model_type")
     if model_type != "baichuan":
-        hint = " (a LLaMA-layout folder: convert it with `baichuan-tune convert --to baichuan`)" if model_type == "llama" else ""
+        hint = ""
+        if model_type == "llama":
+            hint = " (a LLaMA-layout folder: convert it with `baichuan-tune convert --to baichuan`)"
         raise CheckpointError(f"{config_file}: model_type is {model_type!r}, not 'baichuan'{hint}")
     for key in ("torch_dtype", "dtype"):
         if data.get(key) is not None and str(data[key]).removeprefix("torch.") not in DTYPES:
@@ -293,7 +295,7 @@ def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
 
 
 def _load_validated(path: Path, dtype, device, quantize, adapter):
-    import baichuan_tune  # noqa: F401  (registers model_type baichuan with the Auto classes)
+    # Importing this package registered model_type baichuan with the Auto classes.
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=parse_dtype(dtype), device_map=_device_map(device))
@@ -433,6 +435,15 @@ def write_config(config, out_dir, dtype: torch.dtype) -> None:
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _write_generation_config(generation_config, out_dir: Path) -> None:
+    try:
+        generation_config.save_pretrained(str(out_dir))
+    except ValueError:
+        # transformers refuses to save a config whose settings conflict (e.g. the Chat models' temperature
+        # once do_sample was switched off for greedy decoding); the file is still what the model used.
+        generation_config.to_json_file(str(out_dir / GENERATION_CONFIG_FILE), use_diff=True)
+
+
 def _check_saveable(model) -> None:
     if hasattr(model, "peft_config"):
         raise BaichuanTuneError(
@@ -461,7 +472,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5G
             config.architectures = [type(model).__name__]
         write_config(config, tmp, target or model.dtype)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(tmp))
+            _write_generation_config(model.generation_config, tmp)
         save_state_dict(state_dict, tmp, target, shard_size, safe_serialization)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

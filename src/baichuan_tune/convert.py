@@ -205,7 +205,8 @@ def _converted(src: Path, layout: str, to: str):
         model = load_model(src, dtype="auto", device="cpu")
         if to == "baichuan":
             return model.config, model.state_dict(), model.dtype
-        return baichuan_to_llama_config(model.config), baichuan_to_llama_state_dict(model.state_dict(), model.config), model.dtype
+        state = baichuan_to_llama_state_dict(model.state_dict(), model.config)
+        return baichuan_to_llama_config(model.config), state, model.dtype
     model = _load_llama(src)
     llama_state = model.state_dict()
     head = llama_state.get("lm_head.weight", llama_state["model.embed_tokens.weight"])
