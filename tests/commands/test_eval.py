@@ -111,3 +111,32 @@ def test_subjects_accept_spaces_or_commas():
     assert eval_command._join_list_values(["--subjects", "a", "b", "--n-shot", "1"]) == \
         ["--subjects", "a,b", "--n-shot", "1"]
     assert eval_command._join_list_values(["--subjects", "a,b"]) == ["--subjects", "a,b"]
+
+
+def test_adapter_changes_scores_and_prefix_cache_sees_it(checkpoint, shared_data, tmp_path):
+    """A LoRA adapter (non-zero, so it changes the model) applies in both scoring paths alike."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan_tune.checkpoint import load_model
+
+    base = load_model(checkpoint, dtype="fp32")
+    torch.manual_seed(0)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["W_pack", "down_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    data = need_shared(shared_data / "eval" / "ceval" / "ceval.zip")
+
+    def probs(*extra):
+        out = tmp_path / "-".join(extra or ("base",))
+        argv = ["--model", str(checkpoint), "--task", "ceval", "--split", "val", "--data", str(data),
+                "--subjects", "logic", "--max-questions", "3", "--output", str(out), "--progress", "false", *extra]
+        assert eval_command.main(argv) == 0
+        predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["logic"]
+        return torch.tensor([p["probs"] for p in predictions])
+
+    plain = probs()
+    adapted = probs("--adapter", str(tmp_path / "adapter"))
+    adapted_full = probs("--adapter", str(tmp_path / "adapter"), "--share-prefix", "false")
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    assert torch.allclose(adapted, adapted_full, atol=1e-4)
