@@ -414,7 +414,7 @@ def test_load_model_dtype(good_ckpt, dtype, expected):
 
 
 def test_load_model_bad_options(good_ckpt):
-    with pytest.raises(ConfigError, match="quantize"):
+    with pytest.raises(BaichuanTuneError, match="quantize must be 4 or 8"):
         load_model(good_ckpt, quantize=3)
     with pytest.raises(ConfigError, match="device"):
         load_model(good_ckpt, device="tpu:7")

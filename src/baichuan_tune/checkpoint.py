@@ -264,23 +264,14 @@ def _device_map(device):
 
 
 def _quantization_config(quantize):
-    """transformers' BitsAndBytesConfig for 4-bit (NF4, double quantisation, bf16 compute) or 8-bit."""
-    if quantize in (None, 0, "none", "None"):
+    """transformers' BitsAndBytesConfig for 4-bit (NF4, double quantisation, bf16 compute) or 8-bit loading:
+    the one `baichuan_tune.quantize` defines for both ways of quantising."""
+    if quantize in (None, 0, "", "none", "None"):
         return None
-    if str(quantize) not in ("4", "8"):
-        raise ConfigError(f"quantize must be 4, 8 or none, got {quantize!r}")
-    try:
-        import bitsandbytes  # noqa: F401  (only quantised loading needs it)
-    except ImportError:
-        raise BaichuanTuneError("quantized loading needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
+    from .quantize import bnb_config, check_bits
 
-    if str(quantize) == "8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    bits = int(quantize) if isinstance(quantize, str) and quantize.isdigit() else quantize
+    return bnb_config(check_bits(bits))
 
 
 def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
