@@ -8,7 +8,7 @@ For each mode, our BaichuanForCausalLM and transformers' LlamaForCausalLM of the
 weights, built directly on the device) generate greedily from a --prompt-tokens prompt with
 `model.generate`, exactly --new-tokens tokens (min_new_tokens keeps eos from ending early). Decoding speed
 is (new_tokens - 1) / (time(new_tokens) - time(1)), so the prompt's prefill is not counted; each time is
-the median of --repeats runs after a warm-up. `4bit`/`8bit` quantise the decoder Linear layers of both
+the median of --repeats runs after a full-length warm-up. `4bit`/`8bit` quantise the decoder Linear layers of both
 models with the same bitsandbytes layers (`baichuan_tune.quantize`); lm_head and the embedding stay bf16.
 
 The bound: a decoding step reads every weight once (embedding rows aside), so tokens/s <= copy
@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="bf16,4bit", help="comma list of bf16, fp16, fp32, 8bit, 4bit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-llama", action="store_true", help="skip the transformers Llama baseline")
     p.add_argument("--tokenizer", default=None, help="Baichuan2 tokenizer.model: also time the chat path")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -129,7 +130,7 @@ def timed(fn, device: str, repeats: int) -> float:
 def decode_rate(generate, device: str, new_tokens: int, repeats: int) -> float:
     """Tokens/s of decoding alone: (n - 1) / (t(n) - t(1)), prefill cancelled out."""
     generate(1)
-    generate(min(new_tokens, 8))  # warm-up: kernels, allocator, cache classes
+    generate(new_tokens)  # warm-up at full length: kernels, allocator, GPU clocks
     one = timed(lambda: generate(1), device, repeats)
     full = timed(lambda: generate(new_tokens), device, repeats)
     return (new_tokens - 1) / max(full - one, 1e-9)
@@ -191,6 +192,7 @@ def load_tokenizer(path):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per call in 8-bit: floods the log
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     bandwidth = copy_bandwidth(args.device, 2**30 if args.device.startswith("cuda") else 2**26)
     print(f"{where}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); torch {torch.__version__}", flush=True)

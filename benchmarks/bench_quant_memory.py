@@ -21,6 +21,7 @@ import gc
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ def line(row: dict) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per call in 8-bit: floods the log
     bnb = has_bitsandbytes()
     rows = []
     for preset in args.presets.split(","):
