@@ -534,3 +534,12 @@ def test_generation_settings_are_saved_even_when_transformers_finds_them_inconsi
     out = save_pretrained_atomic(model, None, tmp_path / "out")
     saved = json.loads((out / "generation_config.json").read_text())
     assert (saved["user_token_id"], saved["temperature"], saved["top_k"]) == (195, 0.3, 5)
+
+
+def test_four_bit_compute_dtype_follows_an_fp16_run():
+    pytest.importorskip("bitsandbytes")
+    from baichuan_tune.checkpoint import _quantization_config
+
+    assert _quantization_config(4, torch.float16).bnb_4bit_compute_dtype == torch.float16
+    assert _quantization_config(4, torch.float32).bnb_4bit_compute_dtype == torch.bfloat16
+    assert _quantization_config(None, torch.float16) is None

@@ -263,15 +263,17 @@ def _device_map(device):
     return {"": dev}
 
 
-def _quantization_config(quantize):
-    """transformers' BitsAndBytesConfig for 4-bit (NF4, double quantisation, bf16 compute) or 8-bit loading:
-    the one `baichuan_tune.quantize` defines for both ways of quantising."""
+def _quantization_config(quantize, dtype):
+    """transformers' BitsAndBytesConfig for 4-bit (NF4, double quantisation) or 8-bit loading: the one
+    `baichuan_tune.quantize` defines for both ways of quantising. 4-bit layers compute in `dtype` when it
+    is fp16 (an fp16 run), else in bf16."""
     if quantize in (None, 0, "", "none", "None"):
         return None
     from .quantize import bnb_config, check_bits
 
     bits = int(quantize) if isinstance(quantize, str) and quantize.isdigit() else quantize
-    return bnb_config(check_bits(bits))
+    compute = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    return bnb_config(check_bits(bits), compute_dtype=compute)
 
 
 def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
@@ -290,7 +292,7 @@ def _load_validated(path: Path, dtype, device, quantize, adapter):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=parse_dtype(dtype), device_map=_device_map(device))
-    quantization = _quantization_config(quantize)
+    quantization = _quantization_config(quantize, kwargs["dtype"])
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     adapter_dir = _check_adapter(adapter) if adapter else None
