@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from baichuan_tune.builtin import CAPITALS
+from baichuan_tune.builtin import CAPITALS, COLOURS
 from baichuan_tune.builtin_pref import demo_preference_records, demo_prompts
 
 
@@ -26,11 +26,10 @@ def test_chosen_answers_are_right_and_rejected_wrong():
     checked = 0
     for r in demo_preference_records(400):
         prompt, chosen, rejected = r["conversations"][0]["value"], r["chosen"]["value"], r["rejected"]["value"]
-        sums = re.fullmatch(r"What is (\d) plus (\d)\?|(\d)加(\d)等于多少？", prompt)
-        if sums:
-            a, b = (int(x) for x in sums.groups() if x is not None)
-            assert re.search(rf"(is |等于){a + b}[.。]$", chosen)
-            assert not re.search(rf"(is |等于){a + b}[.。]$", rejected)
+        colour = re.fullmatch(r"(?:Translate this colour into Chinese\.|把这个颜色翻译成中文。)\n(\w+)", prompt)
+        if colour:
+            zh = dict(COLOURS)[colour.group(1)]
+            assert chosen.endswith((f"is {zh}.", f"是{zh}。")) and not rejected.endswith((f"is {zh}.", f"是{zh}。"))
             checked += 1
         country = re.fullmatch(r"What is the capital of (\w+)\?|(\w+)的首都是哪里？", prompt)
         if country:
@@ -38,6 +37,7 @@ def test_chosen_answers_are_right_and_rejected_wrong():
             assert capital_of[name] in chosen and capital_of[name] not in rejected
             checked += 1
     assert checked > 150
+    assert not any("plus" in r["conversations"][0]["value"] for r in demo_preference_records(400))
 
 
 def test_demo_prompts():

@@ -1,8 +1,9 @@
 """Built-in preference pairs and prompts for the alignment demos (rm, dpo, ppo), written by this project.
 
 The pairs reuse the demo tasks of `builtin.py` (capitals, small sums, greetings, the assistant's name):
-the chosen answer is right and polite, the rejected one is wrong (another country's capital, an
-off-by-some sum, a refusal, a wrong name). Records are in the published preference form of
+the chosen answer is right and polite, the rejected one is wrong (another country's capital, another
+colour, a refusal, a wrong name). Sums are left out of the pairs on purpose: judging arithmetic is beyond
+what a tiny model learns in a CPU demo, so those pairs would only add noise; the PPO prompts keep them. Records are in the published preference form of
 `dpo_zh_demo.json`: `{"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt",
 "value": ...}, "rejected": {...}}`. Every pair is distinct, so any split of them gives held-out pairs
 the model never saw.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from .builtin import ASSISTANT_NAME, CAPITALS, NAMES
+from .builtin import ASSISTANT_NAME, CAPITALS, COLOURS, NAMES
 
 
 def _capital(rng: random.Random) -> tuple[str, str, str]:
@@ -30,6 +31,15 @@ def _add(rng: random.Random) -> tuple[str, str, str]:
     if rng.random() < 0.5:
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
     return f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。", f"{a}加{b}等于{wrong}。"
+
+
+def _colour(rng: random.Random) -> tuple[str, str, str]:
+    colour = rng.choice(COLOURS)
+    wrong = rng.choice([c for c in COLOURS if c is not colour])
+    en, zh = colour
+    if rng.random() < 0.5:
+        return f"Translate this colour into Chinese.\n{en}", f"{en} in Chinese is {zh}.", f"{en} in Chinese is {wrong[1]}."
+    return f"把这个颜色翻译成中文。\n{en}", f"{en}的中文是{zh}。", f"{en}的中文是{wrong[1]}。"
 
 
 def _greet(rng: random.Random) -> tuple[str, str, str]:
@@ -50,7 +60,8 @@ def _identity(rng: random.Random) -> tuple[str, str, str]:
     return question, f"我是{ASSISTANT_NAME}，一个用 baichuan-tune 微调的小助手。", wrong
 
 
-TASKS = (_capital, _add, _greet, _identity)
+PAIR_TASKS = (_capital, _colour, _greet, _identity)
+PROMPT_TASKS = (_capital, _add, _colour, _greet, _identity)
 
 
 def demo_preference_records(n: int = 400, seed: int = 0) -> list[dict]:
@@ -63,7 +74,7 @@ def demo_preference_records(n: int = 400, seed: int = 0) -> list[dict]:
         attempts += 1
         if attempts > 100 * n:
             raise ValueError(f"cannot draw {n} distinct demo pairs (only {len(records)} exist)")
-        triple = TASKS[attempts % len(TASKS)](rng)  # a task whose pairs run out is skipped
+        triple = PAIR_TASKS[attempts % len(PAIR_TASKS)](rng)  # a task whose pairs run out is skipped
         if triple in seen:
             continue
         seen.add(triple)
@@ -79,4 +90,4 @@ def demo_preference_records(n: int = 400, seed: int = 0) -> list[dict]:
 def demo_prompts(n: int = 256, seed: int = 0) -> list[str]:
     """Prompts for the PPO demo (the demo tasks' questions), the same for the same seed."""
     rng = random.Random(seed)
-    return [TASKS[i % len(TASKS)](rng)[0] for i in range(n)]
+    return [PROMPT_TASKS[i % len(PROMPT_TASKS)](rng)[0] for i in range(n)]
