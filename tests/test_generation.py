@@ -254,3 +254,21 @@ def test_stop_strings_end_generation(b2_tok):
                         on_text=deltas.append, stop=[marker])
     assert cut.text == free.text[: free.text.index(marker)] == "".join(deltas)
     assert cut.finish_reason == "stop"
+
+
+def test_decode_benchmark_smoke():
+    """benchmarks/bench_decode.py on a CPU: both models decode; bytes per token = non-embedding weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--preset", "tiny-baichuan2-7b", "--device", "cpu", "--modes", "fp32", "--new-tokens", "4",
+                       "--prompt-tokens", "4", "--repeats", "1"])
+    h, i, v, layers = 64, 176, 512, 2
+    per_token = 4 * (layers * (4 * h * h + 3 * i * h + 2 * h) + h + v * h)  # fp32 layers, final norm, lm_head
+    assert [r["model"] for r in rows] == ["baichuan", "llama"]
+    for row in rows:
+        assert row["weight_gb_per_token"] * 1e9 == pytest.approx(per_token) and row["tokens_per_s"] > 0

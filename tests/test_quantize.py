@@ -156,3 +156,22 @@ def test_quantize_on_the_gpu(bits):
     model = tiny_model("tiny-baichuan2-7b", **SHAPE).cuda().quantize(bits)
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "cuda"
     assert_matches_simulation(model, "tiny-baichuan2-7b", bits, device="cuda")
+
+
+def test_memory_benchmark_counts_the_bytes_by_hand():
+    """benchmarks/bench_quant_memory.py on a CPU: bytes of the tiny Baichuan2-7B shape, counted by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quant_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_quant_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--presets", "tiny-baichuan2-7b", "--modes", "bf16,8bit", "--device", "cpu"])
+    h, i, v, layers = 64, 176, 512, 2
+    linear = layers * (3 * h * h + h * h + 2 * i * h + i * h)  # W_pack, o_proj, gate/up, down
+    other = 2 * v * h + layers * 2 * h + h  # embedding, lm_head, norms
+    rows_per_layer = 3 * h + h + 2 * i + h  # int8 keeps one fp32 scale per output row
+    expected = {"bf16": 2 * (linear + other), "8bit": linear + 2 * other + 4 * layers * rows_per_layer}
+    for row in rows:
+        assert abs(row["weights_gib"] * 2**30 - expected[row["mode"]]) < 1024  # + the RoPE frequency buffer
