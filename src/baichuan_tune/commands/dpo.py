@@ -1,0 +1,224 @@
+"""Direct preference optimisation: DPO (sigmoid), IPO, and the reference-free ORPO and SimPO losses.
+
+    baichuan-tune dpo                                  # built-in demo: tiny default model, demo pairs, CPU
+    baichuan-tune dpo CONFIG.yaml --model DIR --dataset pairs.json --loss_type sigmoid --beta 0.1
+    baichuan-tune dpo --model DIR --dataset pairs.json --loss_type simpo --beta 2.0 --simpo_gamma 0.5
+
+The policy trains with LoRA, QLoRA, freeze or full. DPO and IPO compare it with a frozen reference: with
+LoRA/QLoRA the reference is the same base with the adapter switched off (no second copy of the model);
+with freeze/full the reference log-probabilities are computed once before training and kept in
+output_dir/reference_logps.pt. ORPO and SimPO need no reference. Data and outputs as `baichuan-tune rm`
+(preference records; adapter or full weights, checkpoints, trainer_log.jsonl, plots, TensorBoard,
+train_results.json). Logged on the eval split, before and during training: `accuracy` (share of pairs
+whose implicit reward of the chosen answer beats the rejected one), `margin` (mean reward difference),
+and `logp_accuracy` (share of pairs where the policy itself gives the chosen answer the higher
+per-token log-probability, which needs no reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import ConfigError, opt, parse_config
+from ..data import DataOptions
+from ..training import ModelOptions, TrainOptions
+
+# The built-in demo: DPO with LoRA on the tiny default model, scored on held-out pairs before and after.
+DEMO_OVERRIDES = [
+    "--model", "default", "--finetuning_type", "lora", "--lora_rank", "16", "--lora_alpha", "32",
+    "--output_dir", "outputs/dpo-demo", "--num_train_epochs", "2", "--learning_rate", "2e-3", "--beta", "0.1",
+    "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "100", "--val_size", "80",
+    "--eval_steps", "20", "--cutoff_len", "64", "--device", "cpu",
+]
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class DPOConfig(ModelOptions, DataOptions, TrainOptions):
+    output_dir: str = opt("outputs/dpo", "folder for the policy, checkpoints, logs and plots")
+    learning_rate: float = opt(5e-5, "peak learning rate")
+    num_train_epochs: float = opt(1.0, "passes over the training pairs")
+    loss_type: Literal["sigmoid", "ipo", "orpo", "simpo"] = opt("sigmoid", "sigmoid (DPO), ipo, orpo or simpo")
+    beta: float = opt(0.1, "DPO/IPO: KL strength (IPO's tau); SimPO: reward scale (its paper uses 2.0-2.5)")
+    label_smoothing: float = opt(0.0, "sigmoid loss: assumed share of flipped labels (cDPO), in [0, 0.5)")
+    simpo_gamma: float = opt(0.5, "SimPO: target reward margin gamma")
+    orpo_lambda: float = opt(0.1, "ORPO: weight lambda of the odds-ratio term next to the NLL")
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
+
+
+def main(argv: list[str]) -> int:
+    from ..alignment import is_demo
+
+    demo = is_demo(argv)
+    if demo and not any(a in ("-h", "--help") for a in argv):
+        print("No config file and no --dataset: running the built-in DPO demo (tiny default model, CPU).")
+        argv = DEMO_OVERRIDES + list(argv)
+    cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
+    from ..adapters import count_parameters
+    from ..alignment import load_trainable, write_demo_pairs, write_results
+    from ..data import load_pair_data
+    from ..pair_training import PairRun, train_pairs
+    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
+                            precision_dtype, prepare_output_dir, resolve_device, save_final, seed_everything,
+                            total_optimizer_steps)
+
+    # ---- setup
+    out = prepare_output_dir(cfg)
+    seed_everything(cfg.seed)
+    device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
+    model, tokenizer = load_trainable(cfg, device, amp_dtype)
+    files = cfg.dataset or [write_demo_pairs(out)]
+    train_set, val_set, report = load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
+    reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype)
+    trainable, total = count_parameters(model)
+    per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    checkpoints = Checkpoints(out, cfg.save_total_limit)
+    run = PairRun(cfg, optimizer, scheduler, make_grad_scaler(device, amp_dtype), checkpoints, None, train_set,
+                  val_set, device, amp_dtype, total_steps, per_epoch,
+                  eval_loss_fn=lambda batch: preference_loss(cfg, model, batch, reference, "eval"))
+    if cfg.resume and checkpoints.latest() is not None:
+        run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
+    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
+                     tensorboard=cfg.report_to == "tensorboard", desc=cfg.loss_type)
+    run.log.write(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; {total_steps} optimizer "
+                  f"steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+
+    # ---- loop
+    step = train_pairs(model, lambda batch: preference_loss(cfg, model, batch, reference, "train"), run)
+    run.log.close()
+
+    # ---- save
+    save_final(model, tokenizer, out, cfg.finetuning_type)
+    if cfg.plot_loss:
+        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), f"{cfg.loss_type} loss")
+        plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
+                    ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
+        plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
+    results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
+               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"]}
+    if run.evals:
+        results.update({f"{k}_before": v for k, v in run.evals[0].items() if k.startswith("eval_")})
+        results.update({k: v for k, v in run.evals[-1].items() if k.startswith("eval_")})
+    write_results(out, results)
+    print(f"Done: policy in {out}")
+    return 0
+
+
+def preference_loss(cfg, model, batch: dict, reference, split: str) -> tuple[torch.Tensor, dict]:
+    """The configured preference loss on one pair batch, with rewards, accuracy and margin for the log."""
+    from ..losses import dpo_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
+    from ..pair_training import split_pairs
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
+    total = sequence_logps(logits, batch["labels"])  # [2B]
+    average = sequence_logps(logits, batch["labels"], average=True)  # [2B]
+    chosen_avg, rejected_avg = split_pairs(average)
+    if cfg.loss_type == "orpo":
+        out = orpo_loss(chosen_avg, rejected_avg, lam=cfg.orpo_lambda)
+    elif cfg.loss_type == "simpo":
+        out = simpo_loss(chosen_avg, rejected_avg, beta=cfg.beta, gamma=cfg.simpo_gamma)
+    else:
+        # IPO on length-averaged log-probabilities, as its authors recommend; DPO on sums (eq. 7).
+        policy = average if cfg.loss_type == "ipo" else total
+        ref_chosen, ref_rejected = reference.logps(batch, split, average=cfg.loss_type == "ipo")
+        if cfg.loss_type == "ipo":
+            out = ipo_loss(*split_pairs(policy), ref_chosen, ref_rejected, beta=cfg.beta)
+        else:
+            out = dpo_loss(*split_pairs(policy), ref_chosen, ref_rejected, beta=cfg.beta,
+                           label_smoothing=cfg.label_smoothing)
+    chosen_logp, rejected_logp = split_pairs(total.detach())
+    metrics = {
+        "accuracy": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
+        "margin": float((out.chosen_rewards - out.rejected_rewards).mean()),
+        "chosen_reward": float(out.chosen_rewards.mean()), "rejected_reward": float(out.rejected_rewards.mean()),
+        "logp_accuracy": float((chosen_avg > rejected_avg).float().mean()),
+        "chosen_logp": float(chosen_logp.mean()), "rejected_logp": float(rejected_logp.mean()),
+    }
+    return out.loss, metrics
+
+
+class Reference:
+    """Log-probabilities of the frozen reference policy for a pair batch.
+
+    LoRA/QLoRA: the policy's own base with the adapter disabled, computed per batch. Freeze/full: the
+    weights change in place, so the initial model's log-probabilities of every pair are computed once,
+    before training, and saved with the run (a resumed run reads them back).
+    """
+
+    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype):
+        self.needed = cfg.loss_type in ("sigmoid", "ipo")
+        self.adapter_off = cfg.finetuning_type in ("lora", "qlora")
+        self.model, self.table = model, None
+        if self.needed and not self.adapter_off:
+            self.table = self._precomputed(out / REFERENCE_FILE, datasets, cfg.per_device_train_batch_size, device,
+                                           amp_dtype)
+
+    def describe(self) -> str:
+        if not self.needed:
+            return "none (reference-free)"
+        return "the base with the adapter off" if self.adapter_off else "log-probs precomputed before training"
+
+    @torch.no_grad()
+    def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
+        from ..losses import sequence_logps
+        from ..pair_training import split_pairs
+
+        if self.table is not None:
+            kind = "avg" if average else "sum"
+            index = batch["index"].cpu()
+            return (self.table[f"{split}_chosen_{kind}"][index].to(batch["index"].device),
+                    self.table[f"{split}_rejected_{kind}"][index].to(batch["index"].device))
+        with self.model.disable_adapter():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return split_pairs(sequence_logps(logits, batch["labels"], average=average))
+
+    def _precomputed(self, path: Path, datasets: dict, batch_size: int, device, amp_dtype) -> dict:
+        from ..io_utils import atomic_write_bytes
+
+        if path.is_file():
+            return torch.load(path, weights_only=True, map_location="cpu")
+        table = {}
+        for split, dataset in datasets.items():
+            table.update(_reference_table(self.model, dataset, split, batch_size, device, amp_dtype))
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(table, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        return table
+
+
+@torch.no_grad()
+def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
+    """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
+    from ..losses import sequence_logps
+    from ..pair_training import pair_batch, split_pairs
+    from ..training import autocast
+
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list] = {f"{split}_{side}_{kind}": [] for side in ("chosen", "rejected") for kind in ("sum", "avg")}
+    for start in range(0, len(dataset), batch_size):
+        batch = pair_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device)
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for kind, average in (("sum", False), ("avg", True)):
+            chosen, rejected = split_pairs(sequence_logps(logits, batch["labels"], average=average).cpu())
+            parts[f"{split}_chosen_{kind}"].append(chosen)
+            parts[f"{split}_rejected_{kind}"].append(rejected)
+    model.train(was_training)
+    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}

@@ -1,0 +1,144 @@
+"""`baichuan-tune dpo` on CPU: the demo raises held-out preference accuracy and margin; the reference is
+the base with the adapter off (LoRA) or log-probs computed once before training (full)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from baichuan_tune.builtin_pref import demo_preference_records
+from baichuan_tune.commands import dpo
+from baichuan_tune.config import ConfigError, parse_config
+
+FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
+SMALL = ["--model", "default", "--cutoff_len", "48", "--per_device_train_batch_size", "4", "--device", "cpu",
+         "--logging_steps", "1", *FAST]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    path.write_text(json.dumps(demo_preference_records(n), ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def results_of(out: Path) -> dict:
+    return json.loads((out / "train_results.json").read_text())
+
+
+def test_demo_raises_held_out_preference_accuracy_and_margin(tmp_path):
+    out = tmp_path / "demo"
+    assert dpo.main(["--output_dir", str(out), "--num_train_epochs", "1", "--eval_steps", "0", *FAST]) == 0
+    r = results_of(out)
+    # Before training the LoRA policy IS the reference (B = 0): every implicit reward is exactly 0,
+    # so the loss is log 2, no pair is ranked right and the margin is 0.
+    assert r["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-5)
+    assert r["eval_accuracy_before"] == 0.0 and r["eval_margin_before"] == pytest.approx(0.0, abs=1e-6)
+    # After one epoch on 320 other pairs, most held-out pairs move the right way (chance would be 0.5).
+    assert r["eval_pairs"] == 80
+    assert r["eval_accuracy"] >= 0.65, r
+    assert r["eval_margin"] > 0.5, r
+    assert r["eval_loss"] < math.log(2) - 0.05
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "training_accuracy.png",
+                 "training_margin.png", "training_loss.png"):
+        assert (out / name).is_file(), name
+    assert not (out / dpo.REFERENCE_FILE).exists()  # LoRA: the reference is the adapter-off base, no table
+
+
+def _hand_logps(model, batch) -> torch.Tensor:
+    """Sum over answer tokens of log softmax(logits[t-1])[token t], written out position by position."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    out = []
+    for row in range(batch["input_ids"].size(0)):
+        total = 0.0
+        for t in range(1, batch["input_ids"].size(1)):
+            label = int(batch["labels"][row, t])
+            if label != -100:
+                total += float(torch.log_softmax(logits[row, t - 1], -1)[label])
+        out.append(total)
+    return torch.tensor(out)
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan_tune.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data import load_pair_data
+    from baichuan_tune.pair_training import pair_batch
+
+    base, tok = load_model_and_tokenizer("default", dtype="fp32")
+    train, _, _ = load_pair_data([str(write_pairs(tmp_path / "p.json", 6))], tok, cutoff_len=48, cache_dir="none",
+                                 num_workers=1)
+    batch = pair_batch(train, [0, 1, 2], torch.device("cpu"))
+    expected = _hand_logps(base, batch)
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules=["W_pack", "down_proj"])).eval()
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a trained-looking adapter, so policy and reference differ
+    cfg = parse_config(dpo.DPOConfig, ["--finetuning_type", "lora"])
+    ref = dpo.Reference(cfg, policy, tmp_path, {}, torch.device("cpu"), None)
+    chosen, rejected = ref.logps(batch, "train", average=False)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_hand_logps(policy, batch), expected, atol=1e-2)
+
+
+def test_full_finetuning_precomputes_the_reference_once(tmp_path):
+    from baichuan_tune.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data import load_pair_data
+    from baichuan_tune.pair_training import pair_batch
+
+    pairs = write_pairs(tmp_path / "p.json", 12)
+    out = tmp_path / "full"
+    args = [*SMALL, "--dataset", str(pairs), "--finetuning_type", "full", "--max_steps", "2", "--save_steps", "1",
+            "--learning_rate", "1e-4", "--output_dir", str(out)]
+    assert dpo.main(args) == 0
+    table = torch.load(out / dpo.REFERENCE_FILE, weights_only=True)
+    base, tok = load_model_and_tokenizer("default", dtype="fp32")
+    train, _, _ = load_pair_data([str(pairs)], tok, cutoff_len=48, cache_dir="none", num_workers=1)
+    batch = pair_batch(train, list(range(len(train))), torch.device("cpu"))
+    expected = _hand_logps(base, batch)
+    got = torch.cat([table["train_chosen_sum"], table["train_rejected_sum"]])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # A resumed run reads the table back instead of computing it from the (already trained) weights.
+    before = (out / dpo.REFERENCE_FILE).stat().st_mtime_ns
+    assert dpo.main([*args[:-6], "--max_steps", "3", "--save_steps", "1", "--learning_rate", "1e-4",
+                     "--output_dir", str(out), "--resume", "true"]) == 0
+    assert (out / dpo.REFERENCE_FILE).stat().st_mtime_ns == before
+    assert results_of(out)["global_step"] == 3
+
+
+@pytest.mark.parametrize("loss_type, extra", [("ipo", ["--beta", "0.5"]), ("orpo", []), ("simpo", ["--beta", "2.0"])])
+def test_other_losses_run(tmp_path, loss_type, extra):
+    pairs = write_pairs(tmp_path / "p.json", 16)
+    out = tmp_path / loss_type
+    args = [*SMALL, "--dataset", str(pairs), "--finetuning_type", "lora", "--loss_type", loss_type, *extra,
+            "--max_steps", "2", "--val_size", "4", "--eval_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(out)]
+    assert dpo.main(args) == 0
+    r = results_of(out)
+    assert r["loss_type"] == loss_type and math.isfinite(r["eval_loss"])
+    if loss_type == "ipo":
+        # policy = reference at the start, so h = 0 and the IPO loss is (0 - 1/(2 tau))^2 = 1 for tau 0.5
+        assert r["eval_loss_before"] == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert not (out / dpo.REFERENCE_FILE).exists()  # reference-free
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        parse_config(dpo.DPOConfig, ["--loss_type", "ipo", "--label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match="beta"):
+        parse_config(dpo.DPOConfig, ["--beta", "0"])
+    with pytest.raises(ConfigError, match="loss_type"):
+        parse_config(dpo.DPOConfig, ["--loss_type", "kto"])
