@@ -35,7 +35,7 @@ class EvalConfig:
     n_shot: int = opt(5, "few-shot examples per prompt, from the dev split")
     subjects: list[str] = opt(factory=list, help="only these subjects (comma or space separated)")
     max_questions: int | None = opt(None, "at most this many questions per subject (quick runs)")
-    batch_size: int = opt(8, "prompts per forward pass")
+    batch_size: int = opt(16, "prompts per forward pass")
     max_batch_tokens: int = opt(32768, "at most this many padded tokens per forward pass")
     max_length: int | None = opt(None, "context in tokens (default: the model's); longer prompts drop examples")
     share_prefix: bool = opt(True, "run a subject's shared header and examples once and reuse their KV cache")
