@@ -144,6 +144,19 @@ def test_baichuan_identity_record_layout(b1, shared_data):
     assert enc.labels == [IGN] * (len(user) + 2) + answer + [EOS]
 
 
+def test_baichuan_multi_turn_puts_eos_after_every_answer(b1, shared_data):
+    """Baichuan-13B-Chat's prompt builder ends each earlier reply with eos; training uses the same layout."""
+    tok, sp = b1
+    turns = _belle_conversation(shared_data, 2)
+    u1, a1, u2, a2 = (sp(t[1]) for t in turns)
+    enc = get_template("baichuan").encode(tok, turns)
+    assert enc.input_ids == [195] + u1 + [196] + a1 + [EOS] + [195] + u2 + [196] + a2 + [EOS]
+    assert enc.labels == [IGN] * (len(u1) + 2) + a1 + [EOS] + [IGN] * (len(u2) + 2) + a2 + [EOS]
+    last = get_template("baichuan").encode(tok, turns, train_on="last")
+    assert last.labels == [IGN] * (len(u1) + len(a1) + len(u2) + 5) + a2 + [EOS]
+    assert get_template("baichuan").encode_prompt(tok, turns[:3]) == [195] + u1 + [196] + a1 + [EOS] + [195] + u2 + [196]
+
+
 def test_baichuan_has_no_system_role(b1):
     tok, _ = b1
     with pytest.raises(TemplateError, match="field 'system': this template has no system role"):

@@ -297,10 +297,20 @@ class RoleTokenTemplate(Template):
 
 
 class BaichuanTemplate(RoleTokenTemplate):
-    """Baichuan-13B-Chat: the same role ids and layout, no system role."""
+    """Baichuan-13B-Chat: role ids 195/196, no system role, and an eos after every assistant answer in the
+    input itself: the authors' `_build_chat_input` for this model puts eos after each earlier reply (Baichuan2's
+    does not), so training uses the layout the model is prompted with."""
 
     name = "baichuan"
     allow_system = False
+
+    def rounds(self, system, pairs, tokenizer, exact_markers):
+        eos = tokenizer.eos_token_id
+        rounds = []
+        for user, answer in pairs:
+            source = [_fixed([self.user_token_id]), _text(_enc(tokenizer, user)), _fixed([self.assistant_token_id])]
+            rounds.append(Round(source, _enc(tokenizer, answer) + [eos] if answer is not None else []))
+        return rounds, Part([], [])
 
 
 class HumanAssistantTemplate(Template):
