@@ -18,7 +18,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TOKENIZER = ASSETS / "default" / "tokenizer.model"
-DEFAULT_MODEL_VERSION = "v1"  # bump when the preset, tokenizer or seed changes
+DEFAULT_MODEL_VERSION = "v2"  # bump when the preset, tokenizer or seed changes
 
 ASSISTANT_NAME = "Baichuan-Tune Demo"
 

@@ -443,7 +443,9 @@ def _check_saveable(model) -> None:
             "save_pretrained_atomic got a PEFT model: merge it first (model.merge_and_unload()) or save the "
             "adapter with model.save_pretrained(folder)"
         )
-    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+    from .quantize import is_quantized
+
+    if is_quantized(model) or getattr(model.config, "quantization_config", None):
         raise BaichuanTuneError("cannot save a bitsandbytes-quantized model in the published layout; load it unquantized")
 
 
