@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
 from baichuan_tune.generation import chat_generation_config, generate_text

@@ -595,7 +595,6 @@ class _Encoder:
 
     def chunk(self, records: list) -> dict:
         """{"columns": {name: (flat int32, lengths int32)}, counts..., "errors": [message]}."""
-        import numpy as np
 
         from .templates import TemplateError
 

@@ -80,14 +80,10 @@ def main(argv: list[str]) -> int:
               f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
-    step = position.get("step", 0)
-    start = time.time()
-    tokens_at_start = position["tokens"]
-    last_ckpt = checkpoints.latest()
-    while step < total_steps:
-        step, last_ckpt = _run_epoch(cfg, model, train_set, val_set, optimizer, scheduler, scaler, checkpoints, log,
-                                     position, step, total_steps, per_epoch, device, amp_dtype, start,
-                                     tokens_at_start, last_ckpt)
+    loop = _Loop(cfg, model, optimizer, scheduler, scaler, checkpoints, log, device, amp_dtype, train_set, val_set,
+                 per_epoch, total_steps, position)
+    while loop.step < total_steps:
+        loop.run_epoch()
     log.close()
 
     # ---- save
@@ -96,7 +92,7 @@ def main(argv: list[str]) -> int:
     save_final(model, tokenizer, out, cfg.finetuning_type)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    results = _final_metrics(cfg, model, val_set, device, amp_dtype, position, step, start)
+    results = loop.final_metrics()
     (out / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
     after = _answers(model, tokenizer, cfg.template, prompts)
@@ -124,106 +120,127 @@ def _load_data(cfg, tokenizer, out: Path, demo: bool):
     return data.load_sft_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
 
 
-def _batches(cfg, dataset, epoch: int):
-    from ..collate import collate_padded, pack_examples
-    from ..training import batch_order
+@dataclass
+class _Loop:
+    """The training loop's state: what one optimizer step, one epoch and one evaluation need."""
 
-    if cfg.packing:
-        rows = pack_examples(dataset, cfg.cutoff_len)
-        return [collate_padded([rows[i] for i in b]) for b in batch_order(len(rows), cfg.per_device_train_batch_size,
-                                                                           cfg.seed, epoch)]
-    return [collate_padded([dataset[i] for i in b])
-            for b in batch_order(len(dataset), cfg.per_device_train_batch_size, cfg.seed, epoch)]
+    cfg: SFTConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    checkpoints: object
+    log: object
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    train_set: object
+    val_set: object
+    per_epoch: int
+    total_steps: int
+    position: dict  # epoch, batch (index within the epoch), skipped_steps, tokens; + step once resumed
 
+    def __post_init__(self):
+        from ..collate import pack_examples
 
-def _run_epoch(cfg, model, train_set, val_set, optimizer, scheduler, scaler, checkpoints, log, position, step,
-               total_steps, per_epoch, device, amp_dtype, start, tokens_at_start, last_ckpt):
-    """One pass over the data from the saved position; returns (step, last checkpoint)."""
-    from ..training import autocast, loss_is_bad, optimizer_step
+        self.step = self.position.get("step", 0)
+        self.start = time.time()
+        self.tokens_at_start = self.position["tokens"]
+        self.last_ckpt = self.checkpoints.latest()
+        # Packing is deterministic, so a resumed run packs the same rows.
+        self.rows = pack_examples(self.train_set, self.cfg.cutoff_len) if self.cfg.packing else self.train_set
 
-    model.train()
-    epoch = position["epoch"]
-    batches = _batches(cfg, train_set, epoch)
-    accum = cfg.gradient_accumulation_steps
-    usable = per_epoch * accum  # a trailing partial accumulation group is dropped, as in most trainers
-    i = position["batch"]
-    while i < usable and step < total_steps:
-        group = batches[i : i + accum]
+    def run_epoch(self) -> None:
+        """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
+        from ..training import batch_order
+
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        epoch = self.position["epoch"]
+        order = batch_order(len(self.rows), cfg.per_device_train_batch_size, cfg.seed, epoch)
+        usable = self.per_epoch * accum  # a trailing partial accumulation group is dropped, as in most trainers
+        self.model.train()
+        while self.position["batch"] < usable and self.step < self.total_steps:
+            i = self.position["batch"]
+            self.position["batch"] = i + accum
+            self.optimizer_step(order[i : i + accum], epoch + (i + accum) / usable)
+        if self.position["batch"] >= usable:
+            self.position["epoch"], self.position["batch"] = epoch + 1, 0
+            if self.val_set and not cfg.eval_steps:
+                self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
+
+    def optimizer_step(self, group: list[list[int]], epoch_progress: float) -> None:
+        """Forward/backward over one accumulation group, then step, log, evaluate and checkpoint."""
+        from ..collate import collate_padded
+        from ..training import autocast, loss_is_bad, optimizer_step
+
         losses = []
-        skipped = False
-        for batch in group:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, amp_dtype):
-                loss = model(**batch).loss
-            if loss_is_bad(loss, step + 1, cfg.nan_policy, last_ckpt):
-                skipped = True
-                break
-            (scaler.scale(loss / len(group)) if scaler else loss / len(group)).backward()
+        for indices in group:
+            batch = {k: v.to(self.device) for k, v in collate_padded([self.rows[j] for j in indices]).items()}
+            with autocast(self.device, self.amp_dtype):
+                loss = self.model(**batch).loss
+            if loss_is_bad(loss, self.step + 1, self.cfg.nan_policy, self.last_ckpt):
+                return self.skip_step()
+            scaled = loss / len(group)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())
-            position["tokens"] += int(batch["attention_mask"].ne(0).sum())
-        i += accum
-        position["batch"] = i
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-            position["skipped_steps"] += 1
-            scheduler.step()
-            step += 1
-            log.write(f"step {step}: non-finite loss, step skipped ({position['skipped_steps']} so far)")
-            continue
-        grad_norm = optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
-        step += 1
-        elapsed = time.time() - start
-        tps = (position["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
-        lr = scheduler.get_last_lr()[0]
-        loss_value = sum(losses) / len(losses)
-        log.step(step, loss=loss_value, lr=lr, tok_s=round(tps))
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            log.log(step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
-                    epoch=round(epoch + i / max(usable, 1), 4), tokens_per_s=round(tps, 1))
-        if val_set and cfg.eval_steps and step % cfg.eval_steps == 0:
-            log.log(step, eval_loss=round(_eval_loss(cfg, model, val_set, device, amp_dtype), 5))
-            model.train()
-        if step % cfg.save_steps == 0 and step < total_steps:
-            position_to_save = {**position, "epoch": epoch if i < usable else epoch + 1,
-                                "batch": i if i < usable else 0}
-            last_ckpt = checkpoints.save(step, model, optimizer, scheduler, scaler, position_to_save)
-    if i >= usable:
-        position["epoch"], position["batch"] = epoch + 1, 0
-        if val_set and not cfg.eval_steps:
-            log.log(step, eval_loss=round(_eval_loss(cfg, model, val_set, device, amp_dtype), 5))
-    return step, last_ckpt
+            self.position["tokens"] += int(batch["attention_mask"].ne(0).sum())
+        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.cfg.max_grad_norm)
+        self.step += 1
+        tps = (self.position["tokens"] - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
+        lr, loss_value = self.scheduler.get_last_lr()[0], sum(losses) / len(losses)
+        self.log.step(self.step, loss=loss_value, lr=lr, tok_s=round(tps))
+        if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+            self.log.log(self.step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
+                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1))
+        if self.val_set and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
+            self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
+        if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
 
+    def skip_step(self) -> None:
+        """`nan_policy: skip`: drop this step's gradients but keep the schedule and data position moving."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.position["skipped_steps"] += 1
+        self.log.write(f"step {self.step}: non-finite loss, step skipped ({self.position['skipped_steps']} so far)")
 
-@torch.no_grad()
-def _eval_loss(cfg, model, val_set, device, amp_dtype) -> float:
-    """Token-weighted mean loss over the eval split."""
-    from ..collate import collate_padded
-    from ..training import autocast
+    def save_checkpoint(self) -> None:
+        position = dict(self.position)
+        if position["batch"] >= self.per_epoch * self.cfg.gradient_accumulation_steps:
+            position["epoch"], position["batch"] = position["epoch"] + 1, 0
+        self.last_ckpt = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                               position)
 
-    model.eval()
-    total, count = 0.0, 0
-    for k in range(0, len(val_set), cfg.per_device_train_batch_size):
-        batch = collate_padded(val_set[k : k + cfg.per_device_train_batch_size])
-        batch = {key: v.to(device) for key, v in batch.items()}
-        n = int(batch["labels"][:, 1:].ne(-100).sum())
-        with autocast(device, amp_dtype):
-            total += float(model(**batch).loss) * n
-        count += n
-    return total / max(count, 1)
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Token-weighted mean loss over the eval split."""
+        from ..collate import collate_padded
+        from ..training import autocast
 
+        was_training = self.model.training
+        self.model.eval()
+        total, count, size = 0.0, 0, self.cfg.per_device_train_batch_size
+        for k in range(0, len(self.val_set), size):
+            batch = {key: v.to(self.device) for key, v in collate_padded(self.val_set[k : k + size]).items()}
+            n = int(batch["labels"][:, 1:].ne(-100).sum())
+            with autocast(self.device, self.amp_dtype):
+                total += float(self.model(**batch).loss) * n
+            count += n
+        self.model.train(was_training)
+        return total / max(count, 1)
 
-def _final_metrics(cfg, model, val_set, device, amp_dtype, position, step, start) -> dict:
-    from ..training import read_log
+    def final_metrics(self) -> dict:
+        from ..training import read_log
 
-    records = [r for r in read_log(Path(cfg.output_dir) / "trainer_log.jsonl") if "loss" in r]
-    results = {"global_step": step, "train_runtime_s": round(time.time() - start, 1),
-               "train_loss_first": records[0]["loss"] if records else None,
-               "train_loss_last": records[-1]["loss"] if records else None,
-               "skipped_steps": position["skipped_steps"], "tokens": position["tokens"]}
-    if val_set:
-        results["eval_loss"] = round(_eval_loss(cfg, model, val_set, device, amp_dtype), 5)
-        results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
-    return results
+        records = [r for r in read_log(Path(self.cfg.output_dir) / "trainer_log.jsonl") if "loss" in r]
+        results = {"global_step": self.step, "train_runtime_s": round(time.time() - self.start, 1),
+                   "train_loss_first": records[0]["loss"] if records else None,
+                   "train_loss_last": records[-1]["loss"] if records else None,
+                   "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"]}
+        if self.val_set:
+            results["eval_loss"] = round(self.eval_loss(), 5)
+            results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
+        return results
 
 
 @torch.no_grad()
