@@ -283,8 +283,9 @@ class RunLog:
                 self.bar.write("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)")
 
     def step(self, step: int, **postfix) -> None:
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                             refresh=False)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
 
     def log(self, step: int, **values) -> None:
         record = {"step": step, **values, "elapsed": round(time.time() - self.start, 2)}
