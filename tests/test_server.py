@@ -155,6 +155,11 @@ BAD_REQUESTS = [
     ({"model": NAME, "messages": ask(0) + [{"role": "system", "content": "late"}]}, 400, None),
     ({"model": NAME, "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "context_length_exceeded"),
     ({"model": "gpt-4", "messages": ask(0)}, 404, "model_not_found"),
+    ({"model": NAME, "messages": ask(0), "seed": 2**70}, 400, "invalid_value"),  # past int64: torch refuses it
+    ({"model": NAME, "messages": ask(0), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
+     400, "invalid_json"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
 ]
 
 
@@ -196,6 +201,48 @@ def test_still_serving_after_bad_input(server):
         assert httpx.post(server.url + "/v1/chat/completions", timeout=30, **kwargs).status_code < 500
     reply = client(server).chat.completions.create(model=NAME, messages=ask(0), **GREEDY)
     assert reply.choices[0].message.content is not None
+
+
+def test_long_stop_string_and_system_only_conversation(server, model_and_tokenizer):
+    """A stop string may be longer than 4 characters (only the list is capped at 4), and a conversation of a
+    system message alone is answered as model.chat answers it."""
+    model, tokenizer = model_and_tokenizer
+    c = client(server)
+    assert c.chat.completions.create(model=NAME, messages=ask(0), stop="a long stop string", **GREEDY).choices
+    system_only = [{"role": "system", "content": "You are a helpful assistant."}]
+    reply = c.chat.completions.create(model=NAME, messages=system_only, **GREEDY)
+    assert reply.choices[0].message.content == model.chat(tokenizer, system_only, temperature=0, max_new_tokens=8)
+
+
+def test_client_gone_mid_request_frees_the_worker(model_and_tokenizer, monkeypatch):
+    """A non-streamed request whose client disconnects is cancelled, not generated to max_tokens for nobody."""
+    import socket
+    import time
+
+    from baichuan_tune import server as server_module
+    from baichuan_tune.generation import GenerationResult
+
+    started, outcome = threading.Event(), []
+
+    def endless(model, tokenizer, prompt_ids, config, on_text=None, stop=None, cancelled=None):
+        started.set()
+        deadline = time.monotonic() + 30
+        while not cancelled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outcome.append(cancelled())
+        return GenerationResult("", [], len(prompt_ids), "stop")
+
+    monkeypatch.setattr(server_module, "generate_text", endless)
+    with start(model_and_tokenizer) as srv:
+        body = json.dumps({"model": NAME, "messages": ask(0), "max_tokens": 8}).encode()
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert started.wait(10)
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcome == [True]
 
 
 def test_long_history_is_trimmed_not_refused(server, model_and_tokenizer):

@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from .generation import (
@@ -116,9 +116,17 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's; torch.manual_seed takes it
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value):
+        # A length limit in Field() would also cap the characters of a single stop string.
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(value)}")
+        return value
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -133,12 +141,19 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(min_length=1)
 
 
+def _no_constant(name: str):
+    # Python's json accepts NaN and Infinity, which JSON does not; an infinite penalty would reach the model.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def parse_body(request, cls):
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise APIError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON (nested too deeply)", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -261,7 +276,8 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     ids = dict(fmt=chat_format(served.model.config), **chat_token_ids(base))
     try:
         system, rounds = split_rounds(messages)
-        newest = ([{"role": "system", "content": system}] if system else []) + rounds[-1]
+        # A system message alone is a conversation too (the prompt is the system text and 196).
+        newest = ([{"role": "system", "content": system}] if system else []) + (rounds[-1] if rounds else [])
         needed = len(build_chat_input(served.tokenizer, newest, model_max_length=10**9, max_new_tokens=1, **ids))
         new_tokens = requested or max(1, min(base.max_new_tokens, served.context - needed))
         config = _settings(served, req, new_tokens)
@@ -294,6 +310,9 @@ def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list
 # ----------------------------------------------------------------------------- responses
 
 
+DISCONNECT_POLL_S = 0.25
+
+
 def _usage(result: GenerationResult) -> dict:
     completion = len(result.token_ids)
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
@@ -324,13 +343,27 @@ async def _events(job: Job):
             return
 
 
-async def _result(job: Job) -> GenerationResult:
+async def _final(job: Job) -> GenerationResult:
+    async for kind, value in _events(job):
+        if kind == "done":
+            return value
+
+
+async def _result(job: Job, request) -> GenerationResult | None:
+    """The job's result, or None once the client has gone away.
+
+    uvicorn does not cancel a handler whose client disconnects, so without this check a timed-out client
+    would keep the only worker generating for nobody until max_tokens.
+    """
+    final = asyncio.ensure_future(_final(job))
     try:
-        async for kind, value in _events(job):
-            if kind == "done":
-                return value
+        while not (await asyncio.wait({final}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                return None
+        return final.result()
     finally:
-        job.cancelled.set()  # a client gone mid-wait frees the worker at the next token
+        final.cancel()
+        job.cancelled.set()  # the worker stops at the next token (or skips a job not yet started)
 
 
 async def _stream(job: Job, head: dict, chat: bool, include_usage: bool):
@@ -424,7 +457,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     app.state.worker = worker
     _error_handlers(app)
 
-    async def generate(req: _Sampling, prompt: list[int], config, chat: bool):
+    async def generate(request: Request, req: _Sampling, prompt: list[int], config, chat: bool):
         job = Job(prompt, config, req.stops(), req.seed, asyncio.get_running_loop())
         worker.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -433,7 +466,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(job, head, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(_non_stream_body(head, chat, await _result(job)))
+        result = await _result(job, request)
+        if result is None:  # nobody is left to read an answer
+            return Response(status_code=499)
+        return JSONResponse(_non_stream_body(head, chat, result))
 
     @app.get("/health")
     async def health():
@@ -450,14 +486,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         _authorize(served, request)
         req = _check_model(served, await parse_body(request, ChatRequest))
         prompt, config = chat_prompt(served, req)
-        return await generate(req, prompt, config, chat=True)
+        return await generate(request, req, prompt, config, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         _authorize(served, request)
         req = _check_model(served, await parse_body(request, CompletionRequest))
         prompt, config = completion_prompt(served, req)
-        return await generate(req, prompt, config, chat=False)
+        return await generate(request, req, prompt, config, chat=False)
 
     return app
 
