@@ -264,6 +264,27 @@ def test_unknown_dtype_in_config(good_ckpt):
     assert_error(exc, good_ckpt / "config.json", "float7")
 
 
+@pytest.mark.parametrize("field,value", [("hidden_size", "32"), ("num_attention_heads", 0), ("num_hidden_layers", -1),
+                                         ("vocab_size", None), ("rope_theta", "abc"), ("max_position_embeddings", 1.5)])
+def test_config_sizes_that_cannot_build_a_model(good_ckpt, field, value):
+    cfg = json.loads((good_ckpt / "config.json").read_text())
+    (good_ckpt / "config.json").write_text(json.dumps(cfg | {field: value}))
+    with pytest.raises(CheckpointError) as exc:
+        validate_checkpoint(good_ckpt)
+    assert_error(exc, good_ckpt / "config.json", field, repr(value))
+
+
+@pytest.mark.parametrize("shard", [5, "", "../elsewhere/pytorch_model-00001-of-00003.bin"])
+def test_index_naming_something_other_than_a_shard_beside_it(good_ckpt, shard):
+    index_file = good_ckpt / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as exc:
+        validate_checkpoint(good_ckpt)
+    assert_error(exc, index_file, "model.norm.weight", repr(shard))
+
+
 def test_index_naming_a_missing_shard(good_ckpt):
     (good_ckpt / "pytorch_model-00002-of-00003.bin").unlink()
     with pytest.raises(CheckpointError) as exc:

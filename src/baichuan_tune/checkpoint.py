@@ -123,10 +123,28 @@ def read_config(path: Path):
     for key in ("torch_dtype", "dtype"):
         if data.get(key) is not None and str(data[key]).removeprefix("torch.") not in DTYPES:
             raise CheckpointError(f"{config_file}: unknown {key} {data[key]!r}; valid: {', '.join(DTYPE_NAMES.values())}")
+    _check_sizes(data, config_file)
     try:
         return BaichuanConfig.from_dict(data)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
+
+
+# Fields that size tensors or positions: a string or a 0 here would otherwise fail deep inside the model.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "model_max_length")
+_POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
+
+
+def _check_sizes(data: dict, config_file: Path) -> None:
+    for key in _POSITIVE_INTS + _POSITIVE_NUMBERS:
+        value = data.get(key)
+        if key not in data or (value is None and key in ("max_position_embeddings", "model_max_length")):
+            continue  # absent: the default; a null context length: the other one names it
+        kinds = int if key in _POSITIVE_INTS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            what = "a positive integer" if key in _POSITIVE_INTS else "a positive number"
+            raise CheckpointError(f"{config_file}: {key} must be {what}, got {value!r}")
 
 
 def find_weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
@@ -138,6 +156,11 @@ def find_weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | Non
             weight_map = _read_json(index_file, "the shard index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_file}: has no 'weight_map' of tensor name -> shard file")
+            for name, shard in weight_map.items():
+                # Shards sit beside the index: a path elsewhere is refused, not followed.
+                if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+                    raise CheckpointError(f"{index_file}: weight_map gives {name} the shard {shard!r}, not a file "
+                                          "name in this folder")
             shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (path / shard).is_file():
