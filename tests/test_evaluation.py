@@ -353,6 +353,13 @@ def test_data_errors_name_file_record_and_field(tmp_path, shared_data):
     bad.write_text("q0,a,b,c\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"anatomy_test\.csv: record 1: 4 fields, expected 6"):
         ev.load_benchmark(ev.TASKS["mmlu"], tmp_path, "test")
+    bad.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"anatomy_test\.csv: no questions in it"):
+        ev.load_benchmark(ev.TASKS["mmlu"], tmp_path, "test")
+    bad.write_text("q0,a,b,c,d,A\n", encoding="utf-8")
+    for n in (0, -1):  # [:0] would leave no questions, [:-1] would silently drop the last one
+        with pytest.raises(BaichuanTuneError, match=f"max_questions must be at least 1, got {n}"):
+            ev.load_benchmark(ev.TASKS["mmlu"], tmp_path, "test", max_questions=n)
     with pytest.raises(BaichuanTuneError, match="CMMLU has no 'val' split"):
         ev.load_benchmark(ev.TASKS["cmmlu"], data_file(shared_data, CMMLU_ZIP), "val")
     with pytest.raises(BaichuanTuneError, match="did you mean 'basic_medicine'"):
@@ -460,6 +467,9 @@ def test_read_texts(tmp_path):
         ev.read_texts(tmp_path / "c.jsonl", text_field="content")
     (tmp_path / "d.json").write_text('[{"text": "p"}, {"text": "q"}]', encoding="utf-8")
     assert ev.read_texts(tmp_path / "d.json") == ["p", "q"]
+    (tmp_path / "e.txt").write_bytes("中文".encode("gbk"))
+    with pytest.raises(DataError, match=r"e\.txt: not UTF-8 text"):
+        ev.read_texts(tmp_path / "e.txt")
 
 
 def test_speed_benchmark_runs_on_cpu(shared_data, tmp_path, capsys):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BaichuanTuneError, DataError
+from .generation import context_length, model_device  # noqa: F401 - also this module's API (ev.context_length)
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("dev", "val", "test")
@@ -341,6 +342,8 @@ def load_benchmark(task: Task, path, split: str, subjects: list[str] | None = No
     """Read one split (and the dev split for few-shot examples) of a benchmark, subject by subject."""
     if split not in task.splits:
         raise BaichuanTuneError(f"{task.title} has no '{split}' split (it publishes {', '.join(task.splits)})")
+    if max_questions is not None and max_questions < 1:  # [:0] or [:-1] would silently drop questions
+        raise BaichuanTuneError(f"max_questions must be at least 1, got {max_questions}")
     files = _Files(Path(path))
     eval_files = _split_files(files, task, split)
     dev_files = _split_files(files, task, "dev") if need_shots else {}
@@ -348,6 +351,8 @@ def load_benchmark(task: Task, path, split: str, subjects: list[str] | None = No
     for subject in _pick_subjects(task, list(eval_files), subjects, files.path):
         name, category = task.subjects[subject]
         questions = parse_csv(task, files.read_text(eval_files[subject]), subject, files.label(eval_files[subject]))
+        if not questions:  # a subject without questions has no accuracy to average
+            raise DataError(f"{files.label(eval_files[subject])}: no questions in it")
         shots = []
         if split == "dev":
             shots = questions  # the same objects, so a question is recognised and left out of its own examples
@@ -410,10 +415,6 @@ def answer_token_ids(task: Task, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int):
@@ -592,11 +593,6 @@ def evaluate(model, tokenizer, task: Task, subjects: list[SubjectData], *, split
     return results
 
 
-def context_length(model) -> int:
-    config = model.config
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "model_max_length", None) or 4096)
-
-
 # ----------------------------------------------------------------------------- summaries
 
 
@@ -671,7 +667,10 @@ def read_texts(path, text_field: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix not in (".jsonl", ".json"):
         return [text] if text.strip() else []
     if path.suffix == ".json":

@@ -168,6 +168,7 @@ def build_chat_input(
 
 
 def context_length(model) -> int:
+    """The model's context in tokens (BaichuanConfig keeps model_max_length = max_position_embeddings)."""
     config = model.config
     return int(getattr(config, "model_max_length", None) or config.max_position_embeddings)
 
@@ -340,7 +341,8 @@ class GenerationResult:
         self.finish_reason = finish_reason  # "stop" (eos or a stop string) or "length"
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """Where the model's (first) weights are: where its inputs go."""
     return next(model.parameters()).device
 
 
@@ -369,7 +371,7 @@ def generate_text(
 
     streamer = _CallbackStreamer(IncrementalDecoder(tokenizer), deliver, eos)
     criteria = StoppingCriteriaList([_StopWhen(lambda: stop_text.stopped or (cancelled is not None and cancelled()))])
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=_model_device(model))
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(model))
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

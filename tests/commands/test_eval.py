@@ -102,6 +102,8 @@ def test_bad_input_is_one_line_error(checkpoint, shared_data, tmp_path, capsys):
     assert "--quantize must be 4 or 8" in capsys.readouterr().err
     assert cli.main(["eval", "--task", "bleu", "--data", str(cmmlu)]) == 2
     assert "must be one of" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "cmmlu", "--data", str(cmmlu), "--max-questions", "0"]) == 2
+    assert "--max-questions must be at least 1" in capsys.readouterr().err
     missing = tmp_path / "none.jsonl"
     assert cli.main(["eval", "--model", str(checkpoint), "--task", "ppl", "--data", str(missing)]) == 2
     assert f"error: {missing}: not found" in capsys.readouterr().err

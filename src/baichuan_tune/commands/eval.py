@@ -56,6 +56,8 @@ class EvalConfig:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
         if self.n_shot < 0:
             raise ConfigError("--n-shot cannot be negative")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ConfigError("--max-questions must be at least 1")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError("--max-length must be at least 2")
 
