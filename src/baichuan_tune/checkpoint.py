@@ -387,6 +387,19 @@ def _split_shards(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pattern
         raise ConfigError(f"shard size {shard_size!r} is not a size such as 5GB or 500MB ({exc})") from None
 
 
+def check_output_dir(out, overwrite: bool, inputs: dict[str, object]) -> Path:
+    """`out` as a Path, or ConfigError if it is one of the `inputs` folders ({"--model": path, ...}) or already
+    holds files while `overwrite` is off: an atomic save replaces the whole folder, whatever was in it."""
+    out = Path(out).expanduser()
+    for flag, other in inputs.items():
+        other = Path(other).expanduser()
+        if other.exists() and out.exists() and out.resolve() == other.resolve():
+            raise ConfigError(f"--out {out} is the {flag} folder; write the result somewhere else")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
+        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite true to replace it")
+    return out
+
+
 def check_shard_size(shard_size) -> None:
     """Raise ConfigError now, before any heavy work, if `shard_size` is not a size such as 5GB."""
     _split_shards({}, "model{suffix}.safetensors", shard_size)
@@ -500,5 +513,5 @@ def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5G
 __all__ = [
     "CheckpointInfo", "expected_weights", "find_weight_files", "load_model", "load_model_and_tokenizer",
     "load_tokenizer", "parse_dtype", "read_config", "resolve_model_path", "save_pretrained_atomic",
-    "save_state_dict", "validate_checkpoint", "check_shard_size", "write_config", "write_shards",
+    "save_state_dict", "validate_checkpoint", "check_output_dir", "check_shard_size", "write_config", "write_shards",
 ]

@@ -134,8 +134,18 @@ def test_missing_or_same_folders(saved, tmp_path, capsys):
     assert main(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert main(["convert", "--model", str(src), "--out", str(src)]) == 2
-    assert "is the source folder" in capsys.readouterr().err
+    assert "is the --model folder" in capsys.readouterr().err
     assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama")]) == 0
+    # an existing folder is replaced whole, so it takes --overwrite true
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama")]) == 2
+    assert "not empty; pass --overwrite true" in capsys.readouterr().err
+    assert (tmp_path / "llama" / "config.json").is_file()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "busy")]) == 2
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "busy"), "--overwrite", "true"]) == 0
+    assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "notes.txt").exists()
     assert main(["convert", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "x"), "--to", "llama"]) == 2
     assert "already in the LLaMA layout" in capsys.readouterr().err
 

@@ -1,11 +1,12 @@
 """Convert a checkpoint between the Baichuan layout and transformers' LLaMA layout (RoPE models).
 
-    baichuan-tune convert --model DIR --out DIR --to llama|baichuan [--dtype fp32|bf16|fp16] [--shard-size 5GB] [--safetensors true]
+    baichuan-tune convert --model DIR --out DIR --to llama|baichuan [--dtype fp32|bf16|fp16] [--shard-size 5GB] [--safetensors true] [--overwrite true]
 
 --to llama: Baichuan-7B / Baichuan2-7B -> a folder `LlamaForCausalLM.from_pretrained` loads (q/k/v split from
 W_pack, Baichuan2's NormHead normalised once). ALiBi models (the 13B ones) have no LLaMA equivalent.
 --to baichuan: a LLaMA folder -> the published Baichuan layout; or a Baichuan folder re-saved with another
 dtype, shard size or format (--safetensors false writes pytorch_model-0000i-of-0000n.bin + index).
+--out must be new or empty: the result replaces the whole folder, so an existing one needs --overwrite true.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ConvertConfig:
     dtype: str = opt("auto", "dtype of the written weights: fp32, bf16, fp16 or auto (keep the source's)")
     shard_size: str = opt("5GB", "largest weight shard, e.g. 5GB or 500MB (several shards get an index file)")
     safetensors: bool = opt(True, "write safetensors (true) or PyTorch .bin shards as published (false)")
+    overwrite: bool = opt(False, "replace --out if it already holds files")
 
     def validate(self) -> None:
         from ..checkpoint import check_shard_size, parse_dtype
@@ -39,9 +41,10 @@ class ConvertConfig:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ConvertConfig, argv, prog="baichuan-tune convert")
-    from ..checkpoint import find_weight_files
+    from ..checkpoint import check_output_dir, find_weight_files, resolve_model_path
     from ..convert import convert_checkpoint
 
+    check_output_dir(cfg.out, cfg.overwrite, {"--model": resolve_model_path(cfg.model)})
     start = time.time()
     out = convert_checkpoint(cfg.model, cfg.out, cfg.to, dtype=cfg.dtype, shard_size=cfg.shard_size,
                              safe_serialization=cfg.safetensors)

@@ -47,17 +47,6 @@ class ExportConfig:
         check_shard_size(self.shard_size)
 
 
-def check_paths(cfg: ExportConfig, base: Path) -> Path:
-    """The output folder, refused if it is the base/adapter folder or already holds files."""
-    out = Path(cfg.out).expanduser()
-    for name, other in (("--model", base), ("--adapter", Path(cfg.adapter).expanduser())):
-        if other.exists() and out.exists() and out.resolve() == other.resolve():
-            raise ConfigError(f"--out {out} is the {name} folder; write the merged model somewhere else")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not cfg.overwrite):
-        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite true to replace it")
-    return out
-
-
 def refuse_quantized_base(base: Path) -> None:
     from ..checkpoint import read_config
     from ..errors import CheckpointError
@@ -94,10 +83,10 @@ def copy_remote_code(base: Path, out: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ExportConfig, argv, prog="baichuan-tune export")
-    from ..checkpoint import find_weight_files, resolve_model_path, save_pretrained_atomic
+    from ..checkpoint import check_output_dir, find_weight_files, resolve_model_path, save_pretrained_atomic
 
     base = resolve_model_path(cfg.model)
-    out = check_paths(cfg, base)
+    out = check_output_dir(cfg.out, cfg.overwrite, {"--model": base, "--adapter": cfg.adapter})
     refuse_quantized_base(base)
     start = time.time()
     model, tokenizer = merge(base, cfg.adapter, cfg.dtype, cfg.device)
