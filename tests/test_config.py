@@ -75,3 +75,45 @@ def test_help_lists_every_option_with_its_help():
     for name in ("learning_rate", "epochs", "bf16", "template", "targets", "limit"):
         assert f"--{name}" in text
     assert "peak learning rate" in text
+
+
+@dataclass
+class Edges:
+    bits: Literal[4, 8] = opt(4, "quantisation bits")
+    seed: int = opt(42, "seed")
+    name: str = opt("run", "a name")
+    dataset: list[str] = opt(factory=list, help="files")
+    packing: bool = opt(False, "pack")
+
+
+def test_integer_literals_and_exact_integers_from_the_command_line():
+    cfg = parse_config(Edges, ["--bits", "8", "--seed", "12345678901234567891"])
+    assert cfg.bits == 8 and isinstance(cfg.bits, int)
+    assert cfg.seed == 12345678901234567891  # float() would have rounded it to ...7168
+    with pytest.raises(ConfigError, match=r"'bits' must be one of \[4, 8\], got '5'"):
+        parse_config(Edges, ["--bits", "5"])
+
+
+def test_yaml_null_is_not_the_string_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name:\n")
+    with pytest.raises(ConfigError, match="c.yaml: 'name' must be a string, got None"):
+        parse_config(Edges, [str(path)])
+
+
+def test_bare_flags_switch_booleans_on_and_other_options_need_a_value():
+    assert parse_config(Edges, ["--packing", "--seed", "1"]).packing is True
+    with pytest.raises(ConfigError, match="'--dataset' needs a value"):
+        parse_config(Edges, ["--dataset", "--packing"])
+    with pytest.raises(ConfigError, match="'--seed' needs a value"):
+        parse_config(Edges, ["--seed"])
+
+
+def test_repeated_flags_collect_lists_and_keep_the_last_scalar():
+    cfg = parse_config(Edges, ["--dataset", "a.json", "--dataset", "b.json, c.json,", "--seed", "1", "--seed", "2"])
+    assert cfg.dataset == ["a.json", "b.json", "c.json"] and cfg.seed == 2
+
+
+def test_a_flow_list_keeps_commas_inside_items():
+    cfg = parse_config(Edges, ["--dataset", '["Hello, world", 你好]'])
+    assert cfg.dataset == ["Hello, world", "你好"]

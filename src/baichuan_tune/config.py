@@ -3,11 +3,14 @@
 A command declares its options as a dataclass whose fields use `opt(default, "one-line help")`.
 `parse_config(Cls, argv)` reads `[CONFIG.yaml] [--key value | --key=value ...]`, validates every key
 and value before any heavy work, and returns the instance. An unknown key is an error that names the
-closest valid one. `save_config` writes the resolved config next to a command's outputs.
+closest valid one. On the command line a list is `a,b,c` or a YAML flow list (`'["a, b", c]'`) and a
+repeated list option adds to it; a repeated scalar option keeps its last value; a bare `--flag` sets a
+boolean. `save_config` writes the resolved config next to a command's outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import sys
@@ -58,15 +61,13 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{source}: '{key}' cannot be {value!r}")
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
-        return value
+        # A command line gives strings, so `Literal[4, 8]` must also accept "8".
+        for choice in args:
+            if value == choice or (isinstance(value, str) and value == str(choice)):
+                return choice
+        raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
     if origin in (list, tuple):
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        inner = args[0] if args else str
-        return [_coerce(v.strip() if isinstance(v, str) else v, inner, key, source) for v in items if v != ""]
+        return _coerce_list(value, args[0] if args else str, key, source)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -75,6 +76,9 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
     if typ in (int, float):
         kind = "an integer" if typ is int else "a number"
+        if typ is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):
+                return int(value)  # exact, where float() would round integers above 2**53
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -87,12 +91,31 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be {kind}, got {value!r}")
         return int(number)
     if typ is str:
-        if isinstance(value, (dict, list)):
+        # YAML `key:` or `key: null` is None, which must not become the text "None".
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
         return str(value)
     if typ is Any:
         return value
     raise ConfigError(f"{source}: '{key}' has an unsupported type {typ}")  # pragma: no cover - programming error
+
+
+def _coerce_list(value: Any, inner: Any, key: str, source: str) -> list:
+    """A list from YAML, from `a,b,c`, or from a YAML flow list `["a, with comma", b]` on the command line."""
+    items = value
+    if isinstance(value, str):
+        items = _flow_list(value) if value.lstrip().startswith("[") else value.split(",")
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+    items = [v.strip() if isinstance(v, str) else v for v in items]
+    return [_coerce(v, inner, key, source) for v in items if v != ""]
+
+
+def _flow_list(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.split(",")
 
 
 def apply_overrides(cfg, values: dict[str, Any], source: str):
@@ -120,25 +143,47 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """`[CONFIG.yaml] --key value --flag --key=value` -> (yaml path or None, {key: value})."""
-    config_path, flags, i = None, {}, 0
+def split_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """`[CONFIG.yaml] --key value --flag --key=value` -> (yaml path or None, [(key, value), ...]).
+
+    A flag with no value (the next argument is another flag, or there is none) gets value None.
+    """
+    config_path, flags, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
+                value = None
                 if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                     value, i = argv[i + 1], i + 1
-                else:
-                    value = "true"  # a bare flag switches a boolean on
-            flags[key] = value
+            flags.append((key, value))
         elif config_path is None:
             config_path = arg
         else:
             raise ConfigError(f"unexpected argument '{arg}' (options are written --key value)")
         i += 1
     return config_path, flags
+
+
+def merge_flags(cls, flags: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """Command-line pairs -> {key: value}: a bare flag switches a boolean on (any other option needs a
+    value); a repeated list option collects every value (`--dataset a --dataset b`), any other repeated
+    option keeps the last one, so a command can put its own defaults before the user's flags.
+    """
+    types_, merged = _field_types(cls), {}
+    for key, value in flags:
+        key = key.replace("-", "_")
+        typ = types_.get(key)
+        if value is None:
+            if typ is not bool and typ is not None:
+                raise ConfigError(f"command line: '--{key}' needs a value")
+            value = "true"
+        if typing.get_origin(typ) in (list, tuple) and key in merged:
+            merged[key] = _coerce(merged[key], typ, key, "command line") + _coerce(value, typ, key, "command line")
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_config(cls, argv: list[str], prog: str = "baichuan-tune"):
@@ -150,7 +195,7 @@ def parse_config(cls, argv: list[str], prog: str = "baichuan-tune"):
     cfg = cls()
     if config_path is not None:
         cfg = apply_overrides(cfg, read_yaml(config_path), config_path)
-    cfg = apply_overrides(cfg, flags, "command line")
+    cfg = apply_overrides(cfg, merge_flags(cls, flags), "command line")
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
