@@ -314,3 +314,10 @@ def test_serve_command_end_to_end(tmp_path, model_and_tokenizer):
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, -2, 130)
+
+
+def test_serve_command_checks_its_options_before_loading(capsys):
+    from baichuan_tune import cli
+
+    assert cli.main(["serve", "--model", "no/such/folder", "--log-level", "loud"]) == 2
+    assert "'log_level' must be one of" in capsys.readouterr().err

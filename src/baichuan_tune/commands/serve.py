@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..config import ConfigError, opt, parse_config
 
@@ -28,7 +29,8 @@ class ServeConfig:
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $BAICHUAN_TUNE_API_KEY)")
     model_name: str | None = opt(None, "the model id clients send and /v1/models lists (default: the folder's name)")
     max_queue: int = opt(64, "requests that may wait behind the one being generated; more are answered 429")
-    log_level: str = opt("info", "uvicorn log level: critical, error, warning, info, debug")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
+        "info", "uvicorn log level (checked here: uvicorn would fail on a bad one only after the model loaded)")
 
     def validate(self) -> None:
         if self.quantize not in (None, 4, 8):
