@@ -104,20 +104,6 @@ def test_score_file_reproduces_the_logged_held_out_accuracy(demo_run, tmp_path, 
     assert summary["margin"] == pytest.approx(results["eval_margin"], abs=1e-3)
 
 
-def test_padding_does_not_change_a_reward():
-    """The head reads the last non-padding token, so right padding leaves every score unchanged."""
-    from baichuan_tune.value_head import RewardModel, ValueHead
-    from tests.conftest import tiny_model
-
-    model = RewardModel(tiny_model(), ValueHead(64)).eval()
-    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    with torch.no_grad():
-        batch = model(ids, mask)
-        alone = model(ids[1:, :4], mask[1:, :4])
-    assert batch[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
-
-
 def test_resume_continues_exactly(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(24))
     args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3"]

@@ -1,0 +1,189 @@
+"""`baichuan-tune ppo` on CPU: a rule reward rises on held-out prompts while the KL penalty keeps the policy
+near the reference; log-prob bookkeeping, the shared reward adapter, resume and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baichuan_tune import cli, rlhf
+from baichuan_tune.builtin_pref import demo_preference_records
+from baichuan_tune.commands import ppo
+from baichuan_tune.config import ConfigError, parse_config
+
+FAST = ["--report_to", "none"]
+TINY = ["--model", "default", "--finetuning_type", "lora", "--device", "cpu", "--rollout_batch_size", "8",
+        "--per_device_train_batch_size", "4", "--max_new_tokens", "4", "--ppo_epochs", "1", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--val_size", "0", *FAST]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def steps(log: list[dict], key: str) -> list[float]:
+    return [r[key] for r in log if key in r and "eval_reward" not in r]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BAICHUAN_TUNE_HOME", str(tmp_path_factory.getbasetemp() / "baichuan_tune_home"))
+        yield tmp_path_factory.mktemp("ppo")
+
+
+@pytest.fixture(scope="module")
+def sft_model(home):
+    """RLHF starts from a fine-tuned model: 60 steps of `baichuan-tune sft` (full) on the demo data, about 10 s."""
+    from baichuan_tune.commands import sft
+
+    out = home / "sft"
+    assert sft.main(["--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--max_steps", "60",
+                     "--learning_rate", "3e-3", "--warmup_ratio", "0.1", "--per_device_train_batch_size", "16",
+                     "--cutoff_len", "64", "--output_dir", str(out), "--cache_dir", "none",
+                     "--preprocessing_num_workers", "1", "--device", "cpu", *FAST]) == 0
+    return out
+
+
+def demo_run(home, sft_model, name: str, *extra: str) -> Path:
+    """The built-in PPO demo (rule reward: share of Chinese characters) from the sft model, 16 steps."""
+    out = home / name
+    assert ppo.main(["--model", str(sft_model), "--output_dir", str(out), "--max_steps", "16", "--eval_steps", "8",
+                     *extra, *FAST]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def penalised(home, sft_model):
+    return demo_run(home, sft_model, "penalised")
+
+
+@pytest.fixture(scope="module")
+def no_penalty(home, sft_model):
+    return demo_run(home, sft_model, "no_penalty", "--kl_coef", "0")
+
+
+def test_demo_raises_the_reward_while_the_kl_stays_bounded(penalised):
+    results = json.loads((penalised / "train_results.json").read_text())
+    log = read_log(penalised)
+    rewards, kls = steps(log, "reward"), steps(log, "kl")
+    assert len(rewards) == 16
+    # Sampled answers on the training prompts: the mean reward of the last 5 steps clearly beats the first 5.
+    assert sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5 >= 0.1, rewards
+    # Held-out prompts (greedy answers, never trained on): the rule's score rises too.
+    assert results["eval_reward"] - results["eval_reward_before"] >= 0.15, results
+    # The KL to the reference (nats per answer of up to 12 tokens) stays moderate.
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
+    assert max(kls) < 15.0, kls
+    assert {"policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "response_length", "kl_coef",
+            "rollout_tokens_per_s", "update_s"} <= set(log[1])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "critic/value_head.safetensors", "ppo_reward.png",
+                 "ppo_kl.png", "demo_prompts.jsonl", "config.yaml"):
+        assert (penalised / name).is_file(), name
+
+
+def test_without_the_penalty_the_policy_drifts_further(penalised, no_penalty):
+    """The same run with kl_coef 0 ends further from the reference: the penalty is what bounds the KL."""
+    kl_penalised, kl_free = steps(read_log(penalised), "kl"), steps(read_log(no_penalty), "kl")
+    assert max(kl_free) > 1.2 * max(kl_penalised), (kl_free, kl_penalised)
+    assert sum(kl_free[-5:]) > sum(kl_penalised[-5:])
+
+
+@pytest.fixture(scope="module")
+def small_rm(tmp_path_factory):
+    """A reward model trained for two steps (its scores only need to be its own, not good)."""
+    from baichuan_tune.commands import rm
+
+    root = tmp_path_factory.mktemp("ppo_rm")
+    pairs = root / "pairs.json"
+    pairs.write_text(json.dumps(demo_preference_records(16), ensure_ascii=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BAICHUAN_TUNE_HOME", str(tmp_path_factory.getbasetemp() / "baichuan_tune_home"))
+        assert rm.main(["--model", "default", "--dataset", str(pairs), "--max_steps", "2", "--cutoff_len", "48",
+                        "--learning_rate", "1e-2", "--output_dir", str(root / "rm"), "--cache_dir", "none",
+                        "--preprocessing_num_workers", "1", "--device", "cpu", *FAST]) == 0
+    return root / "rm"
+
+
+def test_shared_reward_adapter_scores_like_the_separate_reward_model(small_rm):
+    """The reward model as a second adapter on the policy's base gives the scores of the reward model loaded
+    on its own, and leaves the policy (active adapter, trainable flags, outputs) as it was."""
+    from baichuan_tune.alignment import load_trainable
+    from baichuan_tune.templates import get_template
+    from baichuan_tune.value_head import RewardScorer, load_reward_model
+
+    cfg = parse_config(ppo.PPOConfig, ["--reward_model", str(small_rm), "--model", "default", "--device", "cpu"])
+    lm, tok = load_trainable(cfg, torch.device("cpu"), None)
+    reward = ppo._make_reward(cfg, lm, torch.device("cpu"), None)
+    assert isinstance(reward, rlhf.SharedAdapterReward)
+    prompts = ["What is the capital of Japan?", "你是谁？"]
+    answers = ["The capital of Japan is Tokyo.", "我不知道。"]
+    template = get_template("baichuan2")
+    prompt_ids = [template.encode_prompt(tok, [("user", p)]) for p in prompts]
+    query, query_mask = rlhf.left_pad(prompt_ids, 0, "cpu")
+    answer_ids = [tok.encode(a, add_special_tokens=False) + [2] for a in answers]
+    width = max(map(len, answer_ids))
+    response = torch.tensor([a + [0] * (width - len(a)) for a in answer_ids])
+    amask = rlhf.response_mask(response, 2)
+    rollout = rlhf.Rollout(torch.cat([query, response], 1), torch.cat([query_mask, amask], 1), amask, prompts, answers)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    ids = torch.tensor([[1, 195, 300, 196]])
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    shared = reward(rollout)
+    rm_model, rm_tok = load_reward_model(small_rm, dtype="fp32")
+    separate = RewardScorer(rm_model, rm_tok, "baichuan2", 48).score([[("user", p)] for p in prompts], answers)
+    torch.testing.assert_close(shared, torch.tensor(separate), rtol=1e-4, atol=1e-4)
+    assert lm.active_adapter == "default"
+    assert {n for n, p in lm.named_parameters() if p.requires_grad} == trainable
+    assert not any("reward" in n for n in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, before)
+
+
+def test_ppo_with_a_reward_model_runs_and_saves_the_policy_alone(small_rm, tmp_path):
+    out = tmp_path / "ppo_rm"
+    assert ppo.main([*TINY, "--reward_model", str(small_rm), "--max_steps", "2", "--output_dir", str(out)]) == 0
+    assert not (out / "reward").exists()  # the reward adapter is not part of the result
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert keys and not any("reward" in k for k in keys)
+    assert len(steps(read_log(out), "reward")) == 2
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = [*TINY, "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--max_steps", "4", "--save_steps", "2",
+            "--adaptive_kl", "true", "--kl_horizon", "100", "--kl_target", "0.5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert ppo.main([*args, "--output_dir", str(straight)]) == 0
+    assert ppo.main([*args, "--output_dir", str(resumed)]) == 0
+    (resumed / "adapter_model.safetensors").unlink()
+    assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert ppo.main([*args, "--output_dir", str(resumed), "--resume", "true"]) == 0
+    for name in ("adapter_model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    a, b = read_log(straight), read_log(resumed)
+    assert steps(a, "kl_coef")[-1] == steps(b, "kl_coef")[-1] != 0.05  # the adaptive coefficient moved and resumed
+
+
+def test_reward_function_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="exactly one"):
+        ppo._make_reward(parse_config(ppo.PPOConfig, []), None, torch.device("cpu"), None)
+    for spec, message in (("no_colon", "module:function"), ("baichuan_tune.rewards:nope", "no function 'nope'"),
+                          ("missing_file.py:f", "not found"), ("no_such_module_xyz:f", "cannot import")):
+        code = cli.main(["ppo", *TINY, "--reward_function", spec, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (spec, err)

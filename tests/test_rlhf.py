@@ -1,0 +1,87 @@
+"""PPO pieces by hand: answer masks, left padding, log-prob bookkeeping of an experience batch, rule rewards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baichuan_tune import rlhf
+from baichuan_tune.commands import ppo
+from baichuan_tune.config import ConfigError, parse_config
+
+
+def test_response_mask_by_hand():
+    response = torch.tensor([[5, 2, 7, 0], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert rlhf.response_mask(response, eos_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    ids, mask = rlhf.left_pad([[4, 5, 6], [7]], 0, "cpu")
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def _policy(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan_tune.value_head import PolicyWithValue, ValueHead
+    from tests.conftest import tiny_model
+
+    base = tiny_model(seed=seed)
+    lm = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.0, target_modules=["W_pack", "down_proj"]))
+    torch.manual_seed(seed)
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    return PolicyWithValue(lm, ValueHead(64))
+
+
+def test_experience_log_probs_match_a_hand_gather():
+    """Answer log-probs come from the logits one position earlier; the reference is the adapter-off base,
+    and the training-mode forward reproduces the rollout's log-probs (PPO's first ratio is exactly 1)."""
+    from tests.conftest import tiny_model
+
+    policy = _policy()
+    ids = torch.tensor([[0, 0, 11, 12, 13, 40, 41, 2], [0, 21, 22, 23, 24, 50, 2, 0]])  # left-padded prompt + answer
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0]])
+    answer_mask = mask[:, -3:]
+    rollout = rlhf.Rollout(ids, mask, answer_mask, ["p", "q"], ["a", "b"])
+    cfg = parse_config(ppo.PPOConfig, ["--temperature", "1.0", "--gamma", "1.0", "--lam", "1.0",
+                                       "--whiten_advantages", "false", "--per_device_train_batch_size", "1"])
+    exp = rlhf.make_experience(policy, None, rollout, torch.tensor([1.0, -1.0]), cfg, 0.1, torch.device("cpu"), None)
+
+    def gather(model, row, t):
+        with torch.no_grad():
+            logits = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits[0]
+        return float(torch.log_softmax(logits[t - 1], -1)[ids[row, t]])
+
+    fresh_base = tiny_model(seed=0)  # the same weights without any adapter
+    for row in range(2):
+        for k, t in enumerate(range(5, 8)):
+            if answer_mask[row, k]:
+                assert exp.logprobs[row, k].item() == pytest.approx(gather(policy.lm, row, t), abs=1e-4)
+                assert exp.ref_logprobs[row, k].item() == pytest.approx(gather(fresh_base, row, t), abs=1e-4)
+    assert exp.kl[1, 2] == 0 and exp.advantages[1, 2] == 0 and exp.values[1, 2] == 0  # past the eos: masked out
+    # score on the last answer token (row 1: the eos at column 6, k = 1) and -0.1 * KL on every token
+    kl = (exp.logprobs - exp.ref_logprobs) * answer_mask
+    torch.testing.assert_close(exp.rewards[1, :2], -0.1 * kl[1, :2] + torch.tensor([0.0, -1.0]))
+    policy.train()
+    logits, _ = policy(ids, mask, 3)
+    again = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -3:, None]).squeeze(-1) * answer_mask
+    torch.testing.assert_close(again.detach(), exp.logprobs * answer_mask, rtol=0, atol=1e-5)
+
+
+def test_reward_function_from_a_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def score(prompts, responses, bonus=0.0, **kw):\n    return [len(r) + bonus for r in responses]\n")
+    reward = rlhf.FunctionReward(f"{path}:score", {"bonus": 0.5})
+    rollout = rlhf.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 1), ["a", "b"],
+                           ["xy", "xyz"])
+    assert reward(rollout).tolist() == [2.5, 3.5]
+    assert ppo._parse_kwargs(["max_tokens=16", "keyword=Paris", "x=1.5"]) == {"max_tokens": 16, "keyword": "Paris",
+                                                                               "x": 1.5}
+
+
+def test_reward_function_must_return_one_score_per_answer(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("def score(prompts, responses, **kw):\n    return [1.0]\n")
+    rollout = rlhf.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 1), ["a", "b"],
+                           ["x", "y"])
+    with pytest.raises(ConfigError, match="1 scores for 2 answers"):
+        rlhf.FunctionReward(f"{path}:score")(rollout)
