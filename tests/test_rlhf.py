@@ -85,3 +85,20 @@ def test_reward_function_must_return_one_score_per_answer(tmp_path):
                            ["x", "y"])
     with pytest.raises(ConfigError, match="1 scores for 2 answers"):
         rlhf.FunctionReward(f"{path}:score")(rollout)
+
+
+def test_bench_ppo_smoke_runs_fixed_length_answers():
+    """benchmarks/bench_ppo.py on the tiny shape: every answer has exactly response_len tokens."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ppo.py"
+    done = subprocess.run([sys.executable, str(script), "--preset", "tiny-baichuan2-7b", "--device", "cpu", "--steps", "1",
+                           "--warmup", "0", "--batch", "3", "--prompt_len", "5", "--response_len", "6", "--mini_batch", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["answer_tokens_per_step"] == 3 * 6
+    assert report["rollout_tokens_per_s"] > 0 and report["update_s"] > 0
