@@ -30,7 +30,10 @@ def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: floa
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+        # PEFT enables checkpointing again here, with empty kwargs unless given ours: keep the non-reentrant
+        # variant that prepare_for_training chose, as the lora/freeze/full paths use.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(
         task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(target)
     )
