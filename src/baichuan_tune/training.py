@@ -21,7 +21,7 @@ import torch
 
 from .config import opt, save_config
 from .errors import BaichuanTuneError
-from .io_utils import atomic_dir, atomic_write_json
+from .io_utils import atomic_dir, atomic_write_json, atomic_write_text
 
 
 class TrainingError(BaichuanTuneError):
@@ -36,7 +36,7 @@ class ModelOptions:
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
-    quantization_bit: int = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
+    quantization_bit: Literal[4, 8] = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
     freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
 
 
@@ -62,8 +62,8 @@ class TrainOptions:
     seed: int = opt(42, "random seed (data order, dropout, adapter init)")
     logging_steps: int = opt(10, "log every N optimizer steps")
     eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
-    save_steps: int = opt(500, "write a checkpoint every N optimizer steps")
-    save_total_limit: int = opt(3, "keep at most this many checkpoints")
+    save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
+    save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
@@ -74,10 +74,42 @@ class TrainOptions:
 # ----------------------------------------------------------------------------- setup
 
 
+def check_options(cfg) -> None:
+    """Reject ModelOptions/TrainOptions values that would fail only after the model and data are loaded."""
+    from .adapters import lora_targets
+    from .config import ConfigError
+
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "lora_rank",
+                "freeze_trainable_layers")
+    for name in (n for n in positive if getattr(cfg, n, 1) < 1):
+        raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, name, 0) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
+        raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {cfg.num_train_epochs}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0 <= getattr(cfg, "lora_dropout", 0) < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("choose one of bf16 and fp16")
+    try:
+        lora_targets(getattr(cfg, "lora_target", ["all"]))
+        device = resolve_device(cfg.device)
+    except (BaichuanTuneError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine (use --device cpu)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -223,6 +255,7 @@ class Checkpoints:
         return found[-1] if found else None
 
     def save(self, step: int, model, optimizer, scheduler, scaler, position: dict) -> Path:
+        """Write checkpoint-<step>, then delete the oldest ones beyond `keep` (never the one just written)."""
         from safetensors.torch import save_file
 
         from .adapters import trainable_state_dict
@@ -239,22 +272,45 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def resume(self, model, optimizer, scheduler, scaler) -> dict | None:
+        """Restore the latest checkpoint and return its position; None (and a note) when there is none yet."""
+        latest = self.latest()
+        if latest is None:
+            print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
+            return None
+        return self.load(latest, model, optimizer, scheduler, scaler)
+
     def load(self, path: Path, model, optimizer, scheduler, scaler) -> dict:
         """Restore everything saved by `save`; returns the position dict (step, epoch, batch)."""
         from safetensors.torch import load_file
 
         weights = load_file(str(path / "trainable.safetensors"))
-        missing = set(weights) - set(model.state_dict())
-        if missing:
-            raise TrainingError(f"{path}: checkpoint holds weights this model lacks, e.g. {sorted(missing)[:3]}")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        _check_same_trainables(path, set(weights), trainable & set(model.state_dict()))  # as trainable_state_dict
         model.load_state_dict(weights, strict=False)
         extra = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(extra["optimizer"])
+        try:
+            optimizer.load_state_dict(extra["optimizer"])
+        except ValueError as exc:  # e.g. another optimizer or parameter grouping than the run that saved it
+            raise TrainingError(f"{path}: the optimizer state does not fit this run ({exc})") from None
         scheduler.load_state_dict(extra["scheduler"])
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"])
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> None:
+    """A resumed run must train exactly the tensors the checkpoint holds (same method, targets, layers)."""
+    if saved == trainable:
+        return
+    extra, missing = sorted(saved - trainable), sorted(trainable - saved)
+    raise TrainingError(
+        f"{path}: the checkpoint does not match this run's trainable weights "
+        f"(in the checkpoint only: {extra[:3]}{' ...' if len(extra) > 3 else ''}; "
+        f"in this run only: {missing[:3]}{' ...' if len(missing) > 3 else ''}); "
+        "resume with the settings of the run that wrote it (see config.yaml)"
+    )
 
 
 # ----------------------------------------------------------------------------- logging
@@ -269,6 +325,7 @@ class RunLog:
 
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / "trainer_log.jsonl"
+        self._drop_records_after(start_step)
         self.total_steps = total_steps
         self.start = time.time()
         self.start_step = start_step
@@ -281,6 +338,13 @@ class RunLog:
                 self.writer = SummaryWriter(str(self.output_dir / "runs"))
             except ImportError:  # tensorboard is an optional extra
                 self.bar.write("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)")
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run logs again the steps after its checkpoint, and a fresh run starts a new log."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in read_log(self.path) if step > 0 and r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def step(self, step: int, **postfix) -> None:
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},

@@ -68,8 +68,14 @@ def test_training_lowers_the_loss(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch):
-    common = ("--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1", "--learning_rate", "1e-3")
+@pytest.mark.parametrize("setting", [
+    ("--lora_dropout", "0.1"),
+    # 48 samples pack into fewer rows than one epoch of 2 x 8-row batches needs, so every step crosses an epoch.
+    ("--packing", "true", "--gradient_accumulation_steps", "2", "--num_train_epochs", "10", "--val_size", "8",
+     "--eval_steps", "3"),
+], ids=["dropout", "packing-accumulation"])
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, setting):
+    common = ("--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-3", *setting)
     straight = tmp_path / "straight"
     run_sft(straight, *common)
 
@@ -80,7 +86,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch):
 
     def dying_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # killed after checkpoint-4 was written, in the middle of the run
+        if calls["n"] == 6:  # killed after step 5 was logged; checkpoint-4 is the latest
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
@@ -98,6 +104,19 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The resumed run's log equals the straight one's (step 5 once, not once per attempt), timings aside.
+    def values(out):
+        return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in read_log(out)]
+
+    assert values(killed) == values(straight)
+    assert [r["step"] for r in read_log(killed) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_of_other_trainable_weights(tmp_path):
+    out = tmp_path / "run"
+    run_sft(out, "--max_steps", "3", "--save_steps", "2")
+    with pytest.raises(TrainingError, match="checkpoint-2: the checkpoint does not match this run's trainable weights"):
+        run_sft(out, "--max_steps", "3", "--save_steps", "2", "--resume", "true", "--lora_target", "W_pack")
 
 
 def test_nan_loss_stops_with_step_and_checkpoint_or_is_skipped(tmp_path, monkeypatch):
@@ -128,9 +147,19 @@ def test_qlora_on_cpu_trains_lora_over_nf4_weights(tmp_path):
     assert config["target_modules"] == ["W_pack"] and config["r"] == 8
 
 
-def test_unknown_option_is_rejected_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
-        sft.main(["--dataset", "demo", "--learnig_rate", "1e-4", "--output_dir", str(tmp_path / "x")])
+@pytest.mark.parametrize("flags,message", [
+    (["--learnig_rate", "1e-4"], "did you mean 'learning_rate'"),
+    (["--lora_target", "q_proj"], r"lora_target: unknown module\(s\) \['q_proj'\]"),
+    (["--quantization_bit", "3"], r"'quantization_bit' must be one of \[4, 8\]"),
+    (["--bf16", "--fp16"], "choose one of bf16 and fp16"),
+    (["--logging_steps", "0"], "logging_steps must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be at least 1"),
+    (["--warmup_ratio", "1.5"], r"warmup_ratio must be in \[0, 1\]"),
+    (["--device", "gpu"], "device must be cpu, cuda, cuda:N or auto"),
+])
+def test_bad_options_are_rejected_before_any_work(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        sft.main(["--dataset", "demo", *flags, "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 

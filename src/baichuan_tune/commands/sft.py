@@ -1,7 +1,7 @@
 """Supervised fine-tuning (instruction tuning) with LoRA, QLoRA, freeze or full training.
 
     baichuan-tune sft                                  # built-in demo: tiny default model, CPU, minutes
-    baichuan-tune sft examples/sft_baichuan7b_qlora.yaml --model /path/to/Baichuan-7B --dataset data.jsonl
+    baichuan-tune sft examples/sft_baichuan7b_qlora_belle.yaml --model /path/to/Baichuan-7B --dataset data.jsonl
     baichuan-tune sft --help                           # every option with its default
 
 Reads alpaca/BELLE, Baichuan2 `conversations` and OpenAI `messages` JSON/JSONL files; writes into
@@ -13,13 +13,13 @@ few prompts before and after training.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 
+from ..builtin import DEMO_PROMPTS
 from ..config import opt, parse_config
 from ..data import DataOptions
 from ..training import ModelOptions, TrainOptions
@@ -36,51 +36,59 @@ DEMO_OVERRIDES = [
 class SFTConfig(ModelOptions, DataOptions, TrainOptions):
     demo_prompts: list[str] = opt(factory=list, help="prompts answered before and after training (chat format)")
 
+    def validate(self) -> None:
+        from ..training import check_options
+
+        check_options(self)
+
 
 def main(argv: list[str]) -> int:
-    demo = not argv or (argv[0].startswith("--") and not any(a.startswith("--dataset") for a in argv))
+    from ..alignment import base_dtype, is_demo, write_results
+
+    demo = is_demo(argv)
     if demo and not any(a in ("-h", "--help") for a in argv):
         print("No config file and no --dataset: running the built-in demo (tiny default model, demo data, CPU).")
         argv = DEMO_OVERRIDES + list(argv)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
-    from .. import builtin
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..collate import pack_examples
     from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
                             prepare_output_dir, resolve_device, seed_everything, total_optimizer_steps)
 
     # ---- setup
     out = prepare_output_dir(cfg)
-    seed_everything(cfg.seed)
     device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(
-        resolve_model_path(cfg.model), device=str(device), dtype=_base_dtype(cfg, amp_dtype),
+        resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
     )
-    train_set, val_set, data_report = _load_data(cfg, tokenizer, out, demo)
-    prompts = cfg.demo_prompts or (builtin.DEMO_PROMPTS if demo else [])
+    train_set, val_set, data_report = _load_data(cfg, tokenizer, demo)
+    # Steps per epoch count packed rows, not samples. Packing is deterministic, so a resumed run packs alike.
+    rows = pack_examples(train_set, cfg.cutoff_len) if cfg.packing else train_set
+    prompts = cfg.demo_prompts or (DEMO_PROMPTS if demo else [])
     before = _answers(model, tokenizer, cfg.template, prompts)
+    seed_everything(cfg.seed)  # here, so whatever loading drew does not shift the adapter init and dropout
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     trainable, total = count_parameters(model)
-    per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
+    per_epoch, total_steps = total_optimizer_steps(cfg, len(rows))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = make_grad_scaler(device, amp_dtype)
     checkpoints = Checkpoints(out, cfg.save_total_limit)
-    position = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0}
-    if cfg.resume and checkpoints.latest() is not None:
-        position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, scaler)
+    fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0}
+    position = (cfg.resume and checkpoints.resume(model, optimizer, scheduler, scaler)) or fresh
     log = RunLog(out, total_steps, start_step=position.get("step", 0), tensorboard=cfg.report_to == "tensorboard",
                  desc="sft")
-    log.write(f"{data_report}; {len(train_set)} train / {len(val_set)} eval samples; {total_steps} optimizer steps; "
-              f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    log.write(f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; {total_steps} "
+              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
-    loop = _Loop(cfg, model, optimizer, scheduler, scaler, checkpoints, log, device, amp_dtype, train_set, val_set,
+    loop = _Loop(cfg, model, optimizer, scheduler, scaler, checkpoints, log, device, amp_dtype, rows, val_set,
                  per_epoch, total_steps, position)
     while loop.step < total_steps:
         loop.run_epoch()
@@ -92,9 +100,7 @@ def main(argv: list[str]) -> int:
     save_final(model, tokenizer, out, cfg.finetuning_type)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    results = loop.final_metrics()
-    (out / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+    write_results(out, loop.final_metrics())
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
@@ -102,14 +108,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _base_dtype(cfg, amp_dtype) -> str:
-    """Frozen base weights in the compute dtype; trained full/freeze weights stay fp32 (master copy)."""
-    if cfg.finetuning_type in ("lora", "qlora") and amp_dtype is not None:
-        return "bf16" if amp_dtype == torch.bfloat16 else "fp16"
-    return "fp32"
-
-
-def _load_data(cfg, tokenizer, out: Path, demo: bool):
+def _load_data(cfg, tokenizer, demo: bool):
     from .. import data
 
     files = list(cfg.dataset) or ([data.DEMO_DATASET] if demo else [])
@@ -133,21 +132,17 @@ class _Loop:
     log: object
     device: torch.device
     amp_dtype: torch.dtype | None
-    train_set: object
+    rows: object  # training samples, or packed rows of them
     val_set: object
     per_epoch: int
     total_steps: int
     position: dict  # epoch, batch (index within the epoch), skipped_steps, tokens; + step once resumed
 
     def __post_init__(self):
-        from ..collate import pack_examples
-
         self.step = self.position.get("step", 0)
         self.start = time.time()
         self.tokens_at_start = self.position["tokens"]
         self.last_ckpt = self.checkpoints.latest()
-        # Packing is deterministic, so a resumed run packs the same rows.
-        self.rows = pack_examples(self.train_set, self.cfg.cutoff_len) if self.cfg.packing else self.train_set
 
     def run_epoch(self) -> None:
         """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
@@ -193,7 +188,7 @@ class _Loop:
                          epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1))
         if self.val_set and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
             self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
-        if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
+        if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
             self.save_checkpoint()
 
     def skip_step(self) -> None:
@@ -203,6 +198,7 @@ class _Loop:
         self.step += 1
         self.position["skipped_steps"] += 1
         self.log.write(f"step {self.step}: non-finite loss, step skipped ({self.position['skipped_steps']} so far)")
+        self.log.step(self.step, skipped=self.position["skipped_steps"])
 
     def save_checkpoint(self) -> None:
         position = dict(self.position)
