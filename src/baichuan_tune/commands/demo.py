@@ -21,7 +21,7 @@ from ..config import opt, parse_config
 @dataclass
 class DemoConfig:
     model: str = opt("default", "model folder, or 'default' for the built-in model")
-    prompt: list[str] = opt(factory=lambda: ["What is the capital of France?", "你好"], help="prompts (comma separated)")
+    prompt: list[str] = opt(factory=lambda: ["What is the capital of France?", "你好"], help="prompts: a,b or a YAML list '[\"Hi, you\", 你好]'")
     max_new_tokens: int = opt(24, "tokens to generate per prompt")
     dtype: str = opt("fp32", "fp32, bf16 or fp16")
     device: str = opt("cpu", "cpu or cuda")
