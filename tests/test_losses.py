@@ -12,7 +12,7 @@ import torch
 from baichuan_tune import losses as L
 
 
-def approx(x, rel=1e-5, abs=1e-6):  # noqa: A002 - mirrors pytest.approx
+def approx(x, rel=1e-5, abs=1e-6):
     return pytest.approx(x, rel=rel, abs=abs)
 
 

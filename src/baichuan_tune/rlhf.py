@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -239,28 +239,44 @@ def make_experience(policy, reference, rollout: Rollout, scores: torch.Tensor, c
 
 def ppo_update(policy, exp: Experience, cfg, optimizer, scheduler, scaler, device, amp_dtype,
                generator: torch.Generator) -> dict:
-    """`cfg.ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches; mean metrics."""
+    """`cfg.ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches; mean metrics.
+
+    A non-finite loss stops training (`nan_policy` stop) or drops that optimizer step (`skip`, counted).
+    """
     policy.train()
     total = exp.input_ids.size(0)
     size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {"skipped_updates": 0.0}
     count = 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(total, generator=generator).tolist()
         minibatches = [order[i : i + size] for i in range(0, total, size)]
         for start in range(0, len(minibatches), accum):
             group = minibatches[start : start + accum]
+            results = []
             for rows in group:
                 metrics = _minibatch_backward(policy, exp, rows, cfg, scaler, device, amp_dtype, len(group))
+                if metrics is None:
+                    break
+                results.append(metrics)
+            if len(results) < len(group):  # a non-finite loss under nan_policy skip
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                sums["skipped_updates"] += 1
+                continue
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + optimizer_step(
+                policy, optimizer, scheduler, scaler, cfg.max_grad_norm) * len(group)
+            for metrics in results:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
-                count += 1
-            grad_norm = optimizer_step(policy, optimizer, scheduler, scaler, cfg.max_grad_norm)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * len(group)
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            count += len(group)
+    skipped = sums.pop("skipped_updates")
+    return {**{k: v / max(count, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
-def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, device, amp_dtype, group: int) -> dict:
+def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, device, amp_dtype,
+                        group: int) -> dict | None:
+    """Loss and backward of one mini-batch; None when the loss is not finite and nan_policy is skip."""
     idx = torch.tensor(rows, device=exp.input_ids.device)
     mask = exp.response_mask[idx]  # [b, R]
     with autocast(device, amp_dtype):
@@ -271,6 +287,8 @@ def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, d
     vf_loss, vf_clip = L.ppo_value_loss(values.float(), exp.values[idx], exp.returns[idx], mask, cfg.cliprange_value)
     loss = pg.loss + cfg.vf_coef * vf_loss
     if not torch.isfinite(loss):
+        if getattr(cfg, "nan_policy", "stop") == "skip":
+            return None
         raise _nonfinite(loss)
     scaled = loss / group
     (scaler.scale(scaled) if scaler else scaled).backward()
@@ -284,8 +302,8 @@ def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, d
 def _nonfinite(loss: torch.Tensor):
     from .training import TrainingError
 
-    return TrainingError(f"PPO loss is {loss.item()}: lower the learning rate, raise kl_coef, or use --bf16 true "
-                         "instead of fp16")
+    return TrainingError(f"PPO loss is {loss.item()}: lower the learning rate, raise kl_coef, use --bf16 true "
+                         "instead of fp16, or pass --nan_policy skip")
 
 
 def step_statistics(exp: Experience, raw_scores: torch.Tensor, kl_coef: float) -> dict:

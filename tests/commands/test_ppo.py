@@ -46,11 +46,11 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_model(home):
-    """RLHF starts from a fine-tuned model: 60 steps of `baichuan-tune sft` (full) on the demo data, about 10 s."""
+    """RLHF starts from a fine-tuned model: 40 steps of `baichuan-tune sft` (full) on the demo data, about 8 s."""
     from baichuan_tune.commands import sft
 
     out = home / "sft"
-    assert sft.main(["--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--max_steps", "60",
+    assert sft.main(["--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--max_steps", "40",
                      "--learning_rate", "3e-3", "--warmup_ratio", "0.1", "--per_device_train_batch_size", "16",
                      "--cutoff_len", "64", "--output_dir", str(out), "--cache_dir", "none",
                      "--preprocessing_num_workers", "1", "--device", "cpu", *FAST]) == 0
@@ -98,7 +98,7 @@ def test_without_the_penalty_the_policy_drifts_further(penalised, no_penalty):
     """The same run with kl_coef 0 ends further from the reference: the penalty is what bounds the KL."""
     kl_penalised, kl_free = steps(read_log(penalised), "kl"), steps(read_log(no_penalty), "kl")
     assert max(kl_free) > 1.2 * max(kl_penalised), (kl_free, kl_penalised)
-    assert sum(kl_free[-5:]) > sum(kl_penalised[-5:])
+    assert sum(kl_free[-8:]) > 1.2 * sum(kl_penalised[-8:]), (kl_free, kl_penalised)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["response"] for line in lines] == [good, bad]
     assert rm.main(["score", "--reward_model", str(demo_run), "--prompt", prompt, "--response", bad]) == 0
-    assert json.loads(capsys.readouterr().out)["score"] == lines[1]["score"]
+    assert json.loads(capsys.readouterr().out)["score"] == pytest.approx(lines[1]["score"], abs=1e-4)  # batch of 1 vs 2
 
     from peft import PeftModel
 

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -104,8 +104,8 @@ def main(argv: list[str]) -> int:
     from .. import rlhf
     from ..adapters import count_parameters
     from ..alignment import load_trainable, write_results
-    from ..training import (Checkpoints, RunLog, batch_order, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything)
+    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
+                            prepare_output_dir, resolve_device, seed_everything)
     from ..value_head import PolicyWithValue, ValueHead
 
     # ---- setup
@@ -113,81 +113,130 @@ def main(argv: list[str]) -> int:
     seed_everything(cfg.seed)
     device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
-    reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
-    reward = _make_reward(cfg, lm, device, amp_dtype)
-    policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
-    train_prompts, eval_prompts = _load_prompts(cfg, tokenizer, out)
+    run = PPORun(cfg, device, amp_dtype, lm, tokenizer)
+    run.reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
+    run.reward = _make_reward(cfg, lm, device, amp_dtype)
+    run.policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
+    run.train_prompts, run.eval_prompts = _load_prompts(cfg, tokenizer, out)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
-        len(train_prompts) / cfg.rollout_batch_size * cfg.num_train_epochs)
-    minibatches = math.ceil(min(cfg.rollout_batch_size, len(train_prompts)) / cfg.per_device_train_batch_size)
+        len(run.train_prompts) / cfg.rollout_batch_size * cfg.num_train_epochs)
+    minibatches = math.ceil(min(cfg.rollout_batch_size, len(run.train_prompts)) / cfg.per_device_train_batch_size)
     updates_per_step = cfg.ppo_epochs * math.ceil(minibatches / cfg.gradient_accumulation_steps)
-    optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps * updates_per_step)
-    scaler = make_grad_scaler(device, amp_dtype)
+    run.optimizer = make_optimizer(run.policy, cfg)
+    run.scheduler = make_scheduler(run.optimizer, cfg, total_steps * updates_per_step)
+    run.scaler = make_grad_scaler(device, amp_dtype)
+    run.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                  else L.FixedKLController(cfg.kl_coef))
+    run.moments = L.RunningMoments() if cfg.normalize_reward else None
     checkpoints = Checkpoints(out, cfg.save_total_limit)
-    kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else L.FixedKLController(cfg.kl_coef))
-    moments = L.RunningMoments() if cfg.normalize_reward else None
-    position = {"epoch": 0, "batch": 0}
     if cfg.resume and checkpoints.latest() is not None:
-        position = checkpoints.load(checkpoints.latest(), policy, optimizer, scheduler, scaler)
-        kl_ctl.load_state_dict(position["kl_controller"])
-        if moments is not None:
-            moments.load_state_dict(position["reward_moments"])
-    trainable, total = count_parameters(policy)
-    log = RunLog(out, total_steps, start_step=position.get("step", 0), tensorboard=cfg.report_to == "tensorboard",
-                 desc="ppo")
-    log.write(f"prompts: {len(train_prompts)} train / {len(eval_prompts)} held out; reward: {_describe(reward)}; "
-              f"{total_steps} PPO steps x {updates_per_step} updates; trainable {trainable / 1e6:.2f}M of "
-              f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
-    sample_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature,
-                                                greedy=False)
-    greedy_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, 1.0, greedy=True)
+        run.restore(checkpoints)
+    trainable, total = count_parameters(run.policy)
+    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
+                     tensorboard=cfg.report_to == "tensorboard", desc="ppo")
+    run.log.write(f"prompts: {len(run.train_prompts)} train / {len(run.eval_prompts)} held out; reward: "
+                  f"{_describe(run.reward)}; {total_steps} PPO steps x {updates_per_step} updates; trainable "
+                  f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    run.sample_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens,
+                                                    cfg.temperature, greedy=False)
+    run.greedy_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, 1.0, greedy=True)
 
     # ---- loop
-    step = position.get("step", 0)
-    evals = []
-    if eval_prompts and step == 0:
-        evals.append(_evaluate(lm, tokenizer, eval_prompts, reward, greedy_cfg, cfg, log, step))
+    step = run.position.get("step", 0)
+    if run.eval_prompts and step == 0:
+        run.evaluate(step)
     while step < total_steps:
-        batches = batch_order(len(train_prompts), cfg.rollout_batch_size, cfg.seed, position["epoch"])
-        chosen = [train_prompts[i] for i in batches[position["batch"]]]
-        rollout = rlhf.generate_rollout(lm, tokenizer, [p[0] for p in chosen], [p[1] for p in chosen], sample_cfg)
-        raw = reward(rollout)
-        scores = rlhf.normalized_scores(raw, moments, cfg.reward_clip)
-        exp = rlhf.make_experience(policy, reference, rollout, scores, cfg, kl_ctl.value, device, amp_dtype)
-        stats = rlhf.step_statistics(exp, raw, kl_ctl.value)
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        metrics = rlhf.ppo_update(policy, exp, cfg, optimizer, scheduler, scaler, device, amp_dtype, generator)
-        update_s = time.perf_counter() - start
-        kl_ctl.update(stats["kl"], n_steps=len(chosen))
-        step += 1
-        position["batch"] += 1
-        if position["batch"] >= len(batches):
-            position["epoch"], position["batch"] = position["epoch"] + 1, 0
-        tokens = int(rollout.response_mask.sum())
-        log.step(step, reward=stats["reward"], kl=stats["kl"])
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            log.log(step, **{k: round(v, 5) for k, v in {**stats, **metrics}.items()}, lr=scheduler.get_last_lr()[0],
-                    rollout_tokens_per_s=round(tokens / max(rollout.seconds, 1e-9), 1), update_s=round(update_s, 3))
-        if eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0:
-            evals.append(_evaluate(lm, tokenizer, eval_prompts, reward, greedy_cfg, cfg, log, step))
+        step = _ppo_step(run, step, total_steps)
+        if run.eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0:
+            run.evaluate(step)
         if step % cfg.save_steps == 0 and step < total_steps:
-            state = {**position, "kl_controller": kl_ctl.state_dict()}
-            if moments is not None:
-                state["reward_moments"] = moments.state_dict()
-            checkpoints.save(step, policy, optimizer, scheduler, scaler, state)
-    if eval_prompts and (not evals or evals[-1]["step"] != step):
-        evals.append(_evaluate(lm, tokenizer, eval_prompts, reward, greedy_cfg, cfg, log, step))
-    log.close()
+            checkpoints.save(step, run.policy, run.optimizer, run.scheduler, run.scaler, run.state())
+    if run.eval_prompts and (not run.evals or run.evals[-1]["step"] != step):
+        run.evaluate(step)
+    run.log.close()
 
     # ---- save
-    _save(cfg, policy, tokenizer, out)
-    results = _results(out, step, evals, kl_ctl)
-    write_results(out, results)
+    _save(cfg, run.policy, tokenizer, out)
+    write_results(out, _results(out, step, run.evals, run.kl_ctl))
     print(f"Done: policy in {out}")
     return 0
+
+
+@dataclass
+class PPORun:
+    """Everything one PPO run carries from step to step (models, optimiser, controllers, data, position)."""
+
+    cfg: PPOConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    lm: object
+    tokenizer: object
+    policy: object = None
+    reference: object = None
+    reward: object = None
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    kl_ctl: object = None
+    moments: object = None
+    log: object = None
+    sample_cfg: object = None
+    greedy_cfg: object = None
+    train_prompts: list = field(default_factory=list)
+    eval_prompts: list = field(default_factory=list)
+    position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+    evals: list = field(default_factory=list)
+
+    def state(self) -> dict:
+        """The checkpoint's position: where in the prompts, plus the KL coefficient and reward statistics."""
+        state = {**self.position, "kl_controller": self.kl_ctl.state_dict()}
+        if self.moments is not None:
+            state["reward_moments"] = self.moments.state_dict()
+        return state
+
+    def restore(self, checkpoints) -> None:
+        self.position = checkpoints.load(checkpoints.latest(), self.policy, self.optimizer, self.scheduler, self.scaler)
+        self.kl_ctl.load_state_dict(self.position["kl_controller"])
+        if self.moments is not None:
+            self.moments.load_state_dict(self.position["reward_moments"])
+
+    def evaluate(self, step: int) -> None:
+        self.evals.append(_evaluate(self.lm, self.tokenizer, self.eval_prompts, self.reward, self.greedy_cfg,
+                                    self.cfg, self.log, step))
+
+
+def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
+    """Rollout, reward, experience and PPO epochs on the next batch of prompts; logs; returns the new step."""
+    from .. import rlhf
+    from ..training import batch_order
+
+    cfg, position = run.cfg, run.position
+    batches = batch_order(len(run.train_prompts), cfg.rollout_batch_size, cfg.seed, position["epoch"])
+    chosen = [run.train_prompts[i] for i in batches[position["batch"]]]
+    rollout = rlhf.generate_rollout(run.lm, run.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
+                                    run.sample_cfg)
+    raw = run.reward(rollout)
+    scores = rlhf.normalized_scores(raw, run.moments, cfg.reward_clip)
+    exp = rlhf.make_experience(run.policy, run.reference, rollout, scores, cfg, run.kl_ctl.value, run.device,
+                               run.amp_dtype)
+    stats = rlhf.step_statistics(exp, raw, run.kl_ctl.value)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # mini-batch order, fixed per step
+    metrics = rlhf.ppo_update(run.policy, exp, cfg, run.optimizer, run.scheduler, run.scaler, run.device,
+                              run.amp_dtype, generator)
+    update_s = time.perf_counter() - start
+    run.kl_ctl.update(stats["kl"], n_steps=len(chosen))
+    step += 1
+    position["batch"] += 1
+    if position["batch"] >= len(batches):
+        position["epoch"], position["batch"] = position["epoch"] + 1, 0
+    run.log.step(step, reward=stats["reward"], kl=stats["kl"])
+    if step % cfg.logging_steps == 0 or step == total_steps:
+        tokens = int(rollout.response_mask.sum())
+        run.log.log(step, **{k: round(v, 5) for k, v in {**stats, **metrics}.items()},
+                    lr=run.scheduler.get_last_lr()[0], rollout_tokens_per_s=round(tokens / max(rollout.seconds, 1e-9), 1),
+                    update_s=round(update_s, 3))
+    return step
 
 
 def _demo_argv(argv: list[str]) -> list[str]:
