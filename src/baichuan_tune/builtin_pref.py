@@ -1,12 +1,12 @@
 """Built-in preference pairs and prompts for the alignment demos (rm, dpo, ppo), written by this project.
 
-The pairs reuse the demo tasks of `builtin.py` (capitals, small sums, greetings, the assistant's name):
-the chosen answer is right and polite, the rejected one is wrong (another country's capital, another
-colour, a refusal, a wrong name). Sums are left out of the pairs on purpose: judging arithmetic is beyond
-what a tiny model learns in a CPU demo, so those pairs would only add noise; the PPO prompts keep them. Records are in the published preference form of
-`dpo_zh_demo.json`: `{"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt",
-"value": ...}, "rejected": {...}}`. Every pair is distinct, so any split of them gives held-out pairs
-the model never saw.
+The pairs reuse the demo tasks of `builtin.py` (capitals, colours, greetings, the assistant's name): the
+chosen answer is right and polite, the rejected one is wrong (another country's capital, another colour,
+a refusal, a wrong name). Sums are left out of the pairs on purpose: judging arithmetic is beyond what a
+tiny model learns in a CPU demo, so those pairs would only add noise; the PPO prompts keep them.
+Records are in the published preference form of `dpo_zh_demo.json`: `{"conversations": [{"from":
+"human", "value": ...}], "chosen": {"from": "gpt", "value": ...}, "rejected": {...}}`. Every pair is
+distinct, so any split of them gives held-out pairs the model never saw.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _colour(rng: random.Random) -> tuple[str, str, str]:
     wrong = rng.choice([c for c in COLOURS if c is not colour])
     en, zh = colour
     if rng.random() < 0.5:
-        return f"Translate this colour into Chinese.\n{en}", f"{en} in Chinese is {zh}.", f"{en} in Chinese is {wrong[1]}."
+        prompt = f"Translate this colour into Chinese.\n{en}"
+        return prompt, f"{en} in Chinese is {zh}.", f"{en} in Chinese is {wrong[1]}."
     return f"把这个颜色翻译成中文。\n{en}", f"{en}的中文是{zh}。", f"{en}的中文是{wrong[1]}。"
 
 

@@ -28,7 +28,7 @@ import torch
 from . import losses as L
 from .config import ConfigError
 from .training import autocast, optimizer_step
-from .value_head import adapter_active, causal_lm, hidden_states
+from .value_head import PolicyWithValue, adapter_active, causal_lm, hidden_states
 
 
 @dataclass
@@ -195,9 +195,10 @@ class Experience:
 
 @contextmanager
 def reference_mode(policy, reference):
-    """Run the reference: the policy's base with adapters off, or a separate frozen copy."""
+    """The reference as a PolicyWithValue: the policy's base with adapters off, or a separate frozen copy
+    of the starting model (its values are never used)."""
     if reference is not None:
-        yield reference
+        yield PolicyWithValue(reference, policy.v_head)
     else:
         with policy.lm.disable_adapter():
             yield policy

@@ -124,7 +124,8 @@ def test_other_losses_run(tmp_path, loss_type, extra):
     pairs = write_pairs(tmp_path / "p.json", 16)
     out = tmp_path / loss_type
     args = [*SMALL, "--dataset", str(pairs), "--finetuning_type", "lora", "--loss_type", loss_type, *extra,
-            "--max_steps", "2", "--val_size", "4", "--eval_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(out)]
+            "--max_steps", "2", "--val_size", "4", "--eval_steps", "0", "--learning_rate", "1e-3",
+            "--output_dir", str(out)]
     assert dpo.main(args) == 0
     r = results_of(out)
     assert r["loss_type"] == loss_type and math.isfinite(r["eval_loss"])

@@ -162,6 +162,15 @@ def test_ppo_with_a_reward_model_runs_and_saves_the_policy_alone(small_rm, tmp_p
     assert len(steps(read_log(out), "reward")) == 2
 
 
+def test_full_finetuning_keeps_a_frozen_reference(tmp_path):
+    out = tmp_path / "full"
+    assert ppo.main([*TINY, "--finetuning_type", "full", "--learning_rate", "1e-4", "--max_steps", "2",
+                     "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--output_dir", str(out)]) == 0
+    kls = steps(read_log(out), "kl")
+    assert kls[0] == pytest.approx(0.0, abs=1e-5) and kls[1] != 0.0  # the copy stayed put while the policy moved
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+
+
 def test_resume_continues_exactly(tmp_path):
     args = [*TINY, "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--max_steps", "4", "--save_steps", "2",
             "--adaptive_kl", "true", "--kl_horizon", "100", "--kl_target", "0.5"]

@@ -62,7 +62,8 @@ def test_demo_raises_held_out_pairwise_accuracy_well_above_chance(demo_run):
 
 def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
     """`rm score` equals PEFT's own adapter loading + the saved head read at the eos token."""
-    prompt, good, bad = "What is the capital of Japan?", "The capital of Japan is Tokyo.", "The capital of Japan is Rome."
+    prompt = "What is the capital of Japan?"
+    good, bad = "The capital of Japan is Tokyo.", "The capital of Japan is Rome."
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"prompt": prompt, "response": a}) + "\n" for a in (good, bad)))
     assert rm.main(["score", "--reward_model", str(demo_run), "--input", str(answers), "--device", "cpu"]) == 0
@@ -80,7 +81,7 @@ def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
     head = load_file(str(demo_run / "value_head.safetensors"))
     for line, answer in zip(lines, (good, bad)):
         # the baichuan2 layout: 195 + prompt + 196 + answer + eos; the head reads the final (eos) position
-        ids = [195] + tok.encode(prompt, add_special_tokens=False) + [196] + tok.encode(answer, add_special_tokens=False) + [2]
+        ids = [195, *tok.encode(prompt, add_special_tokens=False), 196, *tok.encode(answer, add_special_tokens=False), 2]
         with torch.no_grad():
             hidden = model.get_base_model().model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         expected = float(hidden @ head["summary.weight"][0] + head["summary.bias"][0])

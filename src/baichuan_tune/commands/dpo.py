@@ -103,7 +103,8 @@ def main(argv: list[str]) -> int:
     # ---- save
     save_final(model, tokenizer, out, cfg.finetuning_type)
     if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), f"{cfg.loss_type} loss")
+        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
+                    f"{cfg.loss_type} loss")
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
                     ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
         plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
@@ -211,7 +212,8 @@ def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dt
 
     was_training = model.training
     model.eval()
-    parts: dict[str, list] = {f"{split}_{side}_{kind}": [] for side in ("chosen", "rejected") for kind in ("sum", "avg")}
+    keys = [f"{split}_{side}_{kind}" for side in ("chosen", "rejected") for kind in ("sum", "avg")]
+    parts: dict[str, list] = {key: [] for key in keys}
     for start in range(0, len(dataset), batch_size):
         batch = pair_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device)
         with autocast(device, amp_dtype):

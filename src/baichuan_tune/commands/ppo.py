@@ -234,8 +234,8 @@ def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
     if step % cfg.logging_steps == 0 or step == total_steps:
         tokens = int(rollout.response_mask.sum())
         run.log.log(step, **{k: round(v, 5) for k, v in {**stats, **metrics}.items()},
-                    lr=run.scheduler.get_last_lr()[0], rollout_tokens_per_s=round(tokens / max(rollout.seconds, 1e-9), 1),
-                    update_s=round(update_s, 3))
+                    lr=run.scheduler.get_last_lr()[0], update_s=round(update_s, 3),
+                    rollout_tokens_per_s=round(tokens / max(rollout.seconds, 1e-9), 1))
     return step
 
 

@@ -150,7 +150,8 @@ def score(argv: list[str]) -> int:
     scorer = RewardScorer(rm, tokenizer, meta.get("template", "baichuan2"), meta.get("cutoff_len", 0), cfg.batch_size)
     if cfg.prompt:
         value = scorer.score([[("user", cfg.prompt)]], [cfg.response])[0]
-        print(json.dumps({"prompt": cfg.prompt, "response": cfg.response, "score": round(value, 5)}, ensure_ascii=False))
+        record = {"prompt": cfg.prompt, "response": cfg.response, "score": round(value, 5)}
+        print(json.dumps(record, ensure_ascii=False))
         return 0
     if _is_pair_file(cfg.input):
         return _score_pairs(scorer, cfg.input)
