@@ -119,7 +119,8 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
     assert results_of(out)["global_step"] == 3
 
 
-@pytest.mark.parametrize("loss_type, extra", [("ipo", ["--beta", "0.5"]), ("orpo", []), ("simpo", ["--beta", "2.0"])])
+@pytest.mark.parametrize("loss_type, extra", [("ipo", ["--beta", "0.5"]), ("orpo", []), ("simpo", ["--beta", "2.0"]),
+                                              ("sigmoid", ["--finetuning_type", "qlora", "--label_smoothing", "0.1"])])
 def test_other_losses_run(tmp_path, loss_type, extra):
     pairs = write_pairs(tmp_path / "p.json", 16)
     out = tmp_path / loss_type
@@ -132,6 +133,10 @@ def test_other_losses_run(tmp_path, loss_type, extra):
     if loss_type == "ipo":
         # policy = reference at the start, so h = 0 and the IPO loss is (0 - 1/(2 tau))^2 = 1 for tau 0.5
         assert r["eval_loss_before"] == pytest.approx(1.0, abs=1e-5)
+    elif loss_type == "sigmoid":
+        # QLoRA: the reference is the NF4 base with the adapter off, equal to the policy at the start: h = 0 and
+        # the cDPO loss is 0.9 * log 2 + 0.1 * log 2
+        assert r["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-4)
     else:
         assert not (out / dpo.REFERENCE_FILE).exists()  # reference-free
 

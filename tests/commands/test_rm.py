@@ -105,6 +105,38 @@ def test_score_file_reproduces_the_logged_held_out_accuracy(demo_run, tmp_path, 
     assert summary["margin"] == pytest.approx(results["eval_margin"], abs=1e-3)
 
 
+def test_qlora_on_the_published_pair_file(shared_data, tmp_path, capsys):
+    """QLoRA (NF4 base) on the first records of the published dpo_zh_demo.json; its score command reloads it."""
+    data = shared_data / "dpo_zh_demo.json"
+    out = tmp_path / "qlora"
+    assert rm.main([*SMALL, "--dataset", str(data), "--max_samples", "8", "--cutoff_len", "128", "--finetuning_type",
+                    "qlora", "--max_steps", "2", "--output_dir", str(out)]) == 0
+    meta = json.loads((out / "reward_model.json").read_text())
+    assert meta["finetuning_type"] == "qlora" and meta["adapter"] is True
+    first = tmp_path / "first.json"
+    write_pairs(first, json.loads(data.read_text(encoding="utf-8"))[:3])
+    capsys.readouterr()
+    assert rm.main(["score", "--reward_model", str(out), "--input", str(first), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["pairs"] == 3
+
+
+def test_full_reward_model_on_flat_jsonl(tmp_path, capsys):
+    """Full fine-tuning saves the whole model in the published layout next to the head; scoring reloads it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["conversations"][0]["value"], "chosen": r["chosen"]["value"],
+                                         "rejected": r["rejected"]["value"]}, ensure_ascii=False) + "\n"
+                             for r in demo_preference_records(12)), encoding="utf-8")
+    out = tmp_path / "full"
+    assert rm.main([*SMALL, "--dataset", str(pairs), "--finetuning_type", "full", "--max_steps", "2",
+                    "--learning_rate", "1e-4", "--output_dir", str(out)]) == 0
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert json.loads((out / "reward_model.json").read_text())["adapter"] is False
+    capsys.readouterr()
+    assert rm.main(["score", "--reward_model", str(out), "--prompt", "你是谁？", "--response", "我不知道。"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["score"], float)
+
+
 def test_resume_continues_exactly(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(24))
     args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3"]
