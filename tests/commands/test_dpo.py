@@ -148,3 +148,5 @@ def test_config_checks():
         parse_config(dpo.DPOConfig, ["--beta", "0"])
     with pytest.raises(ConfigError, match="loss_type"):
         parse_config(dpo.DPOConfig, ["--loss_type", "kto"])
+    with pytest.raises(ConfigError, match="packing"):
+        parse_config(dpo.DPOConfig, ["--packing", "true"])

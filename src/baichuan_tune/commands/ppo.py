@@ -54,6 +54,8 @@ class PPOConfig(ModelOptions, TrainOptions):
     logging_steps: int = opt(1, "log every N PPO steps")
     save_steps: int = opt(50, "write a checkpoint every N PPO steps")
     num_train_epochs: float = opt(1.0, "passes over the prompts (when max_steps is -1)")
+    max_steps: int = opt(-1, "stop after this many PPO steps (-1: num_train_epochs passes over the prompts)")
+    eval_steps: int = opt(0, "answer the held-out prompts every N PPO steps (0: only before and after training)")
     # data
     dataset: list[str] = opt(factory=list, help="prompt files (.json/.jsonl): sft, preference or {prompt} records")
     template: Literal["baichuan2", "baichuan", "human_assistant", "base"] = opt("baichuan2", "chat format of prompts")

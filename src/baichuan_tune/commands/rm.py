@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import opt, parse_config
+from ..config import ConfigError, opt, parse_config
 from ..data import DataOptions
 from ..training import ModelOptions, TrainOptions
 
@@ -41,6 +41,10 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     output_dir: str = opt("outputs/rm", "folder for the reward model, checkpoints, logs and plots")
     learning_rate: float = opt(1e-4, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
+
+    def validate(self) -> None:
+        if self.packing:
+            raise ConfigError("packing does not apply to preference pairs (each batch holds whole pairs)")
 
 
 @dataclass
@@ -137,7 +141,6 @@ def score(argv: list[str]) -> int:
     import json
 
     cfg = parse_config(ScoreConfig, argv, prog="baichuan-tune rm score")
-    from ..config import ConfigError
     from ..training import resolve_device
     from ..value_head import RewardScorer, load_reward_model, read_reward_meta
 
