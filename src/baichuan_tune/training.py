@@ -65,6 +65,7 @@ class TrainOptions:
     save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
     save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes its checkpoints)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     plot_loss: bool = opt(True, "write training_loss.png")
@@ -122,10 +123,16 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(cfg) -> Path:
-    """Create output_dir (refusing to overwrite a finished or running run unless resuming) and save the config."""
+    """Create output_dir and save the config; an earlier run there is continued (--resume), cleared
+    (--overwrite_output_dir) or refused, so finished work is never overwritten by accident."""
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.glob("checkpoint-*")) and not cfg.resume:
-        raise TrainingError(f"{out} already holds checkpoints; pass --resume true to continue, or another --output_dir")
+    earlier = sorted(out.glob("checkpoint-*")) if out.exists() else []
+    if earlier and not cfg.resume:
+        if not cfg.overwrite_output_dir:
+            raise TrainingError(f"{out} already holds checkpoints; pass --resume true to continue, "
+                                "--overwrite_output_dir true to start again, or another --output_dir")
+        for path in earlier + [out / "runs"]:
+            shutil.rmtree(path, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out

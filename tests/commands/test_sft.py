@@ -168,3 +168,14 @@ def test_shipped_configs_validate(path):
     cfg = parse_config(sft.SFTConfig, [str(path)])
     assert cfg.model.startswith("/path/to/") and cfg.dataset, "examples change only the model and data paths"
     assert cfg.finetuning_type == "qlora" and cfg.lora_rank == 8
+
+
+def test_overwrite_output_dir_starts_again_in_a_used_folder(tmp_path):
+    out = tmp_path / "again"
+    run_sft(out, "--max_steps", "2", "--save_steps", "1")
+    assert (out / "checkpoint-1").is_dir()
+    with pytest.raises(TrainingError, match="--overwrite_output_dir true"):
+        run_sft(out, "--max_steps", "2", "--save_steps", "1")
+    results = run_sft(out, "--max_steps", "1", "--save_steps", "5", "--overwrite_output_dir", "true")
+    assert results["global_step"] == 1 and not list(out.glob("checkpoint-*"))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1]

@@ -29,6 +29,7 @@ DEMO_OVERRIDES = [
     "--model", "default", "--finetuning_type", "full", "--output_dir", "outputs/sft-demo", "--num_train_epochs", "3",
     "--learning_rate", "1e-3", "--warmup_ratio", "0.05", "--per_device_train_batch_size", "8", "--logging_steps", "5",
     "--save_steps", "100", "--val_size", "0.05", "--eval_steps", "50", "--cutoff_len", "128", "--device", "cpu",
+    "--overwrite_output_dir", "true",
 ]
 
 
