@@ -117,7 +117,7 @@ def main() -> int:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     amp_dtype = torch.bfloat16 if cuda else None
-    policy, reward, config = build(args.preset, args.device, dtype)
+    policy, reward, _ = build(args.preset, args.device, dtype)
     cfg = ppo_config(args)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, 10_000)
