@@ -108,8 +108,11 @@ def default_model_dir() -> Path:
     from .models.presets import preset_config
     from .tokenization_baichuan import BaichuanTokenizer
 
-    torch.manual_seed(0)
-    model = BaichuanForCausalLM(preset_config("default"))
+    # Seeded weights without touching the caller's random state: a run that builds the default model on
+    # first use draws the same adapter init and data order as every later run with the same seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BaichuanForCausalLM(preset_config("default"))
     tokenizer = BaichuanTokenizer.from_pretrained(str(DEFAULT_TOKENIZER.parent))
     save_pretrained_atomic(model, tokenizer, final)
     return final
