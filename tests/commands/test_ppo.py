@@ -120,7 +120,7 @@ def small_rm(tmp_path_factory):
 def test_shared_reward_adapter_scores_like_the_separate_reward_model(small_rm):
     """The reward model as a second adapter on the policy's base gives the scores of the reward model loaded
     on its own, and leaves the policy (active adapter, trainable flags, outputs) as it was."""
-    from baichuan_tune.alignment import load_trainable
+    from baichuan_tune.training import load_trainable
     from baichuan_tune.templates import get_template
     from baichuan_tune.value_head import RewardScorer, load_reward_model
 

@@ -60,7 +60,7 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..alignment import is_demo
+    from ..training import is_demo
 
     demo = is_demo(argv)
     if demo and not any(a in ("-h", "--help") for a in argv):
@@ -68,10 +68,10 @@ def main(argv: list[str]) -> int:
         argv = DEMO_OVERRIDES + list(argv)
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
     from ..adapters import count_parameters
-    from ..alignment import load_trainable, write_demo_pairs, write_results
+    from ..alignment import write_demo_pairs
     from ..data import load_pair_data
     from ..pair_training import PairRun, train_pairs
-    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
+    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
                             precision_dtype, prepare_output_dir, resolve_device, save_final, seed_everything,
                             total_optimizer_steps)
 

@@ -96,7 +96,7 @@ class PPOConfig(ModelOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..alignment import is_demo
+    from ..training import is_demo
 
     if is_demo(argv) and not any(a in ("-h", "--help") for a in argv):
         print("No config file and no --dataset: running the built-in PPO demo (rule reward: answer in Chinese, CPU).")
@@ -105,8 +105,7 @@ def main(argv: list[str]) -> int:
     from .. import losses as L
     from .. import rlhf
     from ..adapters import count_parameters
-    from ..alignment import load_trainable, write_results
-    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
+    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
                             prepare_output_dir, resolve_device, seed_everything)
     from ..value_head import PolicyWithValue, ValueHead
 

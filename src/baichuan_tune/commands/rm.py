@@ -62,7 +62,7 @@ class ScoreConfig:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "score":
         return score(argv[1:])
-    from ..alignment import is_demo
+    from ..training import is_demo
 
     demo = is_demo(argv)
     if demo and not any(a in ("-h", "--help") for a in argv):
@@ -70,10 +70,10 @@ def main(argv: list[str]) -> int:
         argv = DEMO_OVERRIDES + list(argv)
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
     from ..adapters import count_parameters
-    from ..alignment import load_trainable, model_reference, write_demo_pairs, write_results
+    from ..alignment import model_reference, write_demo_pairs
     from ..data import load_pair_data
     from ..pair_training import PairRun, train_pairs
-    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
+    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
                             precision_dtype, prepare_output_dir, resolve_device, seed_everything, total_optimizer_steps)
     from ..value_head import RewardModel, ValueHead, save_reward_model
 

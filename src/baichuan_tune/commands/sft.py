@@ -44,7 +44,7 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..alignment import base_dtype, is_demo, write_results
+    from ..training import base_dtype, is_demo, write_results
 
     demo = is_demo(argv)
     if demo and not any(a in ("-h", "--help") for a in argv):
