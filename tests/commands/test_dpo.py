@@ -119,6 +119,28 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
     assert results_of(out)["global_step"] == 3
 
 
+def test_a_reference_table_of_other_pairs_is_not_reused(tmp_path):
+    """A table left in output_dir by a run on other pairs is computed again, not read back for these pairs."""
+    from baichuan_tune.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data import load_pair_data
+
+    base, tok = load_model_and_tokenizer("default", dtype="fp32")
+    records = demo_preference_records(12)
+    (tmp_path / "a.json").write_text(json.dumps(records[:6], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps(records[6:], ensure_ascii=False), encoding="utf-8")
+    sets = {name: load_pair_data([str(tmp_path / f"{name}.json")], tok, cutoff_len=48, cache_dir="none",
+                                 num_workers=1)[0] for name in ("a", "b")}
+    cfg = parse_config(dpo.DPOConfig, ["--finetuning_type", "full"])
+    cpu = torch.device("cpu")
+    first = dpo.Reference(cfg, base, tmp_path, {"train": sets["a"]}, cpu, None).table
+    second = dpo.Reference(cfg, base, tmp_path, {"train": sets["b"]}, cpu, None).table
+    expected = dpo._reference_table(base, sets["b"], "train", 4, cpu, None)
+    torch.testing.assert_close(second["train_chosen_sum"], expected["train_chosen_sum"])
+    assert not torch.allclose(first["train_chosen_sum"], second["train_chosen_sum"])
+    again = dpo.Reference(cfg, base, tmp_path, {"train": sets["b"]}, cpu, None).table  # same pairs: read back
+    assert again["fingerprint"] == second["fingerprint"]
+
+
 @pytest.mark.parametrize("loss_type, extra", [("ipo", ["--beta", "0.5"]), ("orpo", []), ("simpo", ["--beta", "2.0"]),
                                               ("sigmoid", ["--finetuning_type", "qlora", "--label_smoothing", "0.1"])])
 def test_other_losses_run(tmp_path, loss_type, extra):

@@ -166,8 +166,8 @@ class Reference:
         self.adapter_off = cfg.finetuning_type in ("lora", "qlora")
         self.model, self.table = model, None
         if self.needed and not self.adapter_off:
-            self.table = self._precomputed(out / REFERENCE_FILE, datasets, cfg.per_device_train_batch_size, device,
-                                           amp_dtype)
+            self.table = self._precomputed(out / REFERENCE_FILE, datasets, _fingerprint(cfg, datasets),
+                                           cfg.per_device_train_batch_size, device, amp_dtype)
 
     def describe(self) -> str:
         if not self.needed:
@@ -189,12 +189,18 @@ class Reference:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return split_pairs(sequence_logps(logits, batch["labels"], average=average))
 
-    def _precomputed(self, path: Path, datasets: dict, batch_size: int, device, amp_dtype) -> dict:
+    def _precomputed(self, path: Path, datasets: dict, fingerprint: str, batch_size: int, device, amp_dtype) -> dict:
         from ..io_utils import atomic_write_bytes
 
         if path.is_file():
-            return torch.load(path, weights_only=True, map_location="cpu")
-        table = {}
+            # Reused only for the same model and the same tokenised pairs: a table left by an earlier run on
+            # other data (--overwrite_output_dir keeps it, a run without checkpoints is not refused) would
+            # silently give every pair another pair's reference.
+            table = torch.load(path, weights_only=True, map_location="cpu")
+            if table.get("fingerprint") == fingerprint:
+                return table
+            print(f"{path}: written for another model or other pairs; computing the reference again")
+        table = {"fingerprint": fingerprint}
         for split, dataset in datasets.items():
             table.update(_reference_table(self.model, dataset, split, batch_size, device, amp_dtype))
         import io
@@ -203,6 +209,22 @@ class Reference:
         torch.save(table, buffer)
         atomic_write_bytes(path, buffer.getvalue())
         return table
+
+
+def _fingerprint(cfg, datasets: dict) -> str:
+    """sha256 of the reference model's name and every split's token ids, identifying a reference table."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(str(cfg.model).encode())
+    for split, dataset in sorted(datasets.items()):
+        digest.update(f"|{split}:{len(dataset)}".encode())
+        for i in range(len(dataset)):
+            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                ids = np.asarray(dataset[i][key], dtype=np.int64)
+                digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
