@@ -27,6 +27,20 @@ def test_reward_reads_the_last_non_padding_token():
     assert alone[0].item() == pytest.approx(float(hidden @ w + b), abs=1e-5)
 
 
+def test_reward_is_the_same_under_left_padding():
+    """PPO scores left-padded prompt + answer rows: the score must equal that of the unpadded sequence."""
+    torch.manual_seed(0)
+    for preset in ("tiny-baichuan2-7b", "tiny-baichuan2-13b"):  # RoPE positions and ALiBi distances
+        lm = tiny_model(preset)
+        model = RewardModel(lm, ValueHead(lm.config.hidden_size)).eval()
+        ids = torch.tensor([[1, 5, 6, 7, 2], [0, 0, 1, 8, 2]])
+        mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+        with torch.no_grad():
+            batch = model(ids, mask)
+            alone = model(ids[1:, 2:], mask[1:, 2:])
+        assert batch[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
 def test_head_init_scale_and_fp32_under_autocast():
     torch.manual_seed(0)
     head = ValueHead(4095)
