@@ -72,6 +72,34 @@ class PairRun:
     eval_loss_fn: LossFn | None = None  # for the eval split, when it differs from the training loss_fn
 
 
+def start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, desc: str,
+                   eval_loss_fn: LossFn | None = None) -> PairRun:
+    """Optimiser, schedule, checkpoints (the latest restored under --resume) and run log of an rm/dpo run."""
+    from .training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler,
+                           total_optimizer_steps)
+
+    per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    checkpoints = Checkpoints(out, cfg.save_total_limit)
+    run = PairRun(cfg, optimizer, scheduler, make_grad_scaler(device, amp_dtype), checkpoints, None, train_set,
+                  val_set, device, amp_dtype, total_steps, per_epoch, eval_loss_fn=eval_loss_fn)
+    if cfg.resume and checkpoints.latest() is not None:
+        run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
+    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
+                     tensorboard=cfg.report_to == "tensorboard", desc=desc)
+    return run
+
+
+def eval_results(evals: list) -> dict:
+    """Held-out metrics for train_results.json: the first evaluation as `*_before`, the last as they are."""
+    if not evals:
+        return {}
+    results = {f"{k}_before": v for k, v in evals[0].items() if k.startswith("eval_")}
+    results.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    return results
+
+
 def train_pairs(model, loss_fn: LossFn, run: PairRun) -> int:
     """Train until `run.total_steps`; returns the final optimizer step."""
     step = run.position.get("step", 0)

@@ -70,10 +70,9 @@ def main(argv: list[str]) -> int:
     from ..adapters import count_parameters
     from ..alignment import write_demo_pairs
     from ..data import load_pair_data
-    from ..pair_training import PairRun, train_pairs
-    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
-                            precision_dtype, prepare_output_dir, resolve_device, save_final, seed_everything,
-                            total_optimizer_steps)
+    from ..pair_training import eval_results, start_pair_run, train_pairs
+    from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
+                            save_final, seed_everything, write_results)
 
     # ---- setup
     out = prepare_output_dir(cfg)
@@ -84,18 +83,9 @@ def main(argv: list[str]) -> int:
     train_set, val_set, report = load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
     reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype)
     trainable, total = count_parameters(model)
-    per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    checkpoints = Checkpoints(out, cfg.save_total_limit)
-    run = PairRun(cfg, optimizer, scheduler, make_grad_scaler(device, amp_dtype), checkpoints, None, train_set,
-                  val_set, device, amp_dtype, total_steps, per_epoch,
-                  eval_loss_fn=lambda batch: preference_loss(cfg, model, batch, reference, "eval"))
-    if cfg.resume and checkpoints.latest() is not None:
-        run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
-    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
-                     tensorboard=cfg.report_to == "tensorboard", desc=cfg.loss_type)
-    run.log.write(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; {total_steps} optimizer "
+    run = start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, cfg.loss_type,
+                         eval_loss_fn=lambda batch: preference_loss(cfg, model, batch, reference, "eval"))
+    run.log.write(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; {run.total_steps} optimizer "
                   f"steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
@@ -111,10 +101,7 @@ def main(argv: list[str]) -> int:
                     ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
         plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
     results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"]}
-    if run.evals:
-        results.update({f"{k}_before": v for k, v in run.evals[0].items() if k.startswith("eval_")})
-        results.update({k: v for k, v in run.evals[-1].items() if k.startswith("eval_")})
+               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
     write_results(out, results)
     print(f"Done: policy in {out}")
     return 0

@@ -72,9 +72,9 @@ def main(argv: list[str]) -> int:
     from ..adapters import count_parameters
     from ..alignment import model_reference, write_demo_pairs
     from ..data import load_pair_data
-    from ..pair_training import PairRun, train_pairs
-    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, plot_curves,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything, total_optimizer_steps)
+    from ..pair_training import eval_results, start_pair_run, train_pairs
+    from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
+                            seed_everything, write_results)
     from ..value_head import RewardModel, ValueHead, save_reward_model
 
     # ---- setup
@@ -86,17 +86,8 @@ def main(argv: list[str]) -> int:
     train_set, val_set, report = load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
     rm = RewardModel(lm, ValueHead(lm.config.hidden_size).to(device)).train()
     trainable, total = count_parameters(rm)
-    per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
-    optimizer = make_optimizer(rm, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    checkpoints = Checkpoints(out, cfg.save_total_limit)
-    run = PairRun(cfg, optimizer, scheduler, make_grad_scaler(device, amp_dtype), checkpoints, None, train_set,
-                  val_set, device, amp_dtype, total_steps, per_epoch)
-    if cfg.resume and checkpoints.latest() is not None:
-        run.position = checkpoints.load(checkpoints.latest(), rm, optimizer, scheduler, run.scaler)
-    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
-                     tensorboard=cfg.report_to == "tensorboard", desc="rm")
-    run.log.write(f"{report}; {total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
+    run = start_pair_run(cfg, rm, out, train_set, val_set, device, amp_dtype, "rm")
+    run.log.write(f"{report}; {run.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
                   f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
@@ -112,10 +103,7 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
                     "pairwise accuracy")
     results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-               "skipped_steps": run.position["skipped_steps"]}
-    if run.evals:
-        results.update({f"{k}_before": v for k, v in run.evals[0].items() if k.startswith("eval_")})
-        results.update({k: v for k, v in run.evals[-1].items() if k.startswith("eval_")})
+               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
     write_results(out, results)
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0
