@@ -105,8 +105,8 @@ def main(argv: list[str]) -> int:
     from .. import losses as L
     from .. import rlhf
     from ..adapters import count_parameters
-    from ..training import (Checkpoints, load_trainable, write_results, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
-                            prepare_output_dir, resolve_device, seed_everything)
+    from ..training import (Checkpoints, RunLog, load_trainable, make_grad_scaler, make_optimizer, make_scheduler,
+                            precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
     from ..value_head import PolicyWithValue, ValueHead
 
     # ---- setup
