@@ -1,0 +1,146 @@
+"""The training pieces shared by sft, rm, dpo and ppo, each against a hand-computed value."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from baichuan_tune.adapters import freeze_all_but_last, lora_targets, prepare_for_training
+from baichuan_tune.errors import BaichuanTuneError
+from baichuan_tune.training import (Checkpoints, TrainingError, TrainOptions, batch_order, loss_is_bad,
+                                    make_optimizer, make_scheduler, total_optimizer_steps)
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    first = batch_order(10, 4, seed=1, epoch=0)
+    assert [len(b) for b in first] == [4, 4, 2]
+    assert sorted(i for b in first for i in b) == list(range(10))
+    assert first == batch_order(10, 4, seed=1, epoch=0)
+    assert first != batch_order(10, 4, seed=1, epoch=1)
+    assert first != batch_order(10, 4, seed=2, epoch=0)
+
+
+@pytest.mark.parametrize("samples,batch,accum,epochs,max_steps,expected", [
+    (100, 4, 1, 3.0, -1, (25, 75)),
+    (100, 4, 2, 3.0, -1, (12, 36)),   # 25 batches -> 12 full accumulation groups per epoch
+    (100, 4, 2, 1.5, -1, (12, 18)),
+    (100, 4, 1, 3.0, 10, (25, 10)),
+    (3, 8, 4, 1.0, -1, (1, 1)),       # fewer batches than one group still makes one step
+])
+def test_total_optimizer_steps(samples, batch, accum, epochs, max_steps, expected):
+    cfg = TrainOptions(per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                       num_train_epochs=epochs, max_steps=max_steps)
+    assert total_optimizer_steps(cfg, samples) == expected
+
+
+def test_cosine_schedule_with_warmup_matches_the_formula():
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainOptions(learning_rate=1.0, warmup_steps=2, lr_scheduler_type="cosine")
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = make_scheduler(optimizer, cfg, total_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup 0, 1/2; then 0.5 * (1 + cos(pi * (s - 2) / 8)) for s = 2..9
+    expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+
+
+def test_constant_schedule_after_warmup():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.3)
+    scheduler = make_scheduler(optimizer, TrainOptions(learning_rate=0.3, warmup_steps=3, lr_scheduler_type="constant"), 10)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.3, 0.3])
+
+
+def test_eight_bit_adamw_comes_from_bitsandbytes_and_trains():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = torch.nn.Linear(64, 64)
+    optimizer = make_optimizer(model, TrainOptions(optim="adamw_8bit", learning_rate=1e-2))
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    before = model.weight.detach().clone()
+    model(torch.randn(8, 64)).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_nothing_to_train_is_an_error():
+    model = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(TrainingError, match="nothing to train"):
+        make_optimizer(model, TrainOptions())
+
+
+def test_loss_guard():
+    assert loss_is_bad(torch.tensor(1.5), 3, "stop", None) is False
+    assert loss_is_bad(torch.tensor(float("inf")), 3, "skip", None) is True
+    with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 7; the last good checkpoint is ckpt-6"):
+        loss_is_bad(torch.tensor(float("nan")), 7, "stop", Path("ckpt-6"))
+    with pytest.raises(TrainingError, match="no checkpoint was written yet"):
+        loss_is_bad(torch.tensor(float("nan")), 1, "stop", None)
+
+
+def _optim_state(model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+
+
+def test_checkpoints_rotate_and_a_failed_save_keeps_the_last_good_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(model)
+    store = Checkpoints(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        store.save(step, model, optimizer, scheduler, None, {"epoch": 0, "batch": step})
+    assert [p.name for p in store.all()] == ["checkpoint-4", "checkpoint-6"]
+
+    import baichuan_tune.training as training
+
+    def broken_json(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "atomic_write_json", broken_json)
+    with pytest.raises(OSError, match="disk full"):
+        store.save(8, model, optimizer, scheduler, None, {"epoch": 0, "batch": 8})
+    assert store.latest().name == "checkpoint-6" and not (tmp_path / "checkpoint-8").exists()
+    monkeypatch.undo()
+
+    fresh = torch.nn.Linear(3, 3)
+    fresh_opt, fresh_sched = _optim_state(fresh)
+    position = store.load(store.latest(), fresh, fresh_opt, fresh_sched, None)
+    assert position == {"step": 6, "epoch": 0, "batch": 6}
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_lora_targets():
+    assert lora_targets(["all"]) == ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora_targets(["W_pack"]) == ["W_pack"]
+    with pytest.raises(BaichuanTuneError, match="unknown module"):
+        lora_targets(["q_proj"])
+
+
+def test_freeze_trains_only_the_last_layers():
+    model = tiny_model("tiny-baichuan2-7b")
+    freeze_all_but_last(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    last = len(model.model.layers) - 1
+    assert trainable and all(n.startswith(f"model.layers.{last}.") for n in trainable)
+    assert len(trainable) == len(list(model.model.layers[last].parameters()))
+
+
+def test_lora_trains_only_adapter_weights_on_the_chosen_modules():
+    model = prepare_for_training(tiny_model("tiny-baichuan-13b"), "lora", lora_target=["W_pack", "down_proj"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable} == {"W_pack", "down_proj"}
