@@ -258,6 +258,17 @@ def is_demo(argv: list[str]) -> bool:
     return not argv or (argv[0].startswith("--") and not any(a.startswith("--dataset") for a in argv))
 
 
+def with_demo(argv: list[str], demo_settings, what: str) -> tuple[list[str], bool]:
+    """(argv, is the demo): with no config file, no --dataset and no --help, a command runs its built-in
+    demo. `demo_settings` is a list of flags put before the user's own (so the user's win), or a function
+    of argv that returns the whole argv."""
+    demo = is_demo(argv) and not any(a in ("-h", "--help") for a in argv)
+    if demo:
+        print(f"No config file and no --dataset: running the built-in {what}.")
+        argv = demo_settings(argv) if callable(demo_settings) else list(demo_settings) + list(argv)
+    return argv, demo
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

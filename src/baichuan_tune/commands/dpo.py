@@ -60,12 +60,9 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import is_demo
+    from ..training import with_demo
 
-    demo = is_demo(argv)
-    if demo and not any(a in ("-h", "--help") for a in argv):
-        print("No config file and no --dataset: running the built-in DPO demo (tiny default model, CPU).")
-        argv = DEMO_OVERRIDES + list(argv)
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
     from ..adapters import count_parameters
     from ..alignment import write_demo_pairs

@@ -96,11 +96,9 @@ class PPOConfig(ModelOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import is_demo
+    from ..training import with_demo
 
-    if is_demo(argv) and not any(a in ("-h", "--help") for a in argv):
-        print("No config file and no --dataset: running the built-in PPO demo (rule reward: answer in Chinese, CPU).")
-        argv = _demo_argv(argv)
+    argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
     from .. import losses as L
     from .. import rlhf

@@ -62,12 +62,9 @@ class ScoreConfig:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "score":
         return score(argv[1:])
-    from ..training import is_demo
+    from ..training import with_demo
 
-    demo = is_demo(argv)
-    if demo and not any(a in ("-h", "--help") for a in argv):
-        print("No config file and no --dataset: running the built-in reward-model demo (tiny default model, CPU).")
-        argv = DEMO_OVERRIDES + list(argv)
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
     from ..adapters import count_parameters
     from ..alignment import model_reference, write_demo_pairs

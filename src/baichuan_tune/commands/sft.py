@@ -44,12 +44,9 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import base_dtype, is_demo, write_results
+    from ..training import base_dtype, with_demo, write_results
 
-    demo = is_demo(argv)
-    if demo and not any(a in ("-h", "--help") for a in argv):
-        print("No config file and no --dataset: running the built-in demo (tiny default model, demo data, CPU).")
-        argv = DEMO_OVERRIDES + list(argv)
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)")
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
