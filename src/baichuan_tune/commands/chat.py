@@ -13,28 +13,20 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from ..checkpoint import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 HELP = "commands: /clear forgets the conversation, /exit or /quit leaves (Ctrl-D too), /help shows this"
 
 
 @dataclass
-class ChatConfig:
-    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
-    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
-    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
+class ChatConfig(LoadOptions):
     system: str | None = opt(None, "system message put before the conversation (Baichuan2 models only)")
     temperature: float | None = opt(None, "sampling temperature; 0 = greedy (default: the checkpoint's, 0.3)")
     top_k: int | None = opt(None, "sample among the k likeliest tokens (default: the checkpoint's, 5)")
     top_p: float | None = opt(None, "nucleus sampling mass (default: the checkpoint's, 0.85)")
     repetition_penalty: float | None = opt(None, "penalty for repeated tokens (default: the checkpoint's)")
     max_new_tokens: int | None = opt(None, "longest reply in tokens (default: the checkpoint's, at most half the context)")
-
-    def validate(self) -> None:
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
 
 
 class ChatSession:
@@ -93,11 +85,9 @@ def run(session: ChatSession, read=input, write=_write) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
-    from ..checkpoint import load_model_and_tokenizer
     from ..generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                quantize=cfg.quantize, adapter=cfg.adapter)
+    model, tokenizer = cfg.load()
     try:
         config = chat_generation_config(model, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)

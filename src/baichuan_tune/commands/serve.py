@@ -14,16 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..checkpoint import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 
 @dataclass
-class ServeConfig:
-    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
-    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
-    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
+class ServeConfig(LoadOptions):
     host: str = opt("127.0.0.1", "address to listen on; 0.0.0.0 exposes the API to the network (set --api-key)")
     port: int = opt(8000, "TCP port (0 picks a free one)")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $BAICHUAN_TUNE_API_KEY)")
@@ -33,8 +29,7 @@ class ServeConfig:
         "info", "uvicorn log level (checked here: uvicorn would fail on a bad one only after the model loaded)")
 
     def validate(self) -> None:
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
+        super().validate()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_queue < 1:
@@ -46,7 +41,7 @@ class ServeConfig:
 def main(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
-    from ..checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..checkpoint import resolve_model_path
     from ..server import bind_socket, create_app
 
     path = resolve_model_path(cfg.model)
@@ -55,8 +50,7 @@ def main(argv: list[str]) -> int:
         sock = bind_socket(cfg.host, cfg.port)  # before loading: a taken port fails fast
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
-    model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.dtype, device=cfg.device,
-                                                quantize=cfg.quantize, adapter=cfg.adapter)
+    model, tokenizer = cfg.load(path)
     import uvicorn
 
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue)
