@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
+from baichuan_tune.quantize import stored_bytes  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "4bit": torch.bfloat16,
           "8bit": torch.float16}
@@ -88,17 +89,7 @@ def build(kind: str, preset: str, mode: str, device: str):
 def weight_bytes_per_token(model) -> int:
     """Bytes a decoding step reads: every weight (with bitsandbytes scales) except the embedding table."""
     embed = model.get_input_embeddings().weight
-    total = 0
-    for param in model.parameters():
-        if param is embed:
-            continue
-        total += param.numel() * param.element_size()
-        state = getattr(param, "quant_state", None)
-        for extra in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None),
-                      getattr(param, "SCB", None)):
-            if isinstance(extra, torch.Tensor):
-                total += extra.numel() * extra.element_size()
-    return total
+    return stored_bytes(p for p in model.parameters() if p is not embed)
 
 
 def copy_bandwidth(device: str, nbytes: int = 2**30) -> float:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
+from baichuan_tune.quantize import stored_bytes  # noqa: E402
 
 GIB = 2**30
 # Baichuan2 README, "quantised inference" table: GB of GPU memory in bf16 / 8-bit / 4-bit.
@@ -72,14 +73,7 @@ def build(preset: str, mode: str, device: str):
 
 def tensor_bytes(model) -> int:
     """Bytes of every parameter and buffer, plus the scales bitsandbytes keeps beside quantised weights."""
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    for param in model.parameters():
-        state = getattr(param, "quant_state", None)
-        for extra in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None),
-                      getattr(param, "SCB", None)):
-            if isinstance(extra, torch.Tensor):
-                total += extra.numel() * extra.element_size()
-    return total
+    return stored_bytes([*model.parameters(), *model.buffers()])
 
 
 def measure(preset: str, mode: str, device: str) -> dict:

@@ -51,6 +51,20 @@ def is_quantized(model) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
+def stored_bytes(tensors) -> int:
+    """Bytes `tensors` take as stored, plus the scales bitsandbytes keeps beside quantised weights
+    (NF4 absmax and its double-quantised absmax, LLM.int8() SCB)."""
+    total = 0
+    for tensor in tensors:
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        for extra in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None),
+                      getattr(tensor, "SCB", None)):
+            if isinstance(extra, torch.Tensor):
+                total += extra.numel() * extra.element_size()
+    return total
+
+
 def bnb_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
     """transformers' BitsAndBytesConfig for loading a checkpoint in `bits` (same settings as `quantize`)."""
     import_bitsandbytes()
