@@ -138,12 +138,33 @@ def test_quantized_model_generates():
     assert out.shape == (1, 8)
 
 
+def test_int8_side_tensors_follow_a_device_move():
+    """A move swaps each weight's `.data`; the int8 copies bitsandbytes keeps beside it must follow.
+
+    `_apply(clone)` is what `.cuda()` / `.to(device)` does, with every tensor replaced on this one device.
+    """
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(8)
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits  # the first forward moves CB/SCB into each layer's matmul state
+        old = [m.state.CB for m in model.modules() if m.__class__.__name__ == "Linear8bitLt"]
+        model._apply(lambda t: t.clone())
+        layers = [m for m in model.modules() if m.__class__.__name__ == "Linear8bitLt"]
+        assert len(layers) == len(old) == 10
+        for layer, stale in zip(layers, old):
+            assert layer.state.CB.data_ptr() == layer.weight.data_ptr() != stale.data_ptr()
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_authors_idiom_quantize_then_cuda(bits):
     """`model.quantize(bits).cuda()` (the authors' idiom) keeps the weights quantised and in the format."""
-    model = tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(bits).cuda()
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(bits)
+    if bits == 8:
+        model(torch.tensor([[5, 6, 7]]))  # a forward before the move, as a user trying it on the CPU first
+    model = model.cuda()
     layer = model.model.layers[0].self_attn.W_pack
     assert layer.weight.device.type == "cuda" and layer.weight.dtype in (torch.int8, torch.uint8)
     assert_matches_simulation(model, "tiny-baichuan2-7b", bits, device="cuda")

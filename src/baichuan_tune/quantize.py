@@ -101,6 +101,28 @@ def _quantized_linear(bnb, linear: nn.Linear, bits: int) -> nn.Module:
     return new.to(device).train(linear.training)
 
 
+def resync_int8_state(model) -> None:
+    """Point LLM.int8() layers' side tensors at their weights after `model.to(device)` / `.cuda()`.
+
+    torch moves a parameter by swapping its `.data`, which leaves the copies bitsandbytes keeps beside an
+    `Int8Params` (`CB`, `SCB`, and `state.CB`/`state.SCB` after a first forward) on the old device;
+    the next forward then mixes devices. `BaichuanForCausalLM._apply` calls this after every move.
+    """
+    bnb = import_bitsandbytes()
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear8bitLt):
+            continue
+        weight, state = module.weight, module.state
+        if getattr(weight, "CB", None) is not None:
+            weight.CB = weight.data
+        if getattr(weight, "SCB", None) is not None:
+            weight.SCB = weight.SCB.to(weight.device)
+        if state.CB is not None:
+            state.CB = weight.data
+        if state.SCB is not None:
+            state.SCB = state.SCB.to(weight.device)
+
+
 def check_cpu_4bit_shapes(model, names=QUANTIZED_LINEARS) -> None:
     """Refuse shapes bitsandbytes' CPU NF4 kernels cannot take, before any weight is touched.
 

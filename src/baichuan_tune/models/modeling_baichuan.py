@@ -371,6 +371,16 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
         return quantize(self, bits)
 
+    def _apply(self, fn, *args, **kwargs):
+        # `.cuda()` / `.to(device)` after `quantize(8)` (the authors' idiom) must also move the int8 copies
+        # bitsandbytes keeps beside each weight, which torch's in-place move leaves behind.
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "quantization_bits", None) == 8:
+            from ..quantize import resync_int8_state
+
+            resync_int8_state(self)
+        return self
+
     def forward(
         self,
         input_ids=None,
