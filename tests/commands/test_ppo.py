@@ -196,3 +196,14 @@ def test_reward_function_errors(tmp_path, capsys):
         code = cli.main(["ppo", *TINY, "--reward_function", spec, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (spec, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_demo_on_cuda_in_bf16_raises_the_reward(home, sft_model):
+    """The CPU demo's claims hold on a GPU under bf16 autocast: reward up on held-out prompts, KL bounded."""
+    out = demo_run(home, sft_model, "cuda_bf16", "--device", "cuda", "--bf16", "true")
+    results = json.loads((out / "train_results.json").read_text())
+    kls = steps(read_log(out), "kl")
+    assert results["eval_reward"] - results["eval_reward_before"] >= 0.15, results
+    assert max(kls) < 15.0, kls

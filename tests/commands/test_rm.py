@@ -175,3 +175,14 @@ def test_score_needs_a_reward_model_folder(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["rm", "score", "--reward_model", str(tmp_path), "--input", str(bad)]) == 2
     # the folder check comes first; a real reward model folder reaches the record check (test above)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qlora_bf16_on_cuda_learns_the_demo_pairs(tmp_path):
+    """The demo on a GPU with NF4 base weights and bf16 autocast (0.75 held-out accuracy on a CPU)."""
+    out = tmp_path / "cuda"
+    assert rm.main(["--output_dir", str(out), "--eval_steps", "0", "--device", "cuda", "--finetuning_type", "qlora",
+                    "--bf16", "true", *FAST]) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["eval_accuracy"] >= 0.7 and results["eval_margin"] > 1.0, results

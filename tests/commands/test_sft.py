@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,23 @@ def test_overwrite_output_dir_starts_again_in_a_used_folder(tmp_path):
     results = run_sft(out, "--max_steps", "1", "--save_steps", "5", "--overwrite_output_dir", "true")
     assert results["global_step"] == 1 and not list(out.glob("checkpoint-*"))
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("setting", [
+    ("--finetuning_type", "lora", "--bf16", "true", "--gradient_checkpointing", "true", "--packing", "true"),
+    ("--finetuning_type", "qlora", "--bf16", "true", "--optim", "paged_adamw_8bit"),
+    ("--finetuning_type", "qlora", "--quantization_bit", "8", "--fp16", "true"),
+], ids=["lora-bf16-packed", "qlora4-bf16-paged8bit", "qlora8-fp16"])
+def test_training_on_cuda_lowers_the_loss(tmp_path, setting):
+    """The GPU paths (autocast, loss scaling, bitsandbytes kernels and optimizers) learn like the CPU one:
+    30 steps on the demo data take the loss from about 8.5 to about 4.6 on a CPU in fp32."""
+    out = tmp_path / "cuda"
+    run_sft(out, "--device", "cuda", "--max_samples", "200", "--max_steps", "30", "--learning_rate", "2e-3", *setting)
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 30 and all(map(math.isfinite, losses))
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
