@@ -160,6 +160,9 @@ BAD_REQUESTS = [
     (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
      400, "invalid_json"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    # Valid JSON, but a lone surrogate is no text a tokenizer can encode.
+    (b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}', 400, "invalid_value"),
+    ({"model": NAME, "messages": ask(0), "repetition_penalty": 1e-300}, 400, "invalid_value"),  # overflows logits
 ]
 
 
@@ -186,6 +189,23 @@ def test_bad_completion_requests(server):
     assert httpx.post(url, json={"model": NAME, "prompt": ""}, timeout=30).status_code == 400
     assert httpx.post(url, json={"model": NAME, "prompt": ["a", "b"]}, timeout=30).status_code == 400
     assert httpx.post(url, json={"model": NAME, "prompt": "hi", "echo": True}, timeout=30).status_code == 400
+
+
+def test_lone_surrogate_names_its_field(server):
+    body = b'{"model": "tiny-chat", "messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "\\udfff"}]}'
+    chat = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages.1.content"
+    body = b'{"model": "tiny-chat", "prompt": "x\\ud800"}'
+    completion = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
+
+
+def test_a_vanishing_temperature_decodes_greedily(server):
+    """T -> 0 is greedy decoding; 1e-45 would overflow logits / T into NaN if it were sampled."""
+    c = client(server)
+    tiny = c.chat.completions.create(model=NAME, messages=ask(7), temperature=1e-45, max_tokens=8)
+    greedy = c.chat.completions.create(model=NAME, messages=ask(7), **GREEDY)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
 def test_unknown_routes_and_methods(server):

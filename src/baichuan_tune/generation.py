@@ -40,6 +40,7 @@ CHAT_DEFAULTS = {
     "repetition_penalty": 1.05,
 }
 DEFAULT_MAX_NEW_TOKENS = 2048
+MIN_TEMPERATURE = 1e-5  # temperatures below this decode greedily (see chat_generation_config)
 
 
 class ChatFormatError(BaichuanTuneError, ValueError):
@@ -176,7 +177,7 @@ def context_length(model) -> int:
 def chat_generation_config(model, generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
     """The checkpoint's generation config, chat defaults filled in where absent, then `overrides`.
 
-    `temperature=0` (or `do_sample=False`) means greedy decoding. Keys left None in `overrides` are
+    `temperature=0` (or below MIN_TEMPERATURE, or `do_sample=False`) means greedy decoding. Keys left None in `overrides` are
     ignored, so command-line options that were not given keep the checkpoint's values.
     """
     config = copy.deepcopy(generation_config or model.generation_config)
@@ -189,7 +190,8 @@ def chat_generation_config(model, generation_config: GenerationConfig | None = N
         if getattr(config, key, None) is None:
             setattr(config, key, getattr(model.config, key, None))
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("temperature") == 0:
+    if overrides.get("temperature") is not None and 0 <= overrides["temperature"] < MIN_TEMPERATURE:
+        # Sampling tends to greedy as T -> 0, and below this logits / T overflows float32 into NaN.
         overrides.pop("temperature")
         overrides["do_sample"] = False
     for key, value in overrides.items():
@@ -206,7 +208,8 @@ def _check_generation_config(config: GenerationConfig) -> None:
         ("temperature", config.temperature is None or config.temperature > 0, "a number > 0 (0 means greedy)"),
         ("top_p", config.top_p is None or 0 < config.top_p <= 1, "a number in (0, 1]"),
         ("top_k", config.top_k is None or config.top_k >= 0, "an integer >= 0"),
-        ("repetition_penalty", config.repetition_penalty is None or config.repetition_penalty > 0, "a number > 0"),
+        ("repetition_penalty", config.repetition_penalty is None or 0.01 <= config.repetition_penalty <= 100,
+         "a number in [0.01, 100]"),
     ]
     for name, ok, expected in checks:
         if not ok:

@@ -112,7 +112,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # beyond these the scaled logits overflow
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -157,9 +157,30 @@ async def parse_body(request, cls):
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
-        return cls.model_validate(data)
+        parsed = cls.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    bad = _not_unicode(data)
+    if bad is not None:
+        raise APIError(400, f"{bad}: not valid Unicode text (a lone surrogate escape such as \\ud800)",
+                       param=bad, code="invalid_value")
+    return parsed
+
+
+def _not_unicode(value, path: str = "") -> str | None:
+    """The path of the first string holding a lone surrogate: JSON can escape one, no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "(body)"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _not_unicode(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 # ----------------------------------------------------------------------------- worker
