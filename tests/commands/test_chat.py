@@ -101,3 +101,35 @@ def test_quantize_option_loads_a_quantized_model(tiny_chat, monkeypatch, capsys)
     assert is_quantized(sessions[0].model)
     reply = sessions[0].ask("hello", lambda text: None)
     assert isinstance(reply, str)
+
+
+def test_adapter_option_answers_as_peft_does(tiny_chat, tmp_path, monkeypatch, capsys):
+    """Oracle: PEFT's own PeftModel.from_pretrained on the same base, then the authors' chat API."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from baichuan_tune.checkpoint import load_model
+
+    model, tokenizer, folder = tiny_chat
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["W_pack", "down_proj"])
+    get_peft_model(load_model(folder, dtype="fp32"), lora).save_pretrained(str(tmp_path / "adapter"))
+    tuned = PeftModel.from_pretrained(load_model(folder, dtype="fp32"), str(tmp_path / "adapter")).get_base_model()
+    question = [{"role": "user", "content": "Hello there"}]
+    expected = tuned.chat(tokenizer, question, temperature=0, max_new_tokens=6)
+    assert expected != model.chat(tokenizer, question, temperature=0, max_new_tokens=6)  # the adapter matters
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/exit\n"))
+    assert main(["chat", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    assert replies(capsys.readouterr().out) == [expected]
+
+
+def test_a_badly_encoded_line_is_refused_and_the_conversation_goes_on(tiny_chat):
+    model, tokenizer, _ = tiny_chat
+    session = ChatSession(model, tokenizer, chat_generation_config(model, temperature=0, max_new_tokens=4))
+    lines = iter(["caf\udce9", "Hello", "/exit"])  # how Python hands over bytes it could not decode
+    out = []
+    run(session, read=lambda prompt: next(lines), write=out.append)
+    assert "not valid UTF-8" in "".join(out)
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]

@@ -53,6 +53,17 @@ class ChatSession:
         return reply
 
 
+NOT_UTF8 = "(that line is not valid UTF-8 text, so it was not sent; please type it again)"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # bytes Python could not decode come back as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -67,6 +78,11 @@ def run(session: ChatSession, read=input, write=_write) -> None:
         except EOFError:
             write("\n")
             return
+        except UnicodeDecodeError:  # a strict stdin refused the bytes
+            text = None
+        if text is None or not _is_utf8(text):  # one badly encoded line must not end the conversation
+            write(NOT_UTF8 + "\n")
+            continue
         if text in ("/exit", "/quit"):
             return
         if text == "/clear":
