@@ -196,3 +196,24 @@ def test_memory_benchmark_counts_the_bytes_by_hand():
     expected = {"bf16": 2 * (linear + other), "8bit": linear + 2 * other + 4 * layers * rows_per_layer}
     for row in rows:
         assert abs(row["weights_gib"] * 2**30 - expected[row["mode"]]) < 1024  # + the RoPE frequency buffer
+
+
+def test_int8_cast_warning_is_logged_once_not_per_matmul(caplog):
+    """bitsandbytes warns on every int8 matmul of bf16 inputs; a chat reply would drown in it."""
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).to(torch.bfloat16).quantize(8)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        for _ in range(3):
+            model(torch.tensor([[5, 6, 7]]))
+    casts = [r for r in caplog.records if "MatMul8bitLt: inputs will be cast" in r.getMessage()]
+    assert len(casts) <= 1  # 30 without the filter: 10 layers x 3 forwards
+
+
+def test_loading_into_4bit_on_cpu_refuses_shapes_the_kernels_cannot_take(tmp_path):
+    from baichuan_tune.builtin import DEFAULT_TOKENIZER
+    from baichuan_tune.checkpoint import load_model, save_pretrained_atomic
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    folder = save_pretrained_atomic(tiny_model("tiny-baichuan2-7b", **(SHAPE | {"intermediate_size": 176})),
+                                    BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER)), tmp_path / "odd")
+    with pytest.raises(QuantizeError, match=r"gate_proj is \[176, 64\]: 4-bit on a CPU needs"):
+        load_model(folder, quantize=4, device="cpu")

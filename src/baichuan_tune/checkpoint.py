@@ -318,6 +318,11 @@ def _load_validated(path: Path, dtype, device, quantize, adapter):
     quantization = _quantization_config(quantize, kwargs["dtype"])
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        if quantization.load_in_4bit and kwargs["device_map"][""].type == "cpu":
+            from .models import BaichuanConfig
+            from .quantize import check_cpu_4bit_config
+
+            check_cpu_4bit_config(BaichuanConfig.from_pretrained(str(path)))
     adapter_dir = _check_adapter(adapter) if adapter else None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)

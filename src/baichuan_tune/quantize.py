@@ -13,6 +13,8 @@ Loading a checkpoint straight into 8/4 bits (`--quantize` on the commands) goes 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -39,7 +41,30 @@ def import_bitsandbytes():
         raise QuantizeError(
             "8-bit/4-bit needs bitsandbytes: pip install 'baichuan-tune[quant]' (or pip install bitsandbytes)"
         ) from exc
+    _say_int8_cast_once()
     return bitsandbytes
+
+
+class _Once(logging.Filter):
+    """Lets a message through the first time only."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _say_int8_cast_once() -> None:
+    # bitsandbytes logs this warning on every LLM.int8() matmul with non-fp16 inputs (bf16 models): one
+    # line per layer per token, which buries a chat reply or a server log. Once is enough to inform.
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
 
 
 def is_quantized(model) -> bool:
@@ -135,12 +160,23 @@ def check_cpu_4bit_shapes(model, names=QUANTIZED_LINEARS) -> None:
         for name in names:
             child = getattr(module, name, None)
             if type(child) is nn.Linear and child.weight.device.type == "cpu":
-                if child.out_features % 32 or child.in_features % 64:
-                    raise QuantizeError(
-                        f"{module_name}.{name} is [{child.out_features}, {child.in_features}]: 4-bit on a CPU needs "
-                        "out_features divisible by 32 and in_features by 64 (bitsandbytes' CPU kernels); use 8 "
-                        "bits here, or a GPU"
-                    )
+                _check_cpu_4bit_shape(f"{module_name}.{name}", child.out_features, child.in_features)
+
+
+def check_cpu_4bit_config(config) -> None:
+    """`check_cpu_4bit_shapes` from a config alone, for loading a checkpoint straight into 4 bits on a CPU."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {"W_pack": (3 * h, h), "o_proj": (h, h), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    for name, (out_features, in_features) in shapes.items():
+        _check_cpu_4bit_shape(f"model.layers.*.{name}", out_features, in_features)
+
+
+def _check_cpu_4bit_shape(name: str, out_features: int, in_features: int) -> None:
+    if out_features % 32 or in_features % 64:
+        raise QuantizeError(
+            f"{name} is [{out_features}, {in_features}]: 4-bit on a CPU needs out_features divisible by 32 and "
+            "in_features by 64 (bitsandbytes' CPU kernels); use 8 bits here, or a GPU"
+        )
 
 
 def quantize_linears(model, bits: int, names=QUANTIZED_LINEARS) -> int:
