@@ -7,6 +7,7 @@ deterministic), and OpenAI's documented response and error shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -307,25 +308,18 @@ def test_full_queue_answers_429_and_recovers(model_and_tokenizer):
         assert httpx.post(srv.url + "/v1/completions", json=body | {"max_tokens": 4}, timeout=60).status_code == 200
 
 
-def test_serve_command_end_to_end(tmp_path, model_and_tokenizer):
-    """`baichuan-tune serve` in its own process: prints its address, answers, stops on SIGINT."""
-    from baichuan_tune.checkpoint import save_pretrained_atomic
-
-    model, tokenizer = model_and_tokenizer
-    folder = save_pretrained_atomic(model, tokenizer, tmp_path / "tiny-chat")
+@contextlib.contextmanager
+def serve_process(folder, *extra: str):
+    """`baichuan-tune serve` in its own process (API key "k"); yields an openai client, stops it with SIGINT."""
     cmd = [sys.executable, "-m", "baichuan_tune.cli", "serve", "--model", str(folder), "--port", "0",
-           "--log-level", "warning", "--device", "cpu"]
+           "--log-level", "warning", "--device", "cpu", *extra]
     env = os.environ | {"BAICHUAN_TUNE_API_KEY": "k"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, line + proc.stderr.read() if proc.poll() is not None else line
-        url = match.group(0)
-        c = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=60)
-        assert [m.id for m in c.models.list().data] == ["tiny-chat"]
-        reply = c.chat.completions.create(model="tiny-chat", messages=ask(5), **GREEDY)
-        assert reply.choices[0].message.content == model.chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)
+        yield openai.OpenAI(base_url=match.group(0), api_key="k", max_retries=0, timeout=60)
     finally:
         proc.send_signal(2)  # SIGINT, as Ctrl-C
         try:
@@ -334,6 +328,53 @@ def test_serve_command_end_to_end(tmp_path, model_and_tokenizer):
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, -2, 130)
+
+
+def test_serve_command_end_to_end(tmp_path, model_and_tokenizer):
+    """`baichuan-tune serve` in its own process: prints its address, answers, stops on SIGINT."""
+    from baichuan_tune.checkpoint import save_pretrained_atomic
+
+    model, tokenizer = model_and_tokenizer
+    folder = save_pretrained_atomic(model, tokenizer, tmp_path / "tiny-chat")
+    with serve_process(folder) as c:
+        assert [m.id for m in c.models.list().data] == ["tiny-chat"]
+        reply = c.chat.completions.create(model="tiny-chat", messages=ask(5), **GREEDY)
+        assert reply.choices[0].message.content == model.chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)
+
+
+def test_serve_command_with_an_adapter_and_int8_weights(tmp_path, model_and_tokenizer):
+    """--adapter answers as PEFT's own loading of the adapter does; --quantize 8 then answers as the same
+    adapter over our in-place LLM.int8() layers (`model.quantize(8)`), a second way to the same format."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from baichuan_tune.checkpoint import load_model, save_pretrained_atomic
+
+    model, tokenizer = model_and_tokenizer
+    folder = save_pretrained_atomic(model, tokenizer, tmp_path / "tiny-chat")
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["W_pack", "o_proj", "down_proj"])
+    get_peft_model(load_model(folder, dtype="fp32"), lora).save_pretrained(str(tmp_path / "adapter"))
+    tuned = PeftModel.from_pretrained(load_model(folder, dtype="fp32"), str(tmp_path / "adapter")).get_base_model()
+    expected = tuned.chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)
+    assert expected != model.chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)  # the adapter matters
+    with serve_process(folder, "--adapter", str(tmp_path / "adapter"), "--dtype", "fp32") as c:
+        assert c.chat.completions.create(model="tiny-chat", messages=ask(5), **GREEDY).choices[0].message.content \
+            == expected
+    int8 = PeftModel.from_pretrained(load_model(folder, dtype="fp32").quantize(8), str(tmp_path / "adapter"))
+    expected = int8.get_base_model().chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)
+    with serve_process(folder, "--adapter", str(tmp_path / "adapter"), "--dtype", "fp32", "--quantize", "8") as c:
+        assert c.chat.completions.create(model="tiny-chat", messages=ask(5), **GREEDY).choices[0].message.content \
+            == expected
+
+
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
+    from baichuan_tune import cli
+
+    monkeypatch.delitem(sys.modules, "baichuan_tune.server")
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if fastapi were not installed
+    assert cli.main(["serve", "--model", "default"]) == 2
+    assert "serve needs fastapi: pip install 'baichuan-tune[serve]'" in capsys.readouterr().err
 
 
 def test_serve_command_checks_its_options_before_loading(capsys):

@@ -142,3 +142,17 @@ def test_adapter_changes_scores_and_prefix_cache_sees_it(checkpoint, shared_data
     adapted_full = probs("--adapter", str(tmp_path / "adapter"), "--share-prefix", "false")
     assert not torch.allclose(adapted, plain, atol=1e-3)
     assert torch.allclose(adapted, adapted_full, atol=1e-4)
+
+
+def test_quantize_option_scores_with_int8_weights(checkpoint, shared_data, tmp_path):
+    """--quantize 8 loads LLM.int8() layers: the perplexity moves by the format's small error, not more."""
+    source = need_shared(shared_data / "c4_demo.jsonl")
+    small = tmp_path / "c4_small.jsonl"
+    small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    results = {}
+    for name, extra in (("full", []), ("int8", ["--quantize", "8"])):
+        assert eval_command.main(["--model", str(checkpoint), "--task", "ppl", "--data", str(small), "--max-length",
+                                  "64", "--dtype", "fp32", "--output", str(tmp_path / name), *extra]) == 0
+        results[name] = json.loads((tmp_path / name / "results.json").read_text(encoding="utf-8"))
+    full, int8 = results["full"]["perplexity"], results["int8"]["perplexity"]
+    assert full != int8 and abs(int8 - full) / full < 0.02, (full, int8)

@@ -28,7 +28,7 @@ from ..config import ConfigError, opt, parse_config
 class EvalConfig:
     model: str = opt("default", "model folder, or 'default' for the built-in model")
     adapter: str | None = opt(None, "PEFT adapter folder to apply on top of the model (e.g. a LoRA from sft)")
-    quantize: int | None = opt(None, "load the weights in 4 or 8 bits with bitsandbytes (CUDA only)")
+    quantize: int | None = opt(None, "load the weights in 4 or 8 bits with bitsandbytes")
     task: Literal["ceval", "cmmlu", "mmlu", "ppl"] = opt("ceval", "ceval, cmmlu, mmlu or ppl")
     split: Literal["dev", "val", "test"] = opt("val", "dev, val or test (CMMLU publishes dev and test)")
     data: str | None = opt(None, "benchmark archive or folder as published; for ppl a .txt/.jsonl/.json file")

@@ -42,7 +42,13 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..checkpoint import resolve_model_path
-    from ..server import bind_socket, create_app
+
+    try:  # before loading the model: a missing extra should cost nothing
+        import uvicorn
+
+        from ..server import bind_socket, create_app
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"serve needs {exc.name}: pip install 'baichuan-tune[serve]'") from None
 
     path = resolve_model_path(cfg.model)
     name = cfg.model_name or ("default" if cfg.model == "default" else Path(path).name)
@@ -51,8 +57,6 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
     model, tokenizer = cfg.load(path)
-    import uvicorn
-
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue)
     host, port = sock.getsockname()[:2]
     auth = "API key required" if api_key else "no API key"
