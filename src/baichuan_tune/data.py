@@ -66,6 +66,23 @@ class DataOptions:
     name: str = opt("Baichuan", "replaces {{name}} in identity-style data")
     author: str = opt("Baichuan Inc.", "replaces {{author}} in identity-style data")
 
+    def check_data_options(self) -> None:
+        """Reject data options that would fail, or silently cut the data wrong, only after the model loaded."""
+        from .config import ConfigError
+
+        for name in ("cutoff_len",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_source_length", "max_target_length", "max_samples", "preprocessing_num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0 means off / all), got {getattr(self, name)}")
+        if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
+            raise ConfigError(f"val_size must be a fraction below 1 or a whole number of records, got {self.val_size}")
+        for spec in self.dataset:
+            source = parse_dataset_spec(spec)
+            if source.path != DEMO_DATASET and not Path(source.path).is_file():
+                raise ConfigError(f"{source.path}: data file not found")
+
     def load_kwargs(self, seed: int) -> dict:
         """Keyword arguments of `load_sft_data` / `load_pair_data` (minus train_on for pairs)."""
         return dict(template=self.template, cutoff_len=self.cutoff_len, max_source_length=self.max_source_length,

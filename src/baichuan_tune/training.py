@@ -65,7 +65,7 @@ class TrainOptions:
     save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
     save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
-    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes its checkpoints)")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     plot_loss: bool = opt(True, "write training_loss.png")
@@ -87,6 +87,8 @@ def check_options(cfg) -> None:
     for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if not cfg.learning_rate > 0:
+        raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
     if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
         raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {cfg.num_train_epochs}")
     if not 0 <= cfg.warmup_ratio <= 1:
@@ -102,6 +104,25 @@ def check_options(cfg) -> None:
         raise ConfigError(str(exc)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine (use --device cpu)")
+    if hasattr(cfg, "check_data_options"):
+        cfg.check_data_options()
+    if getattr(cfg, "finetuning_type", None) == "freeze":
+        _check_freeze_layers(cfg)
+
+
+def _check_freeze_layers(cfg) -> None:
+    """freeze_trainable_layers against the model's depth, from its config.json (the weights are not read)."""
+    from .checkpoint import resolve_model_path
+    from .config import ConfigError
+
+    try:
+        config = json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, BaichuanTuneError):
+        return  # loading the model reports a missing or broken folder with its own clear error
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and cfg.freeze_trainable_layers > layers:
+        raise ConfigError(f"freeze_trainable_layers is {cfg.freeze_trainable_layers} but the model has {layers} "
+                          "decoder layers")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,17 +143,25 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
 
 
+RUN_MARKERS = ("trainer_log.jsonl", "train_results.json")  # files every training command writes
+
+
 def prepare_output_dir(cfg) -> Path:
-    """Create output_dir and save the config; an earlier run there is continued (--resume), cleared
-    (--overwrite_output_dir) or refused, so finished work is never overwritten by accident."""
+    """Create output_dir and save the config. A folder holding an earlier run (checkpoints, a log or results)
+    is continued (--resume, from its last checkpoint), deleted and started afresh (--overwrite_output_dir)
+    or refused, so finished work is never overwritten or mixed with a new run's by accident."""
     out = Path(cfg.output_dir)
-    earlier = sorted(out.glob("checkpoint-*")) if out.exists() else []
-    if earlier and not cfg.resume:
-        if not cfg.overwrite_output_dir:
-            raise TrainingError(f"{out} already holds checkpoints; pass --resume true to continue, "
-                                "--overwrite_output_dir true to start again, or another --output_dir")
-        for path in earlier + [out / "runs"]:
-            shutil.rmtree(path, ignore_errors=True)
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    earlier = bool(checkpoints) or any((out / name).exists() for name in RUN_MARKERS)
+    if earlier and not (cfg.resume and checkpoints):
+        if cfg.overwrite_output_dir:
+            shutil.rmtree(out)
+        elif cfg.resume:
+            raise TrainingError(f"{out} holds an earlier run but no checkpoint to resume from; pass "
+                                "--overwrite_output_dir true to start again there, or another --output_dir")
+        else:
+            raise TrainingError(f"{out} already holds a run; pass --resume true to continue from its last checkpoint, "
+                                "--overwrite_output_dir true to delete it and start again, or another --output_dir")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
@@ -253,19 +282,37 @@ def write_results(out: Path, results: dict) -> None:
     print(json.dumps(results, ensure_ascii=False))
 
 
-def is_demo(argv: list[str]) -> bool:
-    """No config file and no --dataset: the command runs its built-in demo."""
-    return not argv or (argv[0].startswith("--") and not any(a.startswith("--dataset") for a in argv))
+def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
+    """No config file and no --dataset (and, unless `own_model_allowed`, no --model other than 'default'):
+    the command runs its built-in demo."""
+    if argv and not argv[0].startswith("--"):
+        return False  # a config file
+    if any(a.startswith("--dataset") for a in argv):
+        return False
+    return own_model_allowed or _flag_value(argv, "--model") in (None, "default")
 
 
-def with_demo(argv: list[str], demo_settings, what: str) -> tuple[list[str], bool]:
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool = True) -> tuple[list[str], bool]:
     """(argv, is the demo): with no config file, no --dataset and no --help, a command runs its built-in
     demo. `demo_settings` is a list of flags put before the user's own (so the user's win), or a function
-    of argv that returns the whole argv."""
-    demo = is_demo(argv) and not any(a in ("-h", "--help") for a in argv)
+    of argv that returns the whole argv. A demo may clear its own output folder, never one the user named."""
+    demo = is_demo(argv, own_model_allowed) and not any(a in ("-h", "--help") for a in argv)
     if demo:
         print(f"No config file and no --dataset: running the built-in {what}.")
-        argv = demo_settings(argv) if callable(demo_settings) else list(demo_settings) + list(argv)
+        user = list(argv)
+        argv = demo_settings(user) if callable(demo_settings) else list(demo_settings) + user
+        if _flag_value(user, "--output_dir") is not None and _flag_value(user, "--overwrite_output_dir") is None:
+            argv += ["--overwrite_output_dir", "false"]
     return argv, demo
 
 

@@ -157,6 +157,15 @@ def test_qlora_on_cpu_trains_lora_over_nf4_weights(tmp_path):
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be at least 1"),
     (["--warmup_ratio", "1.5"], r"warmup_ratio must be in \[0, 1\]"),
     (["--device", "gpu"], "device must be cpu, cuda, cuda:N or auto"),
+    (["--learning_rate", "-1"], "learning_rate must be positive"),
+    (["--cutoff_len", "-5"], "cutoff_len must be at least 1"),  # would cut every sample's end, eos included
+    (["--packing", "true", "--cutoff_len", "0"], "cutoff_len must be at least 1"),
+    (["--max_source_length", "-2"], "max_source_length must not be negative"),
+    (["--max_samples", "-5"], "max_samples must not be negative"),
+    (["--val_size", "2.5"], "val_size must be a fraction below 1 or a whole number"),
+    (["--dataset", "no/such/file.json"], "no/such/file.json: data file not found"),
+    (["--finetuning_type", "freeze", "--freeze_trainable_layers", "10"],
+     "freeze_trainable_layers is 10 but the model has 4 decoder layers"),
 ])
 def test_bad_options_are_rejected_before_any_work(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -165,10 +174,48 @@ def test_bad_options_are_rejected_before_any_work(tmp_path, flags, message):
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("sft_*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    cfg = parse_config(sft.SFTConfig, [str(path)])
-    assert cfg.model.startswith("/path/to/") and cfg.dataset, "examples change only the model and data paths"
+def test_shipped_configs_validate(path, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert str(raw["model"]).startswith("/path/to/") and raw["dataset"][0].startswith("/path/to/"), \
+        "examples change only the model and data paths"
+    data = tmp_path / "data.json"
+    data.write_text("[]", encoding="utf-8")
+    cfg = parse_config(sft.SFTConfig, [str(path), "--dataset", str(data)])  # as a user runs it: own data path
     assert cfg.finetuning_type == "qlora" and cfg.lora_rank == 8
+
+
+def test_own_model_without_dataset_is_an_error_not_the_demo(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="no --dataset given"):
+        sft.main(["--model", str(tmp_path / "my-model"), "--output_dir", str(tmp_path / "x")])
+    assert "built-in demo" not in capsys.readouterr().out and not (tmp_path / "x").exists()
+
+
+def test_demo_runs_with_user_flags_and_saves_a_reusable_config(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert sft.main(["--max_steps", "3", "--output_dir", str(out), "--report_to", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "running the built-in demo" in printed and printed.count("before: ") == printed.count("after:  ") == 4
+    cfg = parse_config(sft.SFTConfig, [str(out / "config.yaml")])
+    assert cfg.model == "default" and cfg.dataset == ["demo"] and cfg.finetuning_type == "full"
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 3
+    # The demo may clear its own folder, never one the user named: a second demo run there is refused.
+    with pytest.raises(TrainingError, match="already holds a run"):
+        sft.main(["--max_steps", "3", "--output_dir", str(out), "--report_to", "none"])
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten_or_mixed(tmp_path):
+    out = tmp_path / "done"
+    run_sft(out, "--max_steps", "2")  # LoRA, no checkpoint (save_steps 500)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_sft(out, "--max_steps", "2", "--finetuning_type", "full")
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        run_sft(out, "--max_steps", "2", "--resume", "true")
+    assert (out / "adapter_model.safetensors").is_file()
+    run_sft(out, "--max_steps", "2", "--finetuning_type", "full", "--overwrite_output_dir", "true")
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
 
 
 def test_overwrite_output_dir_starts_again_in_a_used_folder(tmp_path):

@@ -40,7 +40,7 @@ DEMO_OVERRIDES = [
     "--max_steps", "30", "--learning_rate", "3e-3", "--kl_coef", "0.05",
     "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--rollout_batch_size", "32", "--ppo_epochs", "2",
     "--per_device_train_batch_size", "32", "--max_new_tokens", "12", "--val_size", "32", "--eval_steps", "10",
-    "--save_steps", "100", "--device", "cpu",
+    "--save_steps", "100", "--device", "cpu", "--overwrite_output_dir", "true",
 ]
 SFT_DEMO_DIR = Path("outputs/sft-demo")
 

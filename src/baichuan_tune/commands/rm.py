@@ -33,6 +33,7 @@ DEMO_OVERRIDES = [
     "--output_dir", "outputs/rm-demo", "--num_train_epochs", "2", "--learning_rate", "2e-3",
     "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "100", "--val_size", "80",
     "--eval_steps", "20", "--cutoff_len", "64", "--device", "cpu",
+    "--overwrite_output_dir", "true",
 ]
 
 

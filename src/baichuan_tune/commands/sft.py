@@ -26,7 +26,7 @@ from ..training import ModelOptions, TrainOptions
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [
-    "--model", "default", "--finetuning_type", "full", "--output_dir", "outputs/sft-demo", "--num_train_epochs", "3",
+    "--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--output_dir", "outputs/sft-demo", "--num_train_epochs", "3",
     "--learning_rate", "1e-3", "--warmup_ratio", "0.05", "--per_device_train_batch_size", "8", "--logging_steps", "5",
     "--save_steps", "100", "--val_size", "0.05", "--eval_steps", "50", "--cutoff_len", "128", "--device", "cpu",
     "--overwrite_output_dir", "true",
@@ -38,15 +38,20 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
     demo_prompts: list[str] = opt(factory=list, help="prompts answered before and after training (chat format)")
 
     def validate(self) -> None:
+        from ..config import ConfigError
         from ..training import check_options
 
+        if not self.dataset:
+            raise ConfigError("no --dataset given (data files in JSON/JSONL, comma separated; with no options at "
+                              "all, `baichuan-tune sft` runs the built-in demo)")
         check_options(self)
 
 
 def main(argv: list[str]) -> int:
     from ..training import base_dtype, with_demo, write_results
 
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)")
+    # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
@@ -61,7 +66,7 @@ def main(argv: list[str]) -> int:
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
     )
-    train_set, val_set, data_report = _load_data(cfg, tokenizer, demo)
+    train_set, val_set, data_report = _load_data(cfg, tokenizer)
     # Steps per epoch count packed rows, not samples. Packing is deterministic, so a resumed run packs alike.
     rows = pack_examples(train_set, cfg.cutoff_len) if cfg.packing else train_set
     prompts = cfg.demo_prompts or (DEMO_PROMPTS if demo else [])
@@ -106,15 +111,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _load_data(cfg, tokenizer, demo: bool):
+def _load_data(cfg, tokenizer):
     from .. import data
 
-    files = list(cfg.dataset) or ([data.DEMO_DATASET] if demo else [])
-    if not files:
-        from ..errors import DataError
-
-        raise DataError("no --dataset given (data files in JSON/JSONL, comma separated)")
-    return data.load_sft_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
+    return data.load_sft_data(list(cfg.dataset), tokenizer, **cfg.load_kwargs(cfg.seed))
 
 
 @dataclass
