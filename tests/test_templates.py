@@ -183,6 +183,25 @@ def test_human_assistant_belle_record_and_multi_turn(b2, shared_data):
     assert last.labels == [IGN] * (len(a1) + len(p1) + len(p2) + 3) + a2 + [EOS]
 
 
+@pytest.mark.parametrize("name,join", [("human_assistant", ""), ("baichuan2", "\n")])
+def test_alpaca_instruction_and_input_join_as_each_recipe(b2, shared_data, tmp_path, name, join):
+    """baichuan_sft_lora builds "Human: " + instruction + input; LLaMA-Factory joins them with a newline."""
+    from baichuan_tune.data import load_sft_data
+
+    tok, sp = b2
+    record = next(r for r in json.loads((shared_data / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+                  if r.get("input"))
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")
+    train, _, _ = load_sft_data([str(path)], tok, template=name, cutoff_len=4096, cache_dir="none")
+    user = record["instruction"] + join + record["input"]
+    expected = get_template(name).encode(tok, [("user", user), ("assistant", record["output"])])
+    assert list(train[0]["input_ids"]) == expected.input_ids
+    if name == "human_assistant":
+        assert expected.input_ids[: 1 + len(sp("Human: " + user + "\n\nAssistant: "))] == \
+            [BOS] + sp("Human: " + record["instruction"] + record["input"] + "\n\nAssistant: ")
+
+
 def test_human_assistant_system_goes_first(b2):
     tok, sp = b2
     enc = get_template("human_assistant").encode(tok, [("system", "简短回答。"), ("user", "你好"), ("assistant", "你好！")])

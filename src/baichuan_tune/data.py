@@ -266,8 +266,8 @@ def _history(obj: dict) -> list[tuple[str, str, str]]:
     return turns
 
 
-def _alpaca_prompt(obj: dict) -> list[tuple[str, str, str]]:
-    """system, history and the instruction (+ input) of an alpaca/BELLE or flat preference record."""
+def _alpaca_prompt(obj: dict, input_join: str = "\n") -> list[tuple[str, str, str]]:
+    """system, history and the instruction (+ input_join + input) of an alpaca/BELLE or flat preference record."""
     turns = []
     system = _string(obj, "system", required=False)
     if system:
@@ -275,7 +275,7 @@ def _alpaca_prompt(obj: dict) -> list[tuple[str, str, str]]:
     turns += _history(obj)
     instruction = _string(obj, "instruction")
     extra = _string(obj, "input", required=False)
-    prompt = f"{instruction}\n{extra}" if extra else instruction
+    prompt = f"{instruction}{input_join}{extra}" if extra else instruction
     if not prompt.strip():
         raise _Bad("instruction", "empty prompt (instruction and input are both empty)")
     return turns + [("user", prompt, "instruction")]
@@ -299,7 +299,7 @@ def _check_alternation(turns: list[tuple[str, str, str]], end: str) -> None:
         raise _Bad(body[-1][2], f"the conversation must end with {'an assistant answer' if end == 'assistant' else 'a user turn'}")
 
 
-def sft_turns(obj: Any) -> list[Turn]:
+def sft_turns(obj: Any, input_join: str = "\n") -> list[Turn]:
     """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
@@ -308,7 +308,7 @@ def sft_turns(obj: Any) -> list[Turn]:
     elif "messages" in obj:
         turns = _role_list(obj["messages"], "messages", "role", "content", MESSAGE_ROLES)
     elif "instruction" in obj or "output" in obj:
-        turns = _alpaca_prompt(obj)
+        turns = _alpaca_prompt(obj, input_join)
         turns.append(("assistant", _string(obj, "output"), "output"))
     elif "text" in obj:
         return [("text", _string(obj, "text", nonempty=True))]
@@ -329,7 +329,7 @@ def _answer(obj: dict, key: str) -> str:
     return _string(obj, key, nonempty=True)
 
 
-def pair_fields(obj: Any) -> tuple[list[Turn], str, str]:
+def pair_fields(obj: Any, input_join: str = "\n") -> tuple[list[Turn], str, str]:
     """Normalise one preference record to (prompt turns, chosen, rejected); raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
@@ -341,7 +341,7 @@ def pair_fields(obj: Any) -> tuple[list[Turn], str, str]:
         turns = [("system", s, "system") for s in [_string(obj, "system", required=False)] if s] + _history(obj)
         turns.append(("user", _string(obj, "prompt", nonempty=True), "prompt"))
     elif "instruction" in obj:
-        turns = _alpaca_prompt(obj)
+        turns = _alpaca_prompt(obj, input_join)
     else:
         raise _Bad("record", f"no prompt field in {sorted(obj)[:6]} (expected conversations, messages, prompt or instruction)")
     _check_alternation(turns, end="user")
@@ -403,7 +403,8 @@ def _demo_objects():
         yield f"{DEMO_DATASET}: record {i}", obj, None
 
 
-def _read_source(source: DataSource, kind: str, max_samples: int, fill: _Filler, skip_bad: bool) -> _FileRecords:
+def _read_source(source: DataSource, kind: str, max_samples: int, fill: _Filler, skip_bad: bool,
+                 input_join: str = "\n") -> _FileRecords:
     """Read, normalise and check one file's records (the first `max_samples` good ones when > 0)."""
     out = _FileRecords(source)
     is_demo = source.path == DEMO_DATASET and not Path(source.path).exists()
@@ -412,7 +413,7 @@ def _read_source(source: DataSource, kind: str, max_samples: int, fill: _Filler,
         try:
             if line_error:
                 raise DataError(line_error)
-            out.records.append(_make_record(obj, where, kind, fill))
+            out.records.append(_make_record(obj, where, kind, fill, input_join))
         except (_Bad, DataError) as exc:
             message = f"{where}, field '{exc.field}': {exc.problem}" if isinstance(exc, _Bad) else str(exc)
             if not skip_bad:
@@ -427,11 +428,11 @@ def _read_source(source: DataSource, kind: str, max_samples: int, fill: _Filler,
     return out
 
 
-def _make_record(obj: Any, where: str, kind: str, fill: _Filler):
+def _make_record(obj: Any, where: str, kind: str, fill: _Filler, input_join: str = "\n"):
     if kind == "pair":
-        prompt, chosen, rejected = pair_fields(obj)
+        prompt, chosen, rejected = pair_fields(obj, input_join)
         return PairExample(fill.turns(prompt), fill(chosen), fill(rejected), where)
-    return Example(fill.turns(sft_turns(obj)), where)
+    return Example(fill.turns(sft_turns(obj, input_join)), where)
 
 
 def _resample(records: list, n: int, rng: random.Random) -> list:
@@ -467,8 +468,11 @@ def _hash_json(obj: Any) -> str:
 
 
 def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sft", max_samples: int = 0,
-                 val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False) -> LoadedData:
+                 val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False,
+                 input_join: str = "\n") -> LoadedData:
     """Read and check every file of `dataset`, split off the eval set, then apply per-file counts/ratios.
+
+    `input_join` goes between an alpaca record's instruction and input (the template's `input_join`).
 
     The eval split is drawn (seeded) from all records read, before any resampling, so a repeated
     record never lands on both sides; per-file counts and ratios then apply to each file's training
@@ -479,7 +483,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
         raise DataError("no dataset given")
     sources = [parse_dataset_spec(s) for s in specs]
     fill = _Filler(parse_placeholders(placeholders))
-    files = [_read_source(src, kind, max_samples, fill, skip_bad_records) for src in sources]
+    files = [_read_source(src, kind, max_samples, fill, skip_bad_records, input_join) for src in sources]
     total = sum(len(f.records) for f in files)
     eval_ids = _eval_indices(total, val_size, seed)
     rng = random.Random(seed)
@@ -867,9 +871,9 @@ def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max
                        overwrite_cache):
     from .templates import get_template
 
-    get_template(template)  # an unknown name fails before any file is read
+    input_join = get_template(template).input_join  # an unknown name fails before any file is read
     loaded = load_dataset(files, kind=kind, max_samples=max_samples, val_size=val_size, seed=seed,
-                          placeholders=placeholders, skip_bad_records=skip_bad_records)
+                          placeholders=placeholders, skip_bad_records=skip_bad_records, input_join=input_join)
     cache = default_cache_dir() if cache_dir is None or str(cache_dir) == "" else cache_dir
     common = dict(train_on=train_on, cutoff_len=cutoff_len, max_source_length=max_source_length,
                   max_target_length=max_target_length, num_workers=num_workers, cache_dir=cache,

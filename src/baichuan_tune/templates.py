@@ -19,6 +19,8 @@ Layouts (`[x]` is a special id, `enc(s)` the tokenizer's ids for s, `-` the igno
 - `baichuan` (Baichuan-13B-Chat): the same ids 195/196 and layout, without a system role.
 - `human_assistant`: each round is `[bos] enc("Human: {user}\\n\\nAssistant: ") enc(answer) [eos]`, the
   prompt masked, answer and eos labelled; a system text goes first as `enc("{system}\\n\\n")` after bos.
+  An alpaca record's user text is instruction + input joined with nothing, as the baichuan_sft_lora recipe
+  (the other templates join them with a newline, as LLaMA-Factory does).
 - `base`: a text record is `[bos] enc(text) [eos]` with every token after the first labelled; a chat
   record is `[bos] enc(system) enc(user) enc(answer) [eos]` per round (no markers; answer labelled).
   Under every template a text record uses this plain-text layout.
@@ -213,6 +215,7 @@ class Template:
 
     name = ""
     allow_system = True
+    input_join = "\n"  # between an alpaca record's instruction and input (LLaMA-Factory's join)
 
     def rounds(self, system: str, pairs, tokenizer: TokenizerLike, exact_markers: bool) -> tuple[list[Round], Part]:
         """The rounds of a conversation and the tail after the last answer (a prompt's last answer is None)."""
@@ -317,6 +320,7 @@ class HumanAssistantTemplate(Template):
     """`Human: ...\\n\\nAssistant: ` rounds for base models, each between bos and eos."""
 
     name = "human_assistant"
+    input_join = ""  # the baichuan_sft_lora recipe's prompt: "Human: " + instruction + input + "\n\nAssistant: "
 
     def rounds(self, system, pairs, tokenizer, exact_markers):
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
