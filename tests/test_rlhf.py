@@ -78,6 +78,40 @@ def test_reward_function_from_a_file(tmp_path):
                                                                                "x": 1.5}
 
 
+def test_reward_function_gets_only_the_arguments_it_takes(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+                    "def by_tokens(prompts, responses, response_lengths):\n    return response_lengths\n")
+    rollout = rlhf.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.tensor([[1, 1], [1, 0]]),
+                           ["a", "b"], ["xy", "xyz"])
+    assert rlhf.FunctionReward(f"{path}:score")(rollout).tolist() == [2.0, 3.0]
+    assert rlhf.FunctionReward(f"{path}:by_tokens")(rollout).tolist() == [2.0, 1.0]
+    with pytest.raises(ConfigError, match=r"cannot be called as fn\(prompts, responses, bonus=...\)"):
+        rlhf.FunctionReward(f"{path}:score", {"bonus": 1})  # refused when loaded, not after a rollout
+
+
+def test_shared_adapter_reward_scores_in_eval_mode():
+    """The reward adapter's LoRA dropout must not make one answer score differently each time."""
+    from peft import LoraConfig
+
+    from baichuan_tune.value_head import ValueHead
+
+    policy = _policy()
+    policy.lm.add_adapter("reward", LoraConfig(r=4, lora_dropout=0.5, target_modules=["W_pack", "down_proj"],
+                                               init_lora_weights=False))
+    policy.lm.set_adapter("default")
+    ids = torch.tensor([[0, 11, 12, 13, 40, 41, 2], [21, 22, 23, 24, 50, 51, 52]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    rollout = rlhf.Rollout(ids, mask, mask[:, -3:], ["p", "q"], ["a", "b"])
+    reward = rlhf.SharedAdapterReward(policy.lm, ValueHead(64), batch_size=2)
+    policy.lm.train()
+    first, second = reward(rollout), reward(rollout)
+    assert policy.lm.training  # left as it was
+    policy.lm.eval()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, reward(rollout), rtol=0, atol=0)
+
+
 def test_reward_function_must_return_one_score_per_answer(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("def score(prompts, responses, **kw):\n    return [1.0]\n")

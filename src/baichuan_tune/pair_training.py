@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .training import autocast, batch_order, loss_is_bad, optimizer_step
+from .training import autocast, batch_order, logged_evals, loss_is_bad, optimizer_step
 
 LossFn = Callable[[dict], tuple[torch.Tensor, dict]]
 
@@ -88,6 +88,8 @@ def start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, desc:
         run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
     run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
                      tensorboard=cfg.report_to == "tensorboard", desc=desc)
+    if run.position.get("step", 0):
+        run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
     return run
 
 

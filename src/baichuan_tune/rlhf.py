@@ -106,15 +106,36 @@ class FunctionReward:
 
     def __init__(self, spec: str, kwargs: dict | None = None):
         self.fn, self.spec, self.kwargs = load_function(spec), spec, dict(kwargs or {})
+        self.pass_lengths = _check_reward_signature(self.fn, spec, self.kwargs)
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        lengths = rollout.response_mask.sum(1).tolist()
-        values = self.fn(rollout.prompts, rollout.responses, response_lengths=lengths, **self.kwargs)
+        extra = dict(self.kwargs)
+        if self.pass_lengths:
+            extra["response_lengths"] = rollout.response_mask.sum(1).tolist()
+        values = self.fn(rollout.prompts, rollout.responses, **extra)
         values = list(values)
         if len(values) != len(rollout.responses):
             raise ConfigError(f"reward function {self.spec} returned {len(values)} scores for "
                               f"{len(rollout.responses)} answers")
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _check_reward_signature(fn: Callable, spec: str, kwargs: dict) -> bool:
+    """Whether `fn` takes response_lengths; a function that cannot take (prompts, responses, **kwargs) is
+    refused now, before the model loads, rather than after the first rollout."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except ValueError:  # no signature to read (a builtin): call it with the documented arguments
+        return True
+    takes_lengths = any(p.kind is p.VAR_KEYWORD or p.name == "response_lengths" for p in signature.parameters.values())
+    try:
+        signature.bind(["p"], ["r"], **kwargs, **({"response_lengths": [1]} if takes_lengths else {}))
+    except TypeError as exc:
+        raise ConfigError(f"reward_function '{spec}' cannot be called as fn(prompts, responses"
+                          f"{''.join(f', {k}=...' for k in kwargs)}): {exc}") from None
+    return takes_lengths
 
 
 def load_function(spec: str) -> Callable:
@@ -140,6 +161,16 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class SharedAdapterReward:
     """The reward model as adapter `reward` + its head on the policy's own base, scored on token ids."""
 
@@ -149,7 +180,8 @@ class SharedAdapterReward:
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         scores = []
-        with adapter_active(self.lm, "reward"):
+        # Eval mode: the reward adapter's LoRA dropout would otherwise make the same answer score differently.
+        with adapter_active(self.lm, "reward"), eval_mode(self.lm):
             for rows in _chunks(rollout.input_ids.size(0), self.batch_size):
                 ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
                 hidden = hidden_states(self.lm, ids, mask)  # [b, P+R, H]

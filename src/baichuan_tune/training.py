@@ -478,6 +478,11 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def logged_evals(output_dir: Path) -> list[dict]:
+    """The evaluations already in a run's trainer_log.jsonl: a resumed run's `*_before` numbers come from here."""
+    return [r for r in read_log(Path(output_dir) / "trainer_log.jsonl") if any(k.startswith("eval_") for k in r)]
+
+
 def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = "") -> bool:
     """Plot the given keys of trainer_log.jsonl against step into a PNG; False when there is nothing to plot."""
     import matplotlib

@@ -173,7 +173,7 @@ def test_full_finetuning_keeps_a_frozen_reference(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     args = [*TINY, "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--max_steps", "4", "--save_steps", "2",
-            "--adaptive_kl", "true", "--kl_horizon", "100", "--kl_target", "0.5"]
+            "--adaptive_kl", "true", "--kl_horizon", "100", "--kl_target", "0.5", "--val_size", "4", "--eval_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert ppo.main([*args, "--output_dir", str(straight)]) == 0
     assert ppo.main([*args, "--output_dir", str(resumed)]) == 0
@@ -186,6 +186,9 @@ def test_resume_continues_exactly(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     a, b = read_log(straight), read_log(resumed)
     assert steps(a, "kl_coef")[-1] == steps(b, "kl_coef")[-1] != 0.05  # the adaptive coefficient moved and resumed
+    results = [json.loads((folder / "train_results.json").read_text()) for folder in (straight, resumed)]
+    assert "eval_reward_before" in results[0]
+    assert [r["eval_reward_before"] for r in results] == [results[0]["eval_reward_before"]] * 2
 
 
 def test_reward_function_errors(tmp_path, capsys):

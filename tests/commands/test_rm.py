@@ -139,7 +139,8 @@ def test_full_reward_model_on_flat_jsonl(tmp_path, capsys):
 
 def test_resume_continues_exactly(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(24))
-    args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3"]
+    args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3",
+            "--val_size", "4", "--eval_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert rm.main([*args, "--output_dir", str(straight)]) == 0
     assert rm.main([*args, "--output_dir", str(resumed)]) == 0
@@ -153,6 +154,11 @@ def test_resume_continues_exactly(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # The held-out numbers before training come from the step-0 evaluation the first run logged.
+    results = [json.loads((folder / "train_results.json").read_text()) for folder in (straight, resumed)]
+    assert "eval_accuracy_before" in results[0]
+    assert {k: v for k, v in results[0].items() if k.startswith("eval_")} == \
+        {k: v for k, v in results[1].items() if k.startswith("eval_")}
 
 
 def test_bad_record_is_one_clear_error(tmp_path, capsys):

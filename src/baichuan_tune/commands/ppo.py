@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     from .. import losses as L
     from .. import rlhf
     from ..adapters import count_parameters
-    from ..training import (Checkpoints, RunLog, load_trainable, make_grad_scaler, make_optimizer, make_scheduler,
+    from ..training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
                             precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
     from ..value_head import PolicyWithValue, ValueHead
 
@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
     trainable, total = count_parameters(run.policy)
     run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
                      tensorboard=cfg.report_to == "tensorboard", desc="ppo")
+    if run.position.get("step", 0):
+        run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
     run.log.write(f"prompts: {len(run.train_prompts)} train / {len(run.eval_prompts)} held out; reward: "
                   f"{_describe(run.reward)}; {total_steps} PPO steps x {updates_per_step} updates; trainable "
                   f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
