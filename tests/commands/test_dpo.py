@@ -172,6 +172,10 @@ def test_config_checks():
         parse_config(dpo.DPOConfig, ["--loss_type", "kto"])
     with pytest.raises(ConfigError, match="packing"):
         parse_config(dpo.DPOConfig, ["--packing", "true"])
+    # beta's default follows the loss: DPO's KL weight 0.1, SimPO's reward scale 2.0 (Meng et al. 2024)
+    assert parse_config(dpo.DPOConfig, []).beta == 0.1
+    assert parse_config(dpo.DPOConfig, ["--loss_type", "simpo"]).beta == 2.0
+    assert parse_config(dpo.DPOConfig, ["--loss_type", "simpo", "--beta", "2.5"]).beta == 2.5
 
 
 @pytest.mark.gpu

@@ -44,12 +44,15 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     learning_rate: float = opt(5e-5, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
     loss_type: Literal["sigmoid", "ipo", "orpo", "simpo"] = opt("sigmoid", "sigmoid (DPO), ipo, orpo or simpo")
-    beta: float = opt(0.1, "DPO/IPO: KL strength (IPO's tau); SimPO: reward scale (its paper uses 2.0-2.5)")
+    beta: float | None = opt(None, "DPO/IPO: KL strength (IPO's tau), default 0.1; SimPO: reward scale, default 2.0 "
+                                   "(its paper uses 2.0-2.5)")
     label_smoothing: float = opt(0.0, "sigmoid loss: assumed share of flipped labels (cDPO), in [0, 0.5)")
     simpo_gamma: float = opt(0.5, "SimPO: target reward margin gamma")
     orpo_lambda: float = opt(0.1, "ORPO: weight lambda of the odds-ratio term next to the NLL")
 
     def validate(self) -> None:
+        if self.beta is None:  # SimPO's beta scales an average log-prob, on another scale than DPO's KL weight
+            self.beta = 2.0 if self.loss_type == "simpo" else 0.1
         if self.beta <= 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

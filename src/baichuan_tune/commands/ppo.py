@@ -49,6 +49,7 @@ SFT_DEMO_DIR = Path("outputs/sft-demo")
 class PPOConfig(ModelOptions, TrainOptions):
     output_dir: str = opt("outputs/ppo", "folder for the policy, checkpoints, logs and plots")
     learning_rate: float = opt(1e-5, "peak learning rate")
+    plot_loss: bool = opt(True, "write ppo_reward.png and ppo_kl.png")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input (0: rollouts and updates see the same policy)")
     per_device_train_batch_size: int = opt(4, "PPO mini-batch size (answers per forward/backward)")
     logging_steps: int = opt(1, "log every N PPO steps")
@@ -399,7 +400,8 @@ def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -
     record = {"eval_reward": round(sum(scores) / len(scores), 5),
               "eval_response_length": round(sum(lengths) / len(lengths), 2)}
     log.log(step, **record)
-    log.write(f"step {step}: held-out reward {record['eval_reward']:.4f}; e.g. {example[0]!r} -> {example[1]!r}")
+    prompt, answer = (text if len(text) <= 80 else text[:77] + "..." for text in example)  # one line, not a page
+    log.write(f"step {step}: held-out reward {record['eval_reward']:.4f}; e.g. {prompt!r} -> {answer!r}")
     return {"step": step, **record}
 
 
