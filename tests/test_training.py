@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from conftest import tiny_model
 from baichuan_tune.adapters import freeze_all_but_last, lora_targets, prepare_for_training
 from baichuan_tune.errors import BaichuanTuneError
 from baichuan_tune.training import (Checkpoints, TrainingError, TrainOptions, batch_order, loss_is_bad,
-                                    make_optimizer, make_scheduler, total_optimizer_steps)
+                                    make_optimizer, make_scheduler, optimizer_step, total_optimizer_steps)
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
@@ -63,6 +62,33 @@ def test_constant_schedule_after_warmup():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.3, 0.3])
+
+
+def test_linear_schedule_with_warmup_matches_the_formula():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = make_scheduler(optimizer, TrainOptions(learning_rate=2.0, warmup_ratio=0.25, lr_scheduler_type="linear"), 8)
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup ceil(0.25 * 8) = 2 steps: 0, 1; then 2 * (8 - s) / 6 for s = 2..7
+    assert seen == pytest.approx([0.0, 1.0] + [2.0 * (8 - s) / 6 for s in range(2, 8)], abs=1e-12)
+
+
+@pytest.mark.parametrize("max_norm,expected", [(1.0, [-0.6, -0.8]), (0.0, [-3.0, -4.0]), (10.0, [-3.0, -4.0])])
+def test_optimizer_step_clips_the_gradient_norm(max_norm, expected):
+    """Gradient (3, 4) has norm 5: clipped to norm 1 it is (0.6, 0.8); 0 means no clipping."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight.data.zero_()
+    model.weight.grad = torch.tensor([[3.0, 4.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    norm = optimizer_step(model, optimizer, scheduler, None, max_norm)
+    assert norm == pytest.approx(5.0)
+    assert model.weight.data[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert model.weight.grad is None
 
 
 def test_eight_bit_adamw_comes_from_bitsandbytes_and_trains():

@@ -66,6 +66,8 @@ class TrainOptions:
     save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
     overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run)")
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "dtype of the final full/freeze weights (auto: the base checkpoint's, bf16 for the published models)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     plot_loss: bool = opt(True, "write training_loss.png")
@@ -509,8 +511,25 @@ def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss",
     return plotted
 
 
-def save_final(model, tokenizer, out: Path, finetuning_type: str) -> Path:
-    """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout.
+def final_dtype(cfg) -> str:
+    """cfg.save_dtype, with auto resolved to the base checkpoint's torch_dtype (fp32 when it names none).
+
+    Full and freeze runs train fp32 master weights; the published files are bf16, and so are ours by default."""
+    if cfg.save_dtype != "auto":
+        return cfg.save_dtype
+    from .checkpoint import resolve_model_path
+
+    try:
+        config = json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, BaichuanTuneError):
+        return "fp32"
+    named = config.get("torch_dtype") or config.get("dtype")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(named, "fp32")
+
+
+def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | None = None) -> Path:
+    """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout
+    (in `dtype`: None keeps the model's).
 
     Everything is written into a hidden folder first and then renamed file by file into `out`, so an
     interrupted save never leaves a half-written adapter or shard under its final name.
@@ -526,7 +545,7 @@ def save_final(model, tokenizer, out: Path, finetuning_type: str) -> Path:
     else:
         from .checkpoint import save_pretrained_atomic
 
-        save_pretrained_atomic(model, tokenizer, staging)
+        save_pretrained_atomic(model, tokenizer, staging, dtype=dtype)
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()

@@ -108,14 +108,14 @@ def adapter_active(model, name: str):
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict) -> None:
-    """Write the adapter (or full weights), the head and `reward_model.json` (last) into `out`."""
+def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict, dtype: str | None = None) -> None:
+    """Write the adapter (or full weights, in `dtype`), the head and `reward_model.json` (last) into `out`."""
     from safetensors.torch import save_file
 
     from .training import save_final
 
     out = Path(out)
-    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full")
+    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype)
     with atomic_dir(out / ".head") as tmp:
         state = {k: v.detach().float().cpu().contiguous() for k, v in rm.head.state_dict().items()}
         save_file(state, str(tmp / HEAD_FILE))

@@ -248,3 +248,51 @@ def test_training_on_cuda_lowers_the_loss(tmp_path, setting):
     assert last < 0.7 * first, (first, last)
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_freeze_changes_only_the_last_layers_and_saves_in_the_chosen_dtype(tmp_path):
+    from baichuan_tune.checkpoint import resolve_model_path
+
+    out = tmp_path / "freeze"
+    run_sft(out, "--finetuning_type", "freeze", "--freeze_trainable_layers", "1", "--max_steps", "3",
+            "--learning_rate", "1e-2", "--save_dtype", "bf16")
+    base = load_file(str(resolve_model_path("default") / "model.safetensors"))
+    tuned = load_file(str(out / "model.safetensors"))
+    assert base.keys() == tuned.keys() and {t.dtype for t in tuned.values()} == {torch.bfloat16}
+    changed = {k for k in base if not torch.equal(base[k].to(torch.bfloat16), tuned[k])}
+    assert changed and all(k.startswith("model.layers.3.") for k in changed), sorted(changed)[:5]
+
+
+def test_full_run_saves_the_base_checkpoints_dtype_by_default(tmp_path):
+    """save_dtype auto: the base's torch_dtype (the built-in model's is float32; the published ones bf16)."""
+    import json as _json
+
+    from baichuan_tune.training import final_dtype
+
+    out = tmp_path / "full"
+    run_sft(out, "--finetuning_type", "full", "--max_steps", "1")
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "config.json").write_text(_json.dumps({"torch_dtype": "bfloat16"}))
+    assert final_dtype(parse_config(sft.SFTConfig, ["--dataset", "demo", "--model", str(published)])) == "bf16"
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    """Recomputing activations in backward (dropout RNG replayed) must not change what is learnt."""
+    for name, flag in (("plain", "false"), ("ckpt", "true")):
+        run_sft(tmp_path / name, "--max_steps", "3", "--learning_rate", "1e-3", "--gradient_checkpointing", flag)
+    a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [("--finetuning_type", "qlora", "--quantization_bit", "8"), ("--bf16", "true")],
+                         ids=["qlora-int8", "bf16-autocast"])
+def test_other_precisions_train_on_cpu(tmp_path, flags):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    run_sft(out, "--max_steps", "12", "--learning_rate", "2e-3", "--num_train_epochs", "10", *flags)
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert all(map(math.isfinite, losses)) and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses

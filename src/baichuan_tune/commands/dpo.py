@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     from ..data import load_pair_data
     from ..pair_training import eval_results, start_pair_run, train_pairs
     from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                            save_final, seed_everything, write_results)
+                            final_dtype, save_final, seed_everything, write_results)
 
     # ---- setup
     out = prepare_output_dir(cfg)
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     run.log.close()
 
     # ---- save
-    save_final(model, tokenizer, out, cfg.finetuning_type)
+    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
                     f"{cfg.loss_type} loss")

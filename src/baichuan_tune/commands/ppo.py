@@ -409,12 +409,12 @@ def _save(cfg, policy, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
     from ..io_utils import atomic_dir
-    from ..training import plot_curves, save_final
+    from ..training import final_dtype, plot_curves, save_final
     from ..value_head import HEAD_FILE
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
-    save_final(policy.lm, tokenizer, out, cfg.finetuning_type)
+    save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     with atomic_dir(out / "critic") as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
                   str(tmp / HEAD_FILE))

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     from ..alignment import model_reference, write_demo_pairs
     from ..data import load_pair_data
     from ..pair_training import eval_results, start_pair_run, train_pairs
-    from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
+    from ..training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
                             seed_everything, write_results)
     from ..value_head import RewardModel, ValueHead, save_reward_model
 
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     # ---- save
     meta = {"adapter": cfg.finetuning_type in ("lora", "qlora"), "base_model": model_reference(cfg.model),
             "finetuning_type": cfg.finetuning_type, "template": cfg.template, "cutoff_len": cfg.cutoff_len}
-    save_reward_model(rm, tokenizer, out, meta)
+    save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),

@@ -98,9 +98,9 @@ def main(argv: list[str]) -> int:
     log.close()
 
     # ---- save
-    from ..training import plot_curves, save_final
+    from ..training import final_dtype, plot_curves, save_final
 
-    save_final(model, tokenizer, out, cfg.finetuning_type)
+    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
     write_results(out, loop.final_metrics())
