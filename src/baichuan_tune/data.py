@@ -845,7 +845,13 @@ def tokenize_dataset(records: list, tokenizer, template, *, train_on: str = "all
 # ----------------------------------------------------------------------------- one call for the trainers
 
 
-def _report(loaded: LoadedData, sets: list[TokenizedDataset]) -> str:
+class DataReport(str):
+    """The data log line, carrying the counts a run records in train_results.json."""
+
+    counts: dict
+
+
+def _report(loaded: LoadedData, sets: list[TokenizedDataset]) -> DataReport:
     """One log line: what was read, skipped, truncated and dropped, and where the tokens came from."""
     files = ", ".join(f"{Path(p).name}: {n}" for p, n in loaded.counts.items())
     parts = [f"data: {files} (train {len(sets[0])}, eval {len(sets[1])})"]
@@ -863,7 +869,9 @@ def _report(loaded: LoadedData, sets: list[TokenizedDataset]) -> str:
     stats = sets[0].stats
     rate = f", {stats['records_per_second']} records/s with {stats['workers']} workers" if stats.get("cache") != "hit" else ""
     parts.append(f"tokenised: cache {stats.get('cache')}{rate}")
-    return "; ".join(parts)
+    report = DataReport("; ".join(parts))
+    report.counts = {"skipped_records": bad, "truncated_samples": truncated, "dropped_samples": dropped}
+    return report
 
 
 def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max_source_length, max_target_length,

@@ -296,3 +296,12 @@ def test_other_precisions_train_on_cpu(tmp_path, flags):
     run_sft(out, "--max_steps", "12", "--learning_rate", "2e-3", "--num_train_epochs", "10", *flags)
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert all(map(math.isfinite, losses)) and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+
+
+def test_skipped_bad_records_are_counted_in_the_results(tmp_path):
+    good = [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(12)]
+    bad = [{"instruction": "no answer"}, {"instruction": 5, "output": "x"}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(good[:6] + bad + good[6:]), encoding="utf-8")
+    results = run_sft(tmp_path / "run", "--dataset", str(path), "--skip_bad_records", "true", "--max_steps", "1")
+    assert results["skipped_records"] == 2

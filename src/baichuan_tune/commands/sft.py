@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    write_results(out, loop.final_metrics())
+    write_results(out, {**loop.final_metrics(), **data_report.counts})
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
