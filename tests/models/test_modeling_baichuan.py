@@ -543,3 +543,30 @@ def test_published_folder_loads_without_remote_code(shared_reference, tmp_path, 
     assert set(loaded_state) == set(state)
     for key, tensor in state.items():
         assert torch.equal(tensor, loaded_state[key]), key
+
+
+def test_bf16_attention_softmax_is_computed_in_fp32():
+    """Scores and softmax of a bf16 model in fp32: the attention output equals the fp32 computation from the
+    same bf16 q/k/v, rounded once to bf16. Scores held in bf16 would be ~5x further off (checked alongside)."""
+    from baichuan_tune.models.modeling_baichuan import BaichuanAttention
+
+    torch.manual_seed(0)
+    cfg = BaichuanConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1,
+                         vocab_size=100, position_embedding="alibi")
+    attn = BaichuanAttention(cfg, 0)
+    with torch.no_grad():
+        attn.W_pack.weight.normal_(0, 0.5)  # peaked attention: where bf16 scores lose most
+        attn.o_proj.weight.copy_(torch.eye(64))  # the module's output is the attention output itself
+    attn = attn.to(torch.bfloat16)
+    h = torch.randn(2, 48, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        out = attn(h, None, None, None, True).float()
+        q, k, v = attn.W_pack(h).view(2, 48, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, D]
+        causal = torch.full((48, 48), float("-inf")).triu(1)
+        scores = q.float() @ k.float().transpose(-1, -2) / 4 + causal  # [B, H, T, T], 1/sqrt(16)
+        exact = (scores.softmax(-1) @ v.float()).transpose(1, 2).reshape(2, 48, 64)
+        bf16_scores = ((q @ k.transpose(-1, -2)) / 4).float() + causal
+        low = (bf16_scores.to(torch.bfloat16).softmax(-1) @ v).float().transpose(1, 2).reshape(2, 48, 64)
+    rounding = (exact.to(torch.bfloat16).float() - exact).abs().mean()
+    assert (out - exact).abs().mean() < 1.25 * rounding
+    assert (low - exact).abs().mean() > 3 * rounding

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (instruction tuning) with LoRA, QLoRA, freeze or full training.
+"""Supervised fine-tuning (instruction tuning) with LoRA, QLoRA, freeze or full training; no options: a demo.
 
     baichuan-tune sft                                  # built-in demo: tiny default model, CPU, minutes
     baichuan-tune sft examples/sft_baichuan7b_qlora_belle.yaml --model /path/to/Baichuan-7B --dataset data.jsonl
