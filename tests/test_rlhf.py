@@ -136,3 +136,19 @@ def test_bench_ppo_smoke_runs_fixed_length_answers():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["answer_tokens_per_step"] == 3 * 6
     assert report["rollout_tokens_per_s"] > 0 and report["update_s"] > 0
+
+
+def test_separate_reward_model_sees_the_whole_prompt():
+    """A reward model trained on system + history + question must be shown the same, not the last turn alone."""
+    seen = []
+
+    class Scorer:
+        def score(self, turns, responses):
+            seen.append((turns, responses))
+            return [0.5] * len(responses)
+
+    turns = [[("system", "Be brief."), ("user", "hi"), ("assistant", "hello"), ("user", "2+2?")]]
+    rollout = rlhf.Rollout(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), torch.ones(1, 1), ["2+2?"], ["4"],
+                           prompt_turns=turns)
+    assert rlhf.SeparateModelReward(Scorer())(rollout).tolist() == [0.5]
+    assert seen == [(turns, ["4"])]

@@ -41,6 +41,7 @@ class Rollout:
     prompts: list[str]  # the prompt texts (last user turn), for rule rewards
     responses: list[str]  # decoded answers without special tokens
     seconds: float = 0.0
+    prompt_turns: list | None = None  # each prompt's whole conversation [(role, text), ...] when known
 
     @property
     def response_len(self) -> int:
@@ -80,7 +81,8 @@ def rollout_generation_config(tokenizer, max_new_tokens: int, min_new_tokens: in
 
 
 @torch.no_grad()
-def generate_rollout(lm, tokenizer, prompt_ids: list[list[int]], prompts: list[str], generation_config) -> Rollout:
+def generate_rollout(lm, tokenizer, prompt_ids: list[list[int]], prompts: list[str], generation_config,
+                     prompt_turns: list | None = None) -> Rollout:
     """Sample one answer per prompt with the KV cache; `lm` is the policy (a PEFT model or a plain LM)."""
     device = next(lm.parameters()).device
     query, query_mask = left_pad(prompt_ids, generation_config.pad_token_id, device)  # [B, P]
@@ -95,7 +97,7 @@ def generate_rollout(lm, tokenizer, prompt_ids: list[list[int]], prompts: list[s
     texts = tokenizer.batch_decode(response.masked_fill(mask == 0, generation_config.pad_token_id),
                                    skip_special_tokens=True)
     return Rollout(torch.cat([query, response], 1), torch.cat([query_mask, mask], 1), mask, list(prompts),
-                   [t.strip() for t in texts], seconds)
+                   [t.strip() for t in texts], seconds, prompt_turns)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -197,7 +199,8 @@ class SeparateModelReward:
         self.scorer = scorer
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        turns = [[("user", p)] for p in rollout.prompts]
+        # The whole prompt (system, earlier rounds) as the reward model was trained on it, when known.
+        turns = rollout.prompt_turns or [[("user", p)] for p in rollout.prompts]
         return torch.tensor(self.scorer.score(turns, rollout.responses), dtype=torch.float32)
 
 

@@ -216,7 +216,7 @@ def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
     batches = batch_order(len(run.train_prompts), cfg.rollout_batch_size, cfg.seed, position["epoch"])
     chosen = [run.train_prompts[i] for i in batches[position["batch"]]]
     rollout = rlhf.generate_rollout(run.lm, run.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
-                                    run.sample_cfg)
+                                    run.sample_cfg, [p[2] for p in chosen])
     raw = run.reward(rollout)
     scores = rlhf.normalized_scores(raw, run.moments, cfg.reward_clip)
     exp = rlhf.make_experience(run.policy, run.reference, rollout, scores, cfg, run.kl_ctl.value, run.device,
@@ -322,7 +322,7 @@ def _parse_kwargs(items: list[str]) -> dict:
 
 
 def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
-    """(train, held-out) prompts as (token ids, text of the last user turn), split with cfg.seed."""
+    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed."""
     from ..templates import get_template
 
     files = list(cfg.dataset)
@@ -339,7 +339,7 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
     for path in files:
         for turns in _prompt_turns(path, cfg.max_samples):
             ids = template.encode_prompt(tokenizer, turns)[-cfg.max_prompt_length :]
-            prompts.append((ids, turns[-1][1]))
+            prompts.append((ids, turns[-1][1], turns))
     count = int(cfg.val_size) if cfg.val_size >= 1 else round(cfg.val_size * len(prompts))
     if count >= len(prompts):
         raise DataError(f"val_size {cfg.val_size} leaves no training prompts (of {len(prompts)})")
@@ -393,7 +393,8 @@ def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -
     scores, lengths, example = [], [], None
     for start in range(0, len(prompts), cfg.rollout_batch_size):
         chunk = prompts[start : start + cfg.rollout_batch_size]
-        rollout = rlhf.generate_rollout(lm, tokenizer, [p[0] for p in chunk], [p[1] for p in chunk], greedy_cfg)
+        rollout = rlhf.generate_rollout(lm, tokenizer, [p[0] for p in chunk], [p[1] for p in chunk], greedy_cfg,
+                                        [p[2] for p in chunk])
         scores += reward(rollout).tolist()
         lengths += rollout.response_mask.sum(1).tolist()
         example = example or (rollout.prompts[0], rollout.responses[0])
