@@ -6,8 +6,9 @@
 Each case builds a random-weight model of the preset's shape in bf16, attaches LoRA r=8 to every linear
 layer (W_pack/o_proj/gate/up/down; q/k/v/o/gate/up/down for Llama), turns on gradient checkpointing,
 and times full optimizer steps (forward, backward, AdamW) on random token batches of
-batch x seq (default 4 x 1024). `qlora` quantises the base weights to NF4 with double quantisation
-(bitsandbytes). The Llama baseline runs at the first preset's shape (RoPE shapes only) in the same
+batch x seq (default 4 x 1024). Our model is prepared by `baichuan_tune.adapters.prepare_for_training`,
+the function `baichuan-tune sft` uses; the baseline by PEFT's calls directly. `qlora` quantises the
+decoder linears of both to NF4 with double quantisation (bitsandbytes, through `baichuan_tune.quantize`). The Llama baseline runs at the first preset's shape (RoPE shapes only) in the same
 process, and the ratio ours/baseline is printed for tokens/s and peak memory.
 """
 
@@ -30,50 +31,42 @@ from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
 
 
-def quantize_nf4(model: nn.Module, compute_dtype=torch.bfloat16) -> nn.Module:
-    """Swap every decoder nn.Linear for a bitsandbytes NF4 Linear4bit (double quant), as QLoRA loads it."""
-    import bitsandbytes as bnb
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype,
-                                      compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")
-                setattr(module, name, q.to(child.weight.device))
-                del child
-    model.is_loaded_in_4bit = True
-    return model
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(kind: str, preset: str, device: str, method: str):
-    cfg = preset_config(preset)
-    if kind == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        lcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                           num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                           num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=4096,
-                           rms_norm_eps=1e-6, tie_word_embeddings=False)
-        lcfg._attn_implementation = "sdpa"
-        with torch.device(device):
-            model = LlamaForCausalLM(lcfg).to(torch.bfloat16)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    else:
-        with torch.device(device):
-            model = BaichuanForCausalLM(cfg).to(torch.bfloat16)
-        targets = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if method == "qlora":
-        model = quantize_nf4(model)
+    """The model ready to train. Ours goes through `adapters.prepare_for_training`, the code `sft` runs;
+    the Llama baseline through PEFT's own calls. QLoRA quantises both with the same bitsandbytes NF4 layers
+    (`baichuan_tune.quantize`, the layers `--finetuning_type qlora` loads into) from the bf16 weights."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from baichuan_tune.adapters import prepare_for_training
+    from baichuan_tune.quantize import QUANTIZED_LINEARS, quantize_linears
+
+    cfg = preset_config(preset)
+    with torch.device(device):
+        if kind == "llama":
+            from transformers import LlamaForCausalLM
+
+            from baichuan_tune.convert import baichuan_to_llama_config
+
+            model = LlamaForCausalLM(baichuan_to_llama_config(cfg)).to(torch.bfloat16)
+        else:
+            model = BaichuanForCausalLM(cfg).to(torch.bfloat16)
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        quantize_linears(model, 4, LLAMA_LINEARS if kind == "llama" else QUANTIZED_LINEARS)
+        model.is_loaded_in_4bit = True  # as transformers marks a model loaded with BitsAndBytesConfig
+    if kind != "llama":
+        model = prepare_for_training(model, method, lora_target=["all"], lora_rank=8, lora_alpha=16,
+                                     lora_dropout=0.05, gradient_checkpointing=True)
+        return model, cfg.vocab_size
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
-                                             target_modules=targets))
+                                             target_modules=LLAMA_LINEARS))
     model.enable_input_require_grads()
     return model, cfg.vocab_size
 

@@ -170,3 +170,21 @@ def test_lora_trains_only_adapter_weights_on_the_chosen_modules():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable} == {"W_pack", "down_proj"}
+
+
+def test_bench_sft_smoke_runs_ours_and_the_llama_baseline(tmp_path):
+    """benchmarks/bench_sft.py on the tiny shape, CPU: one timed step each, both rows and the ratio written."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sft.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(script), "--presets", "tiny-baichuan2-7b", "--device", "cpu",
+                           "--methods", "lora", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32",
+                           "--json", str(out)], capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["baichuan", "llama"]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert "RATIO lora tiny-baichuan2-7b" in done.stdout
