@@ -37,42 +37,32 @@ def test_total_optimizer_steps(samples, batch, accum, epochs, max_steps, expecte
     assert total_optimizer_steps(cfg, samples) == expected
 
 
-def test_cosine_schedule_with_warmup_matches_the_formula():
-    param = torch.nn.Parameter(torch.zeros(1))
-    cfg = TrainOptions(learning_rate=1.0, warmup_steps=2, lr_scheduler_type="cosine")
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = make_scheduler(optimizer, cfg, total_steps=10)
+def learning_rates(cfg: TrainOptions, total_steps: int, steps: int) -> list[float]:
+    """The learning rate of each of the first `steps` optimizer steps under make_scheduler."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
     seen = []
-    for _ in range(10):
+    for _ in range(steps):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return seen
+
+
+def test_cosine_schedule_with_warmup_matches_the_formula():
+    seen = learning_rates(TrainOptions(learning_rate=1.0, warmup_steps=2, lr_scheduler_type="cosine"), 10, 10)
     # warmup 0, 1/2; then 0.5 * (1 + cos(pi * (s - 2) / 8)) for s = 2..9
     expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert seen == pytest.approx(expected, abs=1e-12)
 
 
 def test_constant_schedule_after_warmup():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=0.3)
-    scheduler = make_scheduler(optimizer, TrainOptions(learning_rate=0.3, warmup_steps=3, lr_scheduler_type="constant"), 10)
-    seen = []
-    for _ in range(6):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    seen = learning_rates(TrainOptions(learning_rate=0.3, warmup_steps=3, lr_scheduler_type="constant"), 10, 6)
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.3, 0.3])
 
 
 def test_linear_schedule_with_warmup_matches_the_formula():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    scheduler = make_scheduler(optimizer, TrainOptions(learning_rate=2.0, warmup_ratio=0.25, lr_scheduler_type="linear"), 8)
-    seen = []
-    for _ in range(8):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    seen = learning_rates(TrainOptions(learning_rate=2.0, warmup_ratio=0.25, lr_scheduler_type="linear"), 8, 8)
     # warmup ceil(0.25 * 8) = 2 steps: 0, 1; then 2 * (8 - s) / 6 for s = 2..7
     assert seen == pytest.approx([0.0, 1.0] + [2.0 * (8 - s) / 6 for s in range(2, 8)], abs=1e-12)
 
