@@ -217,3 +217,36 @@ def test_loading_into_4bit_on_cpu_refuses_shapes_the_kernels_cannot_take(tmp_pat
                                     BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER)), tmp_path / "odd")
     with pytest.raises(QuantizeError, match=r"gate_proj is \[176, 64\]: 4-bit on a CPU needs"):
         load_model(folder, quantize=4, device="cpu")
+
+
+def _lora_grads(model, ids):
+    from baichuan_tune.adapters import prepare_for_training
+
+    torch.manual_seed(5)
+    peft_model = prepare_for_training(model, "qlora", lora_rank=4, lora_dropout=0.0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)  # B = 0 would hide the gradient path through the layers above
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_qlora_on_cpu_keeps_the_gradient_through_nf4_layers_after_an_eval_pass():
+    """bitsandbytes repacks CPU NF4 weights at an eval-mode forward into a kernel without a backward; the
+    gradient into each layer's input would be dropped. sft turns that off before its "before" answers."""
+    from baichuan_tune.quantize import keep_4bit_trainable
+
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(4))
+    never_evaluated = _lora_grads(tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(4), ids)
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(4)
+    keep_4bit_trainable(model)
+    with torch.no_grad():
+        model.eval()(ids)  # what sft's before-training answers do
+    states = [m.weight.quant_state for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    assert len(states) == 10 and not any(getattr(s, "packing_format_for_cpu", False) for s in states)
+    evaluated = _lora_grads(model, ids)
+    first_layer = [n for n in never_evaluated if ".layers.0." in n]
+    assert first_layer and never_evaluated.keys() == evaluated.keys()
+    for name in never_evaluated:
+        torch.testing.assert_close(evaluated[name], never_evaluated[name], rtol=0, atol=0)

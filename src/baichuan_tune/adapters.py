@@ -30,6 +30,9 @@ def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: floa
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
+        from .quantize import keep_4bit_trainable
+
+        keep_4bit_trainable(model)
         # PEFT enables checkpointing again here, with empty kwargs unless given ours: keep the non-reentrant
         # variant that prepare_for_training chose, as the lora/freeze/full paths use.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,

@@ -148,6 +148,29 @@ def resync_int8_state(model) -> None:
             state.SCB = state.SCB.to(weight.device)
 
 
+def keep_4bit_trainable(model) -> None:
+    """Keep gradients flowing through NF4 layers on a CPU, for QLoRA training.
+
+    bitsandbytes 0.50 repacks a CPU Linear4bit's weight for its AVX512-BF16 kernel at the first forward in
+    eval mode, in place, and from then on computes it with an op that has no backward: the gradient into
+    the layer's input is silently dropped, so every LoRA matrix below it learns from a truncated gradient
+    (an eval pass or generation before or during training is enough). Training runs turn the repacking
+    off before any forward; repacking that already happened is undone with bitsandbytes' own inverse, which
+    restores the scales only approximately (about 2% of a weight's scale). GPUs never repack.
+    """
+    bnb = import_bitsandbytes()
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+
+
 def check_cpu_4bit_shapes(model, names=QUANTIZED_LINEARS) -> None:
     """Refuse shapes bitsandbytes' CPU NF4 kernels cannot take, before any weight is touched.
 

@@ -66,6 +66,10 @@ def main(argv: list[str]) -> int:
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
     )
+    if cfg.finetuning_type == "qlora":
+        from ..quantize import keep_4bit_trainable
+
+        keep_4bit_trainable(model)  # before the "before" answers: their eval pass would repack NF4 on a CPU
     train_set, val_set, data_report = _load_data(cfg, tokenizer)
     # Steps per epoch count packed rows, not samples. Packing is deterministic, so a resumed run packs alike.
     rows = pack_examples(train_set, cfg.cutoff_len) if cfg.packing else train_set
