@@ -208,9 +208,11 @@ def make_scheduler(optimizer, cfg, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def total_optimizer_steps(cfg, num_samples: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
+def total_optimizer_steps(cfg, num_samples: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). With several processes a global batch holds
+    per_device_train_batch_size x world samples and a short last one is dropped (every process needs a part)."""
+    batch = cfg.per_device_train_batch_size * world
+    batches = math.ceil(num_samples / batch) if world == 1 else max(1, num_samples // batch)
     per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
     total = math.ceil(per_epoch * cfg.num_train_epochs)
     return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
@@ -418,6 +420,22 @@ def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> 
 
 
 # ----------------------------------------------------------------------------- logging
+
+
+class SilentLog:
+    """What the processes other than rank 0 of a multi-process run log: nothing (rank 0 logs for all)."""
+
+    def step(self, step: int, **postfix) -> None:
+        pass
+
+    def log(self, step: int, **values) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunLog:

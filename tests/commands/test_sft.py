@@ -305,3 +305,42 @@ def test_skipped_bad_records_are_counted_in_the_results(tmp_path):
     path.write_text(json.dumps(good[:6] + bad + good[6:]), encoding="utf-8")
     results = run_sft(tmp_path / "run", "--dataset", str(path), "--skip_bad_records", "true", "--max_steps", "1")
     assert results["skipped_records"] == 2
+
+
+def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_path):
+    """Data-parallel sft (torchrun, 2 CPU processes, gloo, 2 samples each) ends with the same adapter as one
+    process on batches of 4: every sample is cut to the same 16 tokens, so DDP's average of the two
+    processes' mean losses is the mean loss of the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not built in")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
+    records = [{"text": " ".join(words[(i + k) % len(words)] for k in range(30))} for i in range(12)]
+    data = tmp_path / "texts.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    common = ["--model", "default", "--dataset", str(data), "--template", "base", "--cutoff_len", "16",
+              "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "3", "--device", "cpu",
+              "--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none", "--logging_steps", "1"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "baichuan_tune.cli", "sft", *common, "--per_device_train_batch_size",
+                          "4", "--output_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "baichuan_tune.cli", "sft", *common, "--per_device_train_batch_size", "2",
+                          "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-6)
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in log_two if "loss" in r] == [1, 2, 3]
+    assert [r["loss"] for r in log_two if "loss" in r] == pytest.approx([r["loss"] for r in log_one if "loss" in r],
+                                                                        abs=1e-4)
+    assert "2 processes, global batch 4" in two.stdout + two.stderr

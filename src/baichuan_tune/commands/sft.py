@@ -3,6 +3,7 @@
     baichuan-tune sft                                  # built-in demo: tiny default model, CPU, minutes
     baichuan-tune sft examples/sft_baichuan7b_qlora_belle.yaml --model /path/to/Baichuan-7B --dataset data.jsonl
     baichuan-tune sft --help                           # every option with its default
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli sft CONFIG.yaml   # data-parallel on 4 GPUs of one node
 
 Reads alpaca/BELLE, Baichuan2 `conversations` and OpenAI `messages` JSON/JSONL files; writes into
 output_dir: the adapter (PEFT format) or full weights (published layout), checkpoints every save_steps
@@ -56,12 +57,16 @@ def main(argv: list[str]) -> int:
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..collate import pack_examples
-    from ..training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler, precision_dtype,
-                            prepare_output_dir, resolve_device, seed_everything, total_optimizer_steps)
+    from .. import distributed
+    from ..training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
+                            precision_dtype, prepare_output_dir, resolve_device, seed_everything,
+                            total_optimizer_steps)
 
     # ---- setup
-    out = prepare_output_dir(cfg)
-    device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
+    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
+    amp_dtype = precision_dtype(cfg)
+    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
+    dist.barrier()
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
@@ -70,10 +75,14 @@ def main(argv: list[str]) -> int:
         from ..quantize import keep_4bit_trainable
 
         keep_4bit_trainable(model)  # before the "before" answers: their eval pass would repack NF4 on a CPU
+    if not dist.main:
+        dist.barrier()  # rank 0 tokenises first and fills the cache; the others then read it
     train_set, val_set, data_report = _load_data(cfg, tokenizer)
+    if dist.main:
+        dist.barrier()
     # Steps per epoch count packed rows, not samples. Packing is deterministic, so a resumed run packs alike.
     rows = pack_examples(train_set, cfg.cutoff_len) if cfg.packing else train_set
-    prompts = cfg.demo_prompts or (DEMO_PROMPTS if demo else [])
+    prompts = (cfg.demo_prompts or (DEMO_PROMPTS if demo else [])) if dist.main else []
     before = _answers(model, tokenizer, cfg.template, prompts)
     seed_everything(cfg.seed)  # here, so whatever loading drew does not shift the adapter init and dropout
     model = prepare_for_training(
@@ -82,21 +91,24 @@ def main(argv: list[str]) -> int:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     trainable, total = count_parameters(model)
-    per_epoch, total_steps = total_optimizer_steps(cfg, len(rows))
+    per_epoch, total_steps = total_optimizer_steps(cfg, len(rows), dist.world)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = make_grad_scaler(device, amp_dtype)
     checkpoints = Checkpoints(out, cfg.save_total_limit)
     fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0}
     position = (cfg.resume and checkpoints.resume(model, optimizer, scheduler, scaler)) or fresh
-    log = RunLog(out, total_steps, start_step=position.get("step", 0), tensorboard=cfg.report_to == "tensorboard",
-                 desc="sft")
+    model = distributed.wrap(model, dist, device)
+    log = SilentLog() if not dist.main else RunLog(out, total_steps, start_step=position.get("step", 0),
+                                                    tensorboard=cfg.report_to == "tensorboard", desc="sft")
     log.write(f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; {total_steps} "
-              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})"
+              + (f"; {dist.world} processes, global batch {cfg.per_device_train_batch_size * dist.world}"
+                 if dist.world > 1 else ""))
 
     # ---- loop
     loop = _Loop(cfg, model, optimizer, scheduler, scaler, checkpoints, log, device, amp_dtype, rows, val_set,
-                 per_epoch, total_steps, position)
+                 per_epoch, total_steps, position, dist)
     while loop.step < total_steps:
         loop.run_epoch()
     log.close()
@@ -104,10 +116,15 @@ def main(argv: list[str]) -> int:
     # ---- save
     from ..training import final_dtype, plot_curves, save_final
 
+    results = loop.final_metrics()  # every process: the final evaluation is shared out among them
+    distributed.shutdown(dist)
+    if not dist.main:
+        return 0
+    model = distributed.unwrap(model)
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    write_results(out, {**loop.final_metrics(), **data_report.counts})
+    write_results(out, {**results, **data_report.counts})
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
@@ -139,6 +156,7 @@ class _Loop:
     per_epoch: int
     total_steps: int
     position: dict  # epoch, batch (index within the epoch), skipped_steps, tokens; + step once resumed
+    dist: object  # distributed.Dist: this process's rank among `world` data-parallel ones
 
     def __post_init__(self):
         self.step = self.position.get("step", 0)
@@ -152,7 +170,10 @@ class _Loop:
 
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         epoch = self.position["epoch"]
-        order = batch_order(len(self.rows), cfg.per_device_train_batch_size, cfg.seed, epoch)
+        global_batch = cfg.per_device_train_batch_size * self.dist.world
+        order = batch_order(len(self.rows), global_batch, cfg.seed, epoch)
+        if self.dist.world > 1:  # every process needs its equal part of each batch
+            order = [self.dist.shard(b) for b in order if len(b) == global_batch]
         usable = self.per_epoch * accum  # a trailing partial accumulation group is dropped, as in most trainers
         self.model.train()
         while self.position["batch"] < usable and self.step < self.total_steps:
@@ -167,23 +188,27 @@ class _Loop:
     def optimizer_step(self, group: list[list[int]], epoch_progress: float) -> None:
         """Forward/backward over one accumulation group, then step, log, evaluate and checkpoint."""
         from ..collate import collate_padded
+        from ..distributed import no_sync
         from ..training import autocast, loss_is_bad, optimizer_step
 
-        losses = []
-        for indices in group:
+        losses, tokens = [], 0
+        for n, indices in enumerate(group):
             batch = {k: v.to(self.device) for k, v in collate_padded([self.rows[j] for j in indices]).items()}
-            with autocast(self.device, self.amp_dtype):
-                loss = self.model(**batch).loss
-            if loss_is_bad(loss, self.step + 1, self.cfg.nan_policy, self.last_ckpt):
-                return self.skip_step()
-            scaled = loss / len(group)
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with no_sync(self.model, sync=n == len(group) - 1):  # DDP: gradients are averaged once per step
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.model(**batch).loss
+                if loss_is_bad(self.agreed(loss), self.step + 1, self.cfg.nan_policy, self.last_ckpt):
+                    return self.skip_step()
+                scaled = loss / len(group)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())
-            self.position["tokens"] += int(batch["attention_mask"].ne(0).sum())
+            tokens += int(batch["attention_mask"].ne(0).sum())
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.cfg.max_grad_norm)
+        loss_sum, tokens = self.dist.sum([sum(losses) / len(losses), tokens], self.device)
+        self.position["tokens"] += int(tokens)
         self.step += 1
         tps = (self.position["tokens"] - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
-        lr, loss_value = self.scheduler.get_last_lr()[0], sum(losses) / len(losses)
+        lr, loss_value = self.scheduler.get_last_lr()[0], loss_sum / self.dist.world
         self.log.step(self.step, loss=loss_value, lr=lr, tok_s=round(tps))
         if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
             self.log.log(self.step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
@@ -192,6 +217,13 @@ class _Loop:
             self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
         if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
             self.save_checkpoint()
+
+    def agreed(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss, or NaN on every process when any process's loss is not finite: all skip or stop together."""
+        if self.dist.world == 1:
+            return loss
+        bad = self.dist.sum([float(not torch.isfinite(loss.detach()).all())], self.device)[0]
+        return loss.new_tensor(float("nan")) if bad else loss
 
     def skip_step(self) -> None:
         """`nan_policy: skip`: drop this step's gradients but keep the schedule and data position moving."""
@@ -206,25 +238,33 @@ class _Loop:
         position = dict(self.position)
         if position["batch"] >= self.per_epoch * self.cfg.gradient_accumulation_steps:
             position["epoch"], position["batch"] = position["epoch"] + 1, 0
-        self.last_ckpt = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler,
-                                               position)
+        from ..distributed import unwrap
+
+        if self.dist.main:  # the processes hold the same weights and optimizer state
+            self.last_ckpt = self.checkpoints.save(self.step, unwrap(self.model), self.optimizer, self.scheduler,
+                                                   self.scaler, position)
+        self.dist.barrier()
 
     @torch.no_grad()
     def eval_loss(self) -> float:
-        """Token-weighted mean loss over the eval split."""
+        """Token-weighted mean loss over the eval split (shared out among the processes)."""
         from ..collate import collate_padded
+        from ..distributed import unwrap
         from ..training import autocast
 
-        was_training = self.model.training
-        self.model.eval()
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        mine = [self.val_set[i] for i in range(self.dist.rank, len(self.val_set), self.dist.world)]
         total, count, size = 0.0, 0, self.cfg.per_device_train_batch_size
-        for k in range(0, len(self.val_set), size):
-            batch = {key: v.to(self.device) for key, v in collate_padded(self.val_set[k : k + size]).items()}
+        for k in range(0, len(mine), size):
+            batch = {key: v.to(self.device) for key, v in collate_padded(mine[k : k + size]).items()}
             n = int(batch["labels"][:, 1:].ne(-100).sum())
             with autocast(self.device, self.amp_dtype):
-                total += float(self.model(**batch).loss) * n
+                total += float(model(**batch).loss) * n
             count += n
-        self.model.train(was_training)
+        model.train(was_training)
+        total, count = self.dist.sum([total, count], self.device)
         return total / max(count, 1)
 
     def final_metrics(self) -> dict:

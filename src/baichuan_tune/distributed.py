@@ -1,0 +1,94 @@
+"""Several processes, one model each: data-parallel training under `torchrun` (torch.distributed + DDP).
+
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli sft config.yaml      # 4 GPUs of one node
+
+`torchrun` starts one process per GPU and sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` joins them (NCCL on
+GPUs, gloo on CPUs) and gives each process its own device. Every process holds the whole model (LoRA and
+QLoRA fit one card; this is not model sharding), takes its own slice of each global batch of
+`per_device_train_batch_size x world` samples, and DDP averages the gradients, so a step equals one
+process's step on the global batch when every sample carries as many labelled tokens. Only rank 0 writes
+logs, checkpoints and the result. Run by plain `python`, everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, global_batch: list[int]) -> list[int]:
+        """This process's part of a global batch (equal parts; the caller drops a short last batch)."""
+        size = len(global_batch) // self.world
+        return global_batch[self.rank * size : (self.rank + 1) * size]
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over all processes."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as td
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        td.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+
+def setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """(this process's place, its device): joins the torchrun group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    import torch.distributed as td
+
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def wrap(model, dist: Dist, device: torch.device):
+    """The model in DistributedDataParallel when there are several processes, else as it is."""
+    if dist.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def no_sync(model, sync: bool):
+    """DDP's no_sync() for the micro-batches of an accumulation group before its last one."""
+    import contextlib
+
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
