@@ -344,3 +344,29 @@ def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_pat
     assert [r["loss"] for r in log_two if "loss" in r] == pytest.approx([r["loss"] for r in log_one if "loss" in r],
                                                                         abs=1e-4)
     assert "2 processes, global batch 4" in two.stdout + two.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_under_torchrun_qlora_bf16(tmp_path):
+    """NCCL, NF4 base weights, bf16 and gradient checkpointing under DDP: the run learns, and its logged losses
+    follow one GPU's run on the global batch (bf16 and NF4 kernels round differently, hence the tolerance)."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--model", "default", "--dataset", "demo", "--max_samples", "200", "--cutoff_len", "64",
+              "--finetuning_type", "qlora", "--bf16", "true", "--gradient_checkpointing", "true", "--lora_dropout",
+              "0", "--learning_rate", "2e-3", "--max_steps", "20", "--num_train_epochs", "10", "--device", "cuda",
+              "--cache_dir", "none", "--report_to", "none", "--logging_steps", "1"]
+    runs = {}
+    for name, launcher, batch in (("one", [], "8"), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                             "--nproc_per_node", "2"], "4")):
+        cmd = [sys.executable, *launcher, "-m", "baichuan_tune.cli", "sft", *common,
+               "--per_device_train_batch_size", batch, "--output_dir", str(tmp_path / name)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                              env=os.environ | {"CUDA_VISIBLE_DEVICES": "0"} if name == "one" else os.environ)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
+    assert len(runs["two"]) == 20 and runs["two"][-1] < 0.7 * runs["two"][0]
+    assert runs["two"] == pytest.approx(runs["one"], rel=0.05)
