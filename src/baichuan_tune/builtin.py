@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -97,7 +99,7 @@ def cache_home() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The built-in default model folder (created on first use; safe against concurrent first uses)."""
+    """The built-in default model folder (created on first use; several processes may do so at once)."""
     final = cache_home() / f"default-model-{DEFAULT_MODEL_VERSION}"
     if (final / "config.json").is_file():
         return final
@@ -114,5 +116,17 @@ def default_model_dir() -> Path:
         torch.manual_seed(0)
         model = BaichuanForCausalLM(preset_config("default"))
     tokenizer = BaichuanTokenizer.from_pretrained(str(DEFAULT_TOKENIZER.parent))
-    save_pretrained_atomic(model, tokenizer, final)
+    # Each writer builds in a folder of its own (several torchrun processes can start at once); the first
+    # rename wins and the others find the finished folder in place.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    own = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        save_pretrained_atomic(model, tokenizer, own / "model")
+        try:
+            os.rename(own / "model", final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
     return final

@@ -318,7 +318,9 @@ def _load_validated(path: Path, dtype, device, quantize, adapter):
     quantization = _quantization_config(quantize, kwargs["dtype"])
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        if quantization.load_in_4bit and kwargs["device_map"][""].type == "cpu":
+        device_map = kwargs["device_map"]
+        on_cpu = device_map[""].type == "cpu" if isinstance(device_map, dict) else not torch.cuda.is_available()
+        if quantization.load_in_4bit and on_cpu:
             from .models import BaichuanConfig
             from .quantize import check_cpu_4bit_config
 

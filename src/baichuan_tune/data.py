@@ -36,7 +36,7 @@ from typing import Any, Literal
 from .config import opt
 from .errors import DataError
 
-CACHE_FORMAT = 1  # bump when the cached arrays or the encoding rules change
+CACHE_FORMAT = 2  # bump when the cached arrays or the encoding rules change (2: per-template input_join)
 DEMO_DATASET = "demo"
 MAX_PROBLEMS = 20  # skipped-record messages kept for the log
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -498,7 +498,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
         train += kept
         counts[f.source.path] = counts.get(f.source.path, 0) + len(kept)
     state = [CACHE_FORMAT, kind, [_source_state(s) for s in sources], max_samples, val_size, seed,
-             sorted(fill.values.items()), skip_bad_records]
+             sorted(fill.values.items()), skip_bad_records, input_join]
     train.kind = eval_.kind = kind
     train.fingerprint = _hash_json(state + ["train"])
     eval_.fingerprint = _hash_json(state + ["eval"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -62,7 +63,8 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 tokenises the data and writes checkpoints while the others wait at a barrier: allow an hour.
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
     return dist, device
 
 
@@ -87,8 +89,14 @@ def no_sync(model, sync: bool):
 
 
 def shutdown(dist: Dist) -> None:
+    """Leave the group. Drop every DistributedDataParallel wrapper first: one still alive while the group is
+    destroyed can deadlock gloo's worker thread against the interpreter lock (the process never exits)."""
     if dist.world > 1:
+        import gc
+
         import torch.distributed as td
 
+        gc.collect()
         if td.is_initialized():
+            td.barrier()
             td.destroy_process_group()

@@ -65,7 +65,7 @@ class TrainOptions:
     save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
     save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
-    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run)")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run's files)")
     save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "dtype of the final full/freeze weights (auto: the base checkpoint's, bf16 for the published models)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
@@ -146,6 +146,26 @@ def seed_everything(seed: int) -> None:
 
 
 RUN_MARKERS = ("trainer_log.jsonl", "train_results.json")  # files every training command writes
+# Everything the training commands write into output_dir: what --overwrite_output_dir deletes (and nothing else).
+RUN_OUTPUTS = (
+    "checkpoint-*", ".checkpoint-*", ".final", "runs", "config.yaml", "trainer_log.jsonl", "train_results.json",
+    "training_loss.png", "training_accuracy.png", "training_margin.png", "ppo_reward.png", "ppo_kl.png",
+    "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
+    "generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "value_head.safetensors", "reward_model.json", "critic",
+    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt",
+)
+
+
+def _delete_run(out: Path) -> None:
+    """Remove an earlier run's outputs from `out`, leaving any other file there alone."""
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def prepare_output_dir(cfg) -> Path:
@@ -155,9 +175,10 @@ def prepare_output_dir(cfg) -> Path:
     out = Path(cfg.output_dir)
     checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
     earlier = bool(checkpoints) or any((out / name).exists() for name in RUN_MARKERS)
-    if earlier and not (cfg.resume and checkpoints):
+    resumable = [p for p in checkpoints if (p / "trainer_state.json").is_file()]  # complete ones only
+    if earlier and not (cfg.resume and resumable):
         if cfg.overwrite_output_dir:
-            shutil.rmtree(out)
+            _delete_run(out)
         elif cfg.resume:
             raise TrainingError(f"{out} holds an earlier run but no checkpoint to resume from; pass "
                                 "--overwrite_output_dir true to start again there, or another --output_dir")
@@ -212,7 +233,10 @@ def total_optimizer_steps(cfg, num_samples: int, world: int = 1) -> tuple[int, i
     """(optimizer steps per epoch, total optimizer steps). With several processes a global batch holds
     per_device_train_batch_size x world samples and a short last one is dropped (every process needs a part)."""
     batch = cfg.per_device_train_batch_size * world
-    batches = math.ceil(num_samples / batch) if world == 1 else max(1, num_samples // batch)
+    if world > 1 and num_samples < batch:
+        raise TrainingError(f"{num_samples} training samples (or packed rows) are fewer than one global batch of "
+                            f"{batch} ({cfg.per_device_train_batch_size} per process x {world} processes)")
+    batches = math.ceil(num_samples / batch) if world == 1 else num_samples // batch
     per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
     total = math.ceil(per_epoch * cfg.num_train_epochs)
     return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
@@ -291,18 +315,24 @@ def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
     the command runs its built-in demo."""
     if argv and not argv[0].startswith("--"):
         return False  # a config file
-    if any(a.startswith("--dataset") for a in argv):
+    if _flag_value(argv, "--dataset") is not None:
         return False
     return own_model_allowed or _flag_value(argv, "--model") in (None, "default")
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value given to `flag` (spelt with _ or -, as `--flag V` or `--flag=V`; a bare flag is "true")."""
     value = None
     for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
+        name, eq, inline = arg.partition("=")
+        if not name.startswith("--") or name.replace("-", "_")[2:] != flag.replace("-", "_")[2:]:
+            continue
+        if eq:
+            value = inline
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
+        else:
+            value = "true"
     return value
 
 
@@ -325,16 +355,22 @@ def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device's generator only: touching every visible GPU would open a context on each
+        # (memory on every card, for every process of a multi-GPU run).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints of earlier versions: one state per device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _as_tuple(x):

@@ -214,8 +214,19 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten_or_mixed(tmp_path
     with pytest.raises(TrainingError, match="no checkpoint to resume from"):
         run_sft(out, "--max_steps", "2", "--resume", "true")
     assert (out / "adapter_model.safetensors").is_file()
+    (out / "notes.txt").write_text("mine")  # not a file of the run: overwriting leaves it alone
     run_sft(out, "--max_steps", "2", "--finetuning_type", "full", "--overwrite_output_dir", "true")
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_demo_never_clears_a_folder_the_user_named_in_any_spelling(tmp_path):
+    out = tmp_path / "mine"
+    run_sft(out, "--max_steps", "1")
+    for flags in (["--output-dir", str(out)], [f"--output_dir={out}"]):
+        with pytest.raises(TrainingError, match="already holds a run"):
+            sft.main([*flags, "--max_steps", "1", "--report_to", "none"])
+        assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_overwrite_output_dir_starts_again_in_a_used_folder(tmp_path):

@@ -337,7 +337,7 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
     template = get_template(cfg.template)
     prompts = []
     for path in files:
-        for turns in _prompt_turns(path, cfg.max_samples):
+        for turns in _prompt_turns(path, cfg.max_samples, template.input_join):
             ids = template.encode_prompt(tokenizer, turns)[-cfg.max_prompt_length :]
             prompts.append((ids, turns[-1][1], turns))
     count = int(cfg.val_size) if cfg.val_size >= 1 else round(cfg.val_size * len(prompts))
@@ -347,7 +347,7 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
     return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
 
 
-def _prompt_turns(path: str, max_samples: int) -> list:
+def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
     """Prompt turn lists of one file: {prompt} records directly, others through the data module's readers."""
     from .. import data
 
@@ -358,8 +358,9 @@ def _prompt_turns(path: str, max_samples: int) -> list:
     if isinstance(obj, dict) and "prompt" in obj and "chosen" not in obj:
         return _plain_prompts(path, max_samples)
     if isinstance(obj, dict) and "chosen" in obj:
-        return [r.prompt for r in data.load_dataset([path], kind="pair", max_samples=max_samples).train]
-    records = data.load_dataset([path], kind="sft", max_samples=max_samples).train
+        pairs = data.load_dataset([path], kind="pair", max_samples=max_samples, input_join=input_join).train
+        return [r.prompt for r in pairs]
+    records = data.load_dataset([path], kind="sft", max_samples=max_samples, input_join=input_join).train
     turns = [r.turns[:-1] for r in records if r.turns[-1][0] == "assistant"]
     if not turns:
         raise DataError(f"{path}: no prompts found (plain-text records have no prompt to answer)")

@@ -96,8 +96,13 @@ def main(argv: list[str]) -> int:
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     scaler = make_grad_scaler(device, amp_dtype)
     checkpoints = Checkpoints(out, cfg.save_total_limit)
-    fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0}
+    fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
     position = (cfg.resume and checkpoints.resume(model, optimizer, scheduler, scaler)) or fresh
+    if position.get("processes", 1) != dist.world:  # the saved batch position indexes that many shards
+        from ..training import TrainingError
+
+        raise TrainingError(f"the checkpoint was written by a run of {position.get('processes', 1)} process(es); "
+                            f"resume it with as many (this run has {dist.world})")
     model = distributed.wrap(model, dist, device)
     log = SilentLog() if not dist.main else RunLog(out, total_steps, start_step=position.get("step", 0),
                                                     tensorboard=cfg.report_to == "tensorboard", desc="sft")
@@ -117,10 +122,11 @@ def main(argv: list[str]) -> int:
     from ..training import final_dtype, plot_curves, save_final
 
     results = loop.final_metrics()  # every process: the final evaluation is shared out among them
+    model = distributed.unwrap(model)
+    loop.model = None  # no DDP wrapper may outlive the process group
     distributed.shutdown(dist)
     if not dist.main:
         return 0
-    model = distributed.unwrap(model)
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
@@ -270,7 +276,8 @@ class _Loop:
     def final_metrics(self) -> dict:
         from ..training import read_log
 
-        records = [r for r in read_log(Path(self.cfg.output_dir) / "trainer_log.jsonl") if "loss" in r]
+        log = Path(self.cfg.output_dir) / "trainer_log.jsonl"
+        records = [r for r in read_log(log) if "loss" in r] if self.dist.main else []  # rank 0 owns the log
         results = {"global_step": self.step, "train_runtime_s": round(time.time() - self.start, 1),
                    "train_loss_first": records[0]["loss"] if records else None,
                    "train_loss_last": records[-1]["loss"] if records else None,
