@@ -101,6 +101,8 @@ def test_quantize_option_loads_a_quantized_model(tiny_chat, monkeypatch, capsys)
     assert is_quantized(sessions[0].model)
     reply = sessions[0].ask("hello", lambda text: None)
     assert isinstance(reply, str)
+    assert main(["chat", "--model", str(folder), "--quantize", "4"]) == 0  # the default device, auto
+    assert is_quantized(sessions[1].model) and isinstance(sessions[1].ask("hello", lambda text: None), str)
 
 
 def test_adapter_option_answers_as_peft_does(tiny_chat, tmp_path, monkeypatch, capsys):
