@@ -299,14 +299,21 @@ def _check_alternation(turns: list[tuple[str, str, str]], end: str) -> None:
         raise _Bad(body[-1][2], f"the conversation must end with {'an assistant answer' if end == 'assistant' else 'a user turn'}")
 
 
+def _listed_turns(obj: dict) -> list[tuple[str, str, str]] | None:
+    """The turns of a Baichuan2 `conversations` or OpenAI `messages` record; None for the other forms."""
+    if "conversations" in obj:
+        return _role_list(obj["conversations"], "conversations", "from", "value", FROM_ROLES)
+    if "messages" in obj:
+        return _role_list(obj["messages"], "messages", "role", "content", MESSAGE_ROLES)
+    return None
+
+
 def sft_turns(obj: Any, input_join: str = "\n") -> list[Turn]:
     """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
-    if "conversations" in obj:
-        turns = _role_list(obj["conversations"], "conversations", "from", "value", FROM_ROLES)
-    elif "messages" in obj:
-        turns = _role_list(obj["messages"], "messages", "role", "content", MESSAGE_ROLES)
+    if (turns := _listed_turns(obj)) is not None:
+        pass
     elif "instruction" in obj or "output" in obj:
         turns = _alpaca_prompt(obj, input_join)
         turns.append(("assistant", _string(obj, "output"), "output"))
@@ -333,10 +340,8 @@ def pair_fields(obj: Any, input_join: str = "\n") -> tuple[list[Turn], str, str]
     """Normalise one preference record to (prompt turns, chosen, rejected); raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
-    if "conversations" in obj:
-        turns = _role_list(obj["conversations"], "conversations", "from", "value", FROM_ROLES)
-    elif "messages" in obj:
-        turns = _role_list(obj["messages"], "messages", "role", "content", MESSAGE_ROLES)
+    if (turns := _listed_turns(obj)) is not None:
+        pass
     elif "prompt" in obj:
         turns = [("system", s, "system") for s in [_string(obj, "system", required=False)] if s] + _history(obj)
         turns.append(("user", _string(obj, "prompt", nonempty=True), "prompt"))

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from .config import opt, save_config
+from .config import opt, save_config, split_argv
 from .errors import BaichuanTuneError
 from .io_utils import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -112,16 +112,22 @@ def check_options(cfg) -> None:
         _check_freeze_layers(cfg)
 
 
-def _check_freeze_layers(cfg) -> None:
-    """freeze_trainable_layers against the model's depth, from its config.json (the weights are not read)."""
+def base_config_json(cfg) -> dict:
+    """The base model's config.json as a dict, read without touching the weights; {} when it cannot be read
+    (loading the model then reports the missing or broken folder with its own clear error)."""
     from .checkpoint import resolve_model_path
-    from .config import ConfigError
 
     try:
-        config = json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
+        return json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, BaichuanTuneError):
-        return  # loading the model reports a missing or broken folder with its own clear error
-    layers = config.get("num_hidden_layers")
+        return {}
+
+
+def _check_freeze_layers(cfg) -> None:
+    """freeze_trainable_layers against the model's depth, from its config.json."""
+    from .config import ConfigError
+
+    layers = base_config_json(cfg).get("num_hidden_layers")
     if isinstance(layers, int) and cfg.freeze_trainable_layers > layers:
         raise ConfigError(f"freeze_trainable_layers is {cfg.freeze_trainable_layers} but the model has {layers} "
                           "decoder layers")
@@ -313,27 +319,16 @@ def write_results(out: Path, results: dict) -> None:
 def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
     """No config file and no --dataset (and, unless `own_model_allowed`, no --model other than 'default'):
     the command runs its built-in demo."""
-    if argv and not argv[0].startswith("--"):
-        return False  # a config file
-    if _flag_value(argv, "--dataset") is not None:
+    config_path, _ = split_argv(argv)
+    if config_path is not None or _flag_value(argv, "dataset") is not None:
         return False
-    return own_model_allowed or _flag_value(argv, "--model") in (None, "default")
+    return own_model_allowed or _flag_value(argv, "model") in (None, "default")
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The last value given to `flag` (spelt with _ or -, as `--flag V` or `--flag=V`; a bare flag is "true")."""
-    value = None
-    for i, arg in enumerate(argv):
-        name, eq, inline = arg.partition("=")
-        if not name.startswith("--") or name.replace("-", "_")[2:] != flag.replace("-", "_")[2:]:
-            continue
-        if eq:
-            value = inline
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-        else:
-            value = "true"
-    return value
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value the command line gives option `name`, read as parse_config reads it (a bare flag: "true")."""
+    values = [value for key, value in split_argv(argv)[1] if key.replace("-", "_") == name]
+    return None if not values else "true" if values[-1] is None else values[-1]
 
 
 def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool = True) -> tuple[list[str], bool]:
@@ -345,7 +340,7 @@ def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool
         print(f"No config file and no --dataset: running the built-in {what}.")
         user = list(argv)
         argv = demo_settings(user) if callable(demo_settings) else list(demo_settings) + user
-        if _flag_value(user, "--output_dir") is not None and _flag_value(user, "--overwrite_output_dir") is None:
+        if _flag_value(user, "output_dir") is not None and _flag_value(user, "overwrite_output_dir") is None:
             argv += ["--overwrite_output_dir", "false"]
     return argv, demo
 
@@ -571,12 +566,7 @@ def final_dtype(cfg) -> str:
     Full and freeze runs train fp32 master weights; the published files are bf16, and so are ours by default."""
     if cfg.save_dtype != "auto":
         return cfg.save_dtype
-    from .checkpoint import resolve_model_path
-
-    try:
-        config = json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, BaichuanTuneError):
-        return "fp32"
+    config = base_config_json(cfg)
     named = config.get("torch_dtype") or config.get("dtype")
     return {"bfloat16": "bf16", "float16": "fp16"}.get(named, "fp32")
 

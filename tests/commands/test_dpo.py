@@ -19,12 +19,7 @@ SMALL = ["--model", "default", "--cutoff_len", "48", "--per_device_train_batch_s
          "--logging_steps", "1", *FAST]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(path: Path, n: int) -> Path:

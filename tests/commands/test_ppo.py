@@ -21,12 +21,7 @@ TINY = ["--model", "default", "--finetuning_type", "lora", "--device", "cpu", "-
         "--learning_rate", "1e-3", "--val_size", "0", *FAST]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_log(out: Path) -> list[dict]:

@@ -18,13 +18,7 @@ SMALL = ["--model", "default", "--finetuning_type", "lora", "--cutoff_len", "64"
          "--device", "cpu", "--logging_steps", "1", *FAST]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: one thread is as fast and far steadier on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
