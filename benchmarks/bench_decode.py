@@ -9,7 +9,7 @@ weights, built directly on the device) generate greedily from a --prompt-tokens 
 `model.generate`, exactly --new-tokens tokens (min_new_tokens keeps eos from ending early). Decoding speed
 is (new_tokens - 1) / (time(new_tokens) - time(1)), so the prompt's prefill is not counted; each time is
 the median of --repeats runs after a full-length warm-up. `4bit`/`8bit` quantise the decoder Linear layers of both
-models with the same bitsandbytes layers (`baichuan_tune.quantize`); lm_head and the embedding stay bf16.
+models with the same bitsandbytes layers (`baichuan_tune.models.quantize`); lm_head and the embedding stay bf16.
 
 The bound: a decoding step reads every weight once (embedding rows aside), so tokens/s <= copy
 bandwidth / weight bytes, with the bandwidth measured here by a device-to-device copy (bytes read +
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
-from baichuan_tune.quantize import stored_bytes  # noqa: E402
+from baichuan_tune.models.quantize import stored_bytes  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "4bit": torch.bfloat16,
           "8bit": torch.float16}
@@ -72,7 +72,7 @@ def build(kind: str, preset: str, mode: str, device: str):
             if kind == "llama":
                 from transformers import LlamaForCausalLM
 
-                from baichuan_tune.convert import baichuan_to_llama_config
+                from baichuan_tune.models.convert import baichuan_to_llama_config
 
                 model = LlamaForCausalLM(baichuan_to_llama_config(config))
             else:
@@ -80,7 +80,7 @@ def build(kind: str, preset: str, mode: str, device: str):
     finally:
         torch.set_default_dtype(default)
     if mode in ("4bit", "8bit"):
-        from baichuan_tune.quantize import QUANTIZED_LINEARS, quantize_linears
+        from baichuan_tune.models.quantize import QUANTIZED_LINEARS, quantize_linears
 
         quantize_linears(model, int(mode[0]), LLAMA_LINEARS if kind == "llama" else QUANTIZED_LINEARS)
     return model.eval()
@@ -136,7 +136,7 @@ def plain_generate(model, prompt):
 
 
 def chat_path_generate(model, prompt, tokenizer):
-    from baichuan_tune.generation import chat_generation_config, generate_text
+    from baichuan_tune.serve.generation import chat_generation_config, generate_text
 
     ids = prompt[0].tolist()
 
@@ -176,7 +176,7 @@ def bench_mode(args, mode: str, bandwidth: float, tokenizer) -> list[dict]:
 def load_tokenizer(path):
     if not path:
         return None
-    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     return BaichuanTokenizer(vocab_file=str(path))
 

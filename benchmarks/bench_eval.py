@@ -5,7 +5,7 @@
                                                                                         # smoke test on a CPU
 
 The model has random weights (a random model scores about 25%; only the time matters) and is built directly
-on the device. `4bit` quantises its decoder layers to NF4 with bitsandbytes (`baichuan_tune.quantize`, the
+on the device. `4bit` quantises its decoder layers to NF4 with bitsandbytes (`baichuan_tune.models.quantize`, the
 authors' `model.quantize(4)`), `8bit` to LLM.int8(). The tokenizer is the published Baichuan2 one. The timed
 pass is exactly `baichuan-tune eval`'s: prompt building and tokenization, batched forward passes and letter
 scoring, one subject after another; `--prefix shared` reuses each subject's few-shot prefix through its KV
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import baichuan_tune  # noqa: E402,F401
-from baichuan_tune import evaluation as ev  # noqa: E402
+from baichuan_tune.eval import evaluation as ev
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
 
@@ -75,7 +75,7 @@ def build_model(preset: str, mode: str, device: str, vocab_size: int):
     finally:
         torch.set_default_dtype(default)
     if mode in ("4bit", "8bit"):
-        from baichuan_tune.quantize import quantize
+        from baichuan_tune.models.quantize import quantize
 
         quantize(model, int(mode[0]))
     return model.eval()
@@ -127,7 +127,7 @@ def time_pass(args, model, data, task, tokenizer, share_prefix: bool) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     tokenizer = BaichuanTokenizer(vocab_file=args.tokenizer)
     task = ev.TASKS["ceval"]

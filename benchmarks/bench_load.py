@@ -7,7 +7,7 @@
 It writes a random-weight checkpoint of the preset's shape in the published layout (sharded
 `pytorch_model-0000N-of-0000M.bin` + `pytorch_model.bin.index.json`, bf16), then measures each load in a
 fresh Python process, so every peak belongs to that load alone:
-- load_model: `baichuan_tune.checkpoint.load_model(dir, dtype, device)` (validation + transformers'
+- load_model: `baichuan_tune.models.checkpoint.load_model(dir, dtype, device)` (validation + transformers'
   from_pretrained: shards memory-mapped, each tensor placed on the device in the target dtype);
 - torch_load (baseline): `torch.load(shard, weights_only=True)` of every shard into one state dict, then
   `load_state_dict(assign=True)` into a model built on the meta device and `.to(device)`;
@@ -87,7 +87,7 @@ def write_checkpoint(preset: str, folder: Path, shard_size: str) -> dict:
     """Random bf16 weights of `preset` in the published .bin layout, generated one shard at a time."""
     import torch
 
-    from baichuan_tune.checkpoint import expected_weights, write_config, write_shards
+    from baichuan_tune.models.checkpoint import expected_weights, write_config, write_shards
     from baichuan_tune.models.presets import preset_config
 
     meta = {"preset": preset, "shard_size": shard_size, "dtype": "bfloat16"}
@@ -113,7 +113,7 @@ def write_checkpoint(preset: str, folder: Path, shard_size: str) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    from baichuan_tune.checkpoint import find_weight_files
+    from baichuan_tune.models.checkpoint import find_weight_files
 
     return find_weight_files(folder)[1]
 
@@ -122,7 +122,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _load_model(folder: Path, device: str, dtype: str):
-    from baichuan_tune.checkpoint import load_model
+    from baichuan_tune.models.checkpoint import load_model
 
     return load_model(folder, dtype=dtype, device=device)
 
@@ -130,7 +130,7 @@ def _load_model(folder: Path, device: str, dtype: str):
 def _torch_load(folder: Path, device: str, dtype: str):
     import torch
 
-    from baichuan_tune.checkpoint import parse_dtype, read_config
+    from baichuan_tune.models.checkpoint import parse_dtype, read_config
     from baichuan_tune.models import BaichuanForCausalLM, alibi_slopes
 
     state = {}
@@ -152,7 +152,7 @@ def _llama(folder: Path, device: str, dtype: str):
     import torch
     from transformers import LlamaForCausalLM
 
-    from baichuan_tune.checkpoint import parse_dtype
+    from baichuan_tune.models.checkpoint import parse_dtype
 
     device_map = {"": torch.device(device if device != "cuda" else "cuda:0")}
     return LlamaForCausalLM.from_pretrained(folder, dtype=parse_dtype(dtype), device_map=device_map)
@@ -222,8 +222,8 @@ def summary(preset: str, size: int, ours: dict, base: dict) -> str:
 
 def llama_copy(folder: Path) -> Path | None:
     """The same weights in the LLaMA layout (safetensors), for RoPE presets; None for ALiBi ones."""
-    from baichuan_tune.checkpoint import read_config
-    from baichuan_tune.convert import convert_checkpoint
+    from baichuan_tune.models.checkpoint import read_config
+    from baichuan_tune.models.convert import convert_checkpoint
 
     if read_config(folder).position_embedding != "rope":
         return None

@@ -7,7 +7,7 @@ A random-weight model of the preset's shape in bf16 gets the memory layout `baic
 LoRA: the policy is LoRA adapter `default` (r=8 on every linear layer), the critic a value head on the
 policy's hidden states, the reward model a second LoRA adapter `reward` with its own head, and the
 reference the same base with the adapters off, so the base weights exist once. Each step runs the
-command's own functions (`baichuan_tune.rlhf`): sampled rollouts with the KV cache at a fixed answer
+command's own functions (`baichuan_tune.train.rlhf`): sampled rollouts with the KV cache at a fixed answer
 length (min_new_tokens = max_new_tokens), reward-model scoring, policy/reference log-probs and values,
 GAE, and `ppo_epochs` epochs of clipped policy + value updates (gradient checkpointing on). Prompts are
 random token ids; answers are not decoded (the benchmark has no tokenizer of the 125,696-id vocabulary).
@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import baichuan_tune  # noqa: E402,F401
-from baichuan_tune import rlhf  # noqa: E402
+from baichuan_tune.train import rlhf
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
-from baichuan_tune.value_head import PolicyWithValue, ValueHead  # noqa: E402
+from baichuan_tune.models.value_head import PolicyWithValue, ValueHead  # noqa: E402
 
 TARGETS = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed PPO steps first")
     args = parser.parse_args()
 
-    from baichuan_tune.training import make_optimizer, make_scheduler
+    from baichuan_tune.train.training import make_optimizer, make_scheduler
 
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
-from baichuan_tune.quantize import stored_bytes  # noqa: E402
+from baichuan_tune.models.quantize import stored_bytes  # noqa: E402
 
 GIB = 2**30
 # Baichuan2 README, "quantised inference" table: GB of GPU memory in bf16 / 8-bit / 4-bit.

@@ -6,9 +6,9 @@
 Each case builds a random-weight model of the preset's shape in bf16, attaches LoRA r=8 to every linear
 layer (W_pack/o_proj/gate/up/down; q/k/v/o/gate/up/down for Llama), turns on gradient checkpointing,
 and times full optimizer steps (forward, backward, AdamW) on random token batches of
-batch x seq (default 4 x 1024). Our model is prepared by `baichuan_tune.adapters.prepare_for_training`,
+batch x seq (default 4 x 1024). Our model is prepared by `baichuan_tune.train.adapters.prepare_for_training`,
 the function `baichuan-tune sft` uses; the baseline by PEFT's calls directly. `qlora` quantises the
-decoder linears of both to NF4 with double quantisation (bitsandbytes, through `baichuan_tune.quantize`). The Llama baseline runs at the first preset's shape (RoPE shapes only) in the same
+decoder linears of both to NF4 with double quantisation (bitsandbytes, through `baichuan_tune.models.quantize`). The Llama baseline runs at the first preset's shape (RoPE shapes only) in the same
 process, and the ratio ours/baseline is printed for tokens/s and peak memory.
 """
 
@@ -36,18 +36,18 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def build(kind: str, preset: str, device: str, method: str):
     """The model ready to train. Ours goes through `adapters.prepare_for_training`, the code `sft` runs;
     the Llama baseline through PEFT's own calls. QLoRA quantises both with the same bitsandbytes NF4 layers
-    (`baichuan_tune.quantize`, the layers `--finetuning_type qlora` loads into) from the bf16 weights."""
+    (`baichuan_tune.models.quantize`, the layers `--finetuning_type qlora` loads into) from the bf16 weights."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from baichuan_tune.adapters import prepare_for_training
-    from baichuan_tune.quantize import QUANTIZED_LINEARS, quantize_linears
+    from baichuan_tune.train.adapters import prepare_for_training
+    from baichuan_tune.models.quantize import QUANTIZED_LINEARS, quantize_linears
 
     cfg = preset_config(preset)
     with torch.device(device):
         if kind == "llama":
             from transformers import LlamaForCausalLM
 
-            from baichuan_tune.convert import baichuan_to_llama_config
+            from baichuan_tune.models.convert import baichuan_to_llama_config
 
             model = LlamaForCausalLM(baichuan_to_llama_config(cfg)).to(torch.bfloat16)
         else:

@@ -21,7 +21,7 @@ def register() -> None:
 
 def _register_tokenizer() -> None:
     try:
-        from .tokenization_baichuan import register_tokenizer
+        from .models.tokenization_baichuan import register_tokenizer
     except ImportError:  # the tokenizer module is optional until it exists
         return
     register_tokenizer()

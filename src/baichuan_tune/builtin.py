@@ -105,10 +105,10 @@ def default_model_dir() -> Path:
         return final
     import torch
 
-    from .checkpoint import save_pretrained_atomic
+    from .models.checkpoint import save_pretrained_atomic
     from .models.modeling_baichuan import BaichuanForCausalLM
     from .models.presets import preset_config
-    from .tokenization_baichuan import BaichuanTokenizer
+    from .models.tokenization_baichuan import BaichuanTokenizer
 
     # Seeded weights without touching the caller's random state: a run that builds the default model on
     # first use draws the same adapter init and data order as every later run with the same seed.

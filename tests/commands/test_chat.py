@@ -13,15 +13,15 @@ import pytest
 from conftest import tiny_model
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
-from baichuan_tune.checkpoint import save_pretrained_atomic
+from baichuan_tune.models.checkpoint import save_pretrained_atomic
 from baichuan_tune.cli import main
 from baichuan_tune.commands.chat import ChatSession, run
-from baichuan_tune.generation import chat_generation_config
+from baichuan_tune.serve.generation import chat_generation_config
 
 
 @pytest.fixture
 def tiny_chat(tmp_path):
-    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     model = tiny_model("tiny-baichuan2-7b", vocab_size=4096, intermediate_size=192)
     tokenizer = BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER))
@@ -92,7 +92,7 @@ def test_bad_options_get_one_clear_error(tiny_chat, capsys):
 def test_quantize_option_loads_a_quantized_model(tiny_chat, monkeypatch, capsys):
     pytest.importorskip("bitsandbytes")
     from baichuan_tune.commands import chat as chat_command
-    from baichuan_tune.quantize import is_quantized
+    from baichuan_tune.models.quantize import is_quantized
 
     _, _, folder = tiny_chat
     sessions = []
@@ -110,7 +110,7 @@ def test_adapter_option_answers_as_peft_does(tiny_chat, tmp_path, monkeypatch, c
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from baichuan_tune.checkpoint import load_model
+    from baichuan_tune.models.checkpoint import load_model
 
     model, tokenizer, folder = tiny_chat
     torch.manual_seed(3)

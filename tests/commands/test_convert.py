@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors import safe_open
-from test_checkpoint import shrunk_published_config, write_published_bin
+from published import shrunk_published_config, write_published_bin
 
-from baichuan_tune.checkpoint import load_model, save_pretrained_atomic
+from baichuan_tune.models.checkpoint import load_model, save_pretrained_atomic
 from baichuan_tune.cli import main
 from transformers import LlamaForCausalLM
 

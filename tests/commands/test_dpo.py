@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baichuan_tune.builtin_pref import demo_preference_records
+from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import dpo
 from baichuan_tune.config import ConfigError, parse_config
 
@@ -68,9 +68,9 @@ def _hand_logps(model, batch) -> torch.Tensor:
 def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from baichuan_tune.checkpoint import load_model_and_tokenizer
-    from baichuan_tune.data import load_pair_data
-    from baichuan_tune.pair_training import pair_batch
+    from baichuan_tune.models.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data.loading import load_pair_data
+    from baichuan_tune.train.pair_training import pair_batch
 
     base, tok = load_model_and_tokenizer("default", dtype="fp32")
     train, _, _ = load_pair_data([str(write_pairs(tmp_path / "p.json", 6))], tok, cutoff_len=48, cache_dir="none",
@@ -90,9 +90,9 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
 
 
 def test_full_finetuning_precomputes_the_reference_once(tmp_path):
-    from baichuan_tune.checkpoint import load_model_and_tokenizer
-    from baichuan_tune.data import load_pair_data
-    from baichuan_tune.pair_training import pair_batch
+    from baichuan_tune.models.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data.loading import load_pair_data
+    from baichuan_tune.train.pair_training import pair_batch
 
     pairs = write_pairs(tmp_path / "p.json", 12)
     out = tmp_path / "full"
@@ -116,8 +116,8 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
 
 def test_a_reference_table_of_other_pairs_is_not_reused(tmp_path):
     """A table left in output_dir by a run on other pairs is computed again, not read back for these pairs."""
-    from baichuan_tune.checkpoint import load_model_and_tokenizer
-    from baichuan_tune.data import load_pair_data
+    from baichuan_tune.models.checkpoint import load_model_and_tokenizer
+    from baichuan_tune.data.loading import load_pair_data
 
     base, tok = load_model_and_tokenizer("default", dtype="fp32")
     records = demo_preference_records(12)

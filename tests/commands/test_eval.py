@@ -15,8 +15,8 @@ from conftest import REFERENCE, need_shared, tiny_model
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny Baichuan2-7B-shaped model with the published Baichuan2 vocabulary and tokenizer."""
-    from baichuan_tune.checkpoint import save_pretrained_atomic
-    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.models.checkpoint import save_pretrained_atomic
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     vocab = need_shared(REFERENCE / "baichuan2-13b-chat" / "tokenizer.model")
     tokenizer = BaichuanTokenizer(vocab_file=str(vocab))
@@ -120,7 +120,7 @@ def test_adapter_changes_scores_and_prefix_cache_sees_it(checkpoint, shared_data
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from baichuan_tune.checkpoint import load_model
+    from baichuan_tune.models.checkpoint import load_model
 
     base = load_model(checkpoint, dtype="fp32")
     torch.manual_seed(0)

@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_checkpoint import published_shapes, small_cfg, write_published_bin
+from published import published_shapes, small_cfg, write_published_bin
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
-from baichuan_tune.checkpoint import load_model, load_model_and_tokenizer
+from baichuan_tune.models.checkpoint import load_model, load_model_and_tokenizer
 from baichuan_tune.cli import main
 
 AUTO_MAP = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
@@ -24,7 +24,7 @@ REMOTE_CODE = b"# the authors' modeling file would be here; export copies it byt
 
 def make_base(folder, **overrides):
     """A base checkpoint as published: .bin shards + index, auto_map into remote code, a tokenizer."""
-    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     cfg = small_cfg(auto_map=AUTO_MAP, torch_dtype="float32", **overrides)
     tensors = write_published_bin(folder, cfg, n_shards=2, dtype=torch.float32)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from baichuan_tune import cli, rlhf
-from baichuan_tune.builtin_pref import demo_preference_records
+from baichuan_tune import cli
+from baichuan_tune.train import rlhf
+from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import ppo
 from baichuan_tune.config import ConfigError, parse_config
 
@@ -115,9 +116,9 @@ def small_rm(tmp_path_factory):
 def test_shared_reward_adapter_scores_like_the_separate_reward_model(small_rm):
     """The reward model as a second adapter on the policy's base gives the scores of the reward model loaded
     on its own, and leaves the policy (active adapter, trainable flags, outputs) as it was."""
-    from baichuan_tune.training import load_trainable
-    from baichuan_tune.templates import get_template
-    from baichuan_tune.value_head import RewardScorer, load_reward_model
+    from baichuan_tune.train.training import load_trainable
+    from baichuan_tune.data.templates import get_template
+    from baichuan_tune.models.value_head import RewardScorer, load_reward_model
 
     cfg = parse_config(ppo.PPOConfig, ["--reward_model", str(small_rm), "--model", "default", "--device", "cpu"])
     lm, tok = load_trainable(cfg, torch.device("cpu"), None)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from baichuan_tune import cli
-from baichuan_tune.builtin_pref import demo_preference_records
+from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import rm
 
 FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
@@ -68,7 +68,7 @@ def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
 
     from peft import PeftModel
 
-    from baichuan_tune.checkpoint import load_model, load_tokenizer
+    from baichuan_tune.models.checkpoint import load_model, load_tokenizer
 
     tok = load_tokenizer(demo_run)
     model = PeftModel.from_pretrained(load_model("default", dtype="fp32"), str(demo_run)).eval()
@@ -84,7 +84,7 @@ def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
 
 def test_score_file_reproduces_the_logged_held_out_accuracy(demo_run, tmp_path, capsys):
     """Scoring the held-out pairs through `rm score --input` gives the accuracy the training run logged."""
-    from baichuan_tune.data import load_dataset
+    from baichuan_tune.data.loading import load_dataset
 
     held_out = load_dataset([str(demo_run / "demo_pairs.json")], kind="pair", val_size=80, seed=42).eval
     by_prompt = {(r["conversations"][0]["value"], r["chosen"]["value"], r["rejected"]["value"]): r

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from baichuan_tune.commands import sft
 from baichuan_tune.config import ConfigError, parse_config
-from baichuan_tune.training import TrainingError
+from baichuan_tune.train.training import TrainingError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -47,7 +47,7 @@ def test_lora_run_writes_every_output_and_peft_loads_the_adapter(tmp_path):
     # PEFT itself loads the adapter on this model, and it is not a no-op: LoRA's B matrices moved from 0.
     from peft import PeftModel
 
-    from baichuan_tune.checkpoint import load_model, resolve_model_path
+    from baichuan_tune.models.checkpoint import load_model, resolve_model_path
 
     base = load_model(resolve_model_path("default"), dtype="fp32")
     ids = torch.tensor([[1, 195, 300, 400, 196]])
@@ -81,7 +81,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, s
     run_sft(straight, *common)
 
     killed = tmp_path / "killed"
-    import baichuan_tune.training as training
+    import baichuan_tune.train.training as training
 
     real_step, calls = training.optimizer_step, {"n": 0}
 
@@ -262,7 +262,7 @@ def test_training_on_cuda_lowers_the_loss(tmp_path, setting):
 
 
 def test_freeze_changes_only_the_last_layers_and_saves_in_the_chosen_dtype(tmp_path):
-    from baichuan_tune.checkpoint import resolve_model_path
+    from baichuan_tune.models.checkpoint import resolve_model_path
 
     out = tmp_path / "freeze"
     run_sft(out, "--finetuning_type", "freeze", "--freeze_trainable_layers", "1", "--max_steps", "3",
@@ -278,7 +278,7 @@ def test_full_run_saves_the_base_checkpoints_dtype_by_default(tmp_path):
     """save_dtype auto: the base's torch_dtype (the built-in model's is float32; the published ones bf16)."""
     import json as _json
 
-    from baichuan_tune.training import final_dtype
+    from baichuan_tune.train.training import final_dtype
 
     out = tmp_path / "full"
     run_sft(out, "--finetuning_type", "full", "--max_steps", "1")

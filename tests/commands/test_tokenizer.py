@@ -16,7 +16,7 @@ from baichuan_tune import cli
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
 from baichuan_tune.commands.tokenizer import main
 from baichuan_tune.errors import CheckpointError, DataError
-from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
 WORDS = ["river", "mountain", "garden", "window", "yellow", "summer", "quiet", "market", "letter", "bridge"]
 ZH = ["今天天气很好", "我们去公园散步", "山上有很多树", "他在看书", "这是一个问题"]

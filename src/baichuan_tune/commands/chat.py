@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ..checkpoint import LoadOptions
+from ..models.checkpoint import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 HELP = "commands: /clear forgets the conversation, /exit or /quit leaves (Ctrl-D too), /help shows this"
@@ -33,7 +33,7 @@ class ChatSession:
     """A conversation: `ask(text, write)` streams the reply through `write` and keeps both in the history."""
 
     def __init__(self, model, tokenizer, config, system: str | None = None):
-        from ..generation import chat_format, validate_messages
+        from ..serve.generation import chat_format, validate_messages
 
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.system = [{"role": "system", "content": system}] if system else []
@@ -44,7 +44,7 @@ class ChatSession:
         self.history = []
 
     def ask(self, text: str, write) -> str:
-        from ..generation import chat_prompt_ids, generate_text
+        from ..serve.generation import chat_prompt_ids, generate_text
 
         messages = self.system + self.history + [{"role": "user", "content": text}]
         prompt = chat_prompt_ids(self.model, self.tokenizer, messages, self.config)
@@ -101,7 +101,7 @@ def run(session: ChatSession, read=input, write=_write) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
-    from ..generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
+    from ..serve.generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
 
     model, tokenizer = cfg.load()
     try:

@@ -29,7 +29,7 @@ class ConvertConfig:
     overwrite: bool = opt(False, "replace --out if it already holds files")
 
     def validate(self) -> None:
-        from ..checkpoint import check_shard_size, parse_dtype
+        from ..models.checkpoint import check_shard_size, parse_dtype
 
         if not self.model:
             raise ConfigError("--model is required (the checkpoint folder to convert)")
@@ -41,8 +41,8 @@ class ConvertConfig:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ConvertConfig, argv, prog="baichuan-tune convert")
-    from ..checkpoint import check_output_dir, find_weight_files, resolve_model_path
-    from ..convert import convert_checkpoint
+    from ..models.checkpoint import check_output_dir, find_weight_files, resolve_model_path
+    from ..models.convert import convert_checkpoint
 
     check_output_dir(cfg.out, cfg.overwrite, {"--model": resolve_model_path(cfg.model)})
     start = time.time()

@@ -29,7 +29,7 @@ class DemoConfig:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(DemoConfig, argv, prog="baichuan-tune demo")
-    from ..checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
     start = time.time()

@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 
 from ..config import ConfigError, opt, parse_config
-from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..data.loading import DataOptions
+from ..train.training import ModelOptions, TrainOptions
 
 # The built-in demo: DPO with LoRA on the tiny default model, scored on held-out pairs before and after.
 DEMO_OVERRIDES = [
@@ -64,15 +64,15 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import with_demo
+    from ..train.training import with_demo
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
-    from ..adapters import count_parameters
-    from ..alignment import write_demo_pairs
-    from ..data import load_pair_data
-    from ..pair_training import eval_results, start_pair_run, train_pairs
-    from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
+    from ..train.adapters import count_parameters
+    from ..train.alignment import write_demo_pairs
+    from ..data.loading import load_pair_data
+    from ..train.pair_training import eval_results, start_pair_run, train_pairs
+    from ..train.training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
                             final_dtype, save_final, seed_everything, write_results)
 
     # ---- setup
@@ -110,8 +110,8 @@ def main(argv: list[str]) -> int:
 
 def preference_loss(cfg, model, batch: dict, reference, split: str) -> tuple[torch.Tensor, dict]:
     """The configured preference loss on one pair batch, with rewards, accuracy and margin for the log."""
-    from ..losses import dpo_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
-    from ..pair_training import split_pairs
+    from ..train.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
+    from ..train.pair_training import split_pairs
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
     total = sequence_logps(logits, batch["labels"])  # [2B]
@@ -165,8 +165,8 @@ class Reference:
     @torch.no_grad()
     def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
-        from ..losses import sequence_logps
-        from ..pair_training import split_pairs
+        from ..train.losses import sequence_logps
+        from ..train.pair_training import split_pairs
 
         if self.table is not None:
             kind = "avg" if average else "sum"
@@ -218,9 +218,9 @@ def _fingerprint(cfg, datasets: dict) -> str:
 @torch.no_grad()
 def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
     """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
-    from ..losses import sequence_logps
-    from ..pair_training import pair_batch, split_pairs
-    from ..training import autocast
+    from ..train.losses import sequence_logps
+    from ..train.pair_training import pair_batch, split_pairs
+    from ..train.training import autocast
 
     was_training = model.training
     model.eval()

@@ -87,8 +87,8 @@ def _device(name: str) -> str:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, _join_list_values(argv), prog="baichuan-tune eval")
-    from .. import evaluation as ev
-    from ..checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..eval import evaluation as ev
+    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..io_utils import atomic_write_json
 
     # Read the data before the model: a bad file fails in a second, not after minutes of loading.

@@ -32,7 +32,7 @@ class ExportConfig:
     quantize: int | None = opt(None, "not supported: merging needs the full-precision base (see the error)")
 
     def validate(self) -> None:
-        from ..checkpoint import check_shard_size, parse_dtype
+        from ..models.checkpoint import check_shard_size, parse_dtype
 
         if self.quantize is not None:
             raise ConfigError(
@@ -48,7 +48,7 @@ class ExportConfig:
 
 
 def refuse_quantized_base(base: Path) -> None:
-    from ..checkpoint import read_config
+    from ..models.checkpoint import read_config
     from ..errors import CheckpointError
 
     config = read_config(base)
@@ -61,8 +61,8 @@ def refuse_quantized_base(base: Path) -> None:
 
 def merge(base: Path, adapter: str, dtype: str, device: str):
     """(merged model, tokenizer): base + adapter with PEFT, then `merge_and_unload`."""
-    from ..checkpoint import load_model_and_tokenizer
-    from ..quantize import is_quantized
+    from ..models.checkpoint import load_model_and_tokenizer
+    from ..models.quantize import is_quantized
 
     model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, device=device, adapter=adapter)
     if is_quantized(model):  # a config without quantization_config but bitsandbytes layers all the same
@@ -83,7 +83,7 @@ def copy_remote_code(base: Path, out: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ExportConfig, argv, prog="baichuan-tune export")
-    from ..checkpoint import check_output_dir, find_weight_files, resolve_model_path, save_pretrained_atomic
+    from ..models.checkpoint import check_output_dir, find_weight_files, resolve_model_path, save_pretrained_atomic
 
     base = resolve_model_path(cfg.model)
     out = check_output_dir(cfg.out, cfg.overwrite, {"--model": base, "--adapter": cfg.adapter})

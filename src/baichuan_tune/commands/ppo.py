@@ -31,7 +31,7 @@ import torch
 
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
-from ..training import ModelOptions, TrainOptions
+from ..train.training import ModelOptions, TrainOptions
 
 # The built-in demo: LoRA, rewarded for answering in Chinese (a dense rule), 30 steps on CPU. It starts from
 # the sft demo's model (outputs/sft-demo) when there is one: RLHF starts from a fine-tuned model.
@@ -97,16 +97,16 @@ class PPOConfig(ModelOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import with_demo
+    from ..train.training import with_demo
 
     argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
-    from .. import losses as L
-    from .. import rlhf
-    from ..adapters import count_parameters
-    from ..training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
+    from ..train import losses as L
+    from ..train import rlhf
+    from ..train.adapters import count_parameters
+    from ..train.training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
                             precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
-    from ..value_head import PolicyWithValue, ValueHead
+    from ..models.value_head import PolicyWithValue, ValueHead
 
     # ---- setup
     out = prepare_output_dir(cfg)
@@ -209,8 +209,8 @@ class PPORun:
 
 def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
     """Rollout, reward, experience and PPO epochs on the next batch of prompts; logs; returns the new step."""
-    from .. import rlhf
-    from ..training import batch_order
+    from ..train import rlhf
+    from ..train.training import batch_order
 
     cfg, position = run.cfg, run.position
     batches = batch_order(len(run.train_prompts), cfg.rollout_batch_size, cfg.seed, position["epoch"])
@@ -272,9 +272,9 @@ def _frozen_copy(model):
 
 def _make_reward(cfg, lm, device, amp_dtype):
     """The configured reward: a rule function, the reward model as a second adapter, or a separate model."""
-    from .. import rlhf
-    from ..alignment import model_reference
-    from ..value_head import RewardScorer, load_head, load_reward_model, read_reward_meta
+    from ..train import rlhf
+    from ..train.alignment import model_reference
+    from ..models.value_head import RewardScorer, load_head, load_reward_model, read_reward_meta
 
     if bool(cfg.reward_model) == bool(cfg.reward_function):
         raise ConfigError("give exactly one of --reward_model DIR and --reward_function module:function")
@@ -295,7 +295,7 @@ def _make_reward(cfg, lm, device, amp_dtype):
 
 
 def _describe(reward) -> str:
-    from .. import rlhf
+    from ..train import rlhf
 
     if isinstance(reward, rlhf.FunctionReward):
         return f"rule {reward.spec}"
@@ -323,11 +323,11 @@ def _parse_kwargs(items: list[str]) -> dict:
 
 def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
     """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed."""
-    from ..templates import get_template
+    from ..data.templates import get_template
 
     files = list(cfg.dataset)
     if not files:
-        from ..builtin_pref import demo_prompts
+        from ..data.builtin_pref import demo_prompts
         from ..io_utils import atomic_write_text
 
         demo_file = out / "demo_prompts.jsonl"
@@ -349,7 +349,7 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
 
 def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
     """Prompt turn lists of one file: {prompt} records directly, others through the data module's readers."""
-    from .. import data
+    from ..data import loading as data
 
     first = next(iter(data.iter_json_records(path)), None)
     if first is None:
@@ -368,7 +368,7 @@ def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
 
 
 def _plain_prompts(path: str, max_samples: int) -> list:
-    from .. import data
+    from ..data import loading as data
 
     prompts = []
     for where, obj, line_error in data.iter_json_records(path):
@@ -389,7 +389,7 @@ def _plain_prompts(path: str, max_samples: int) -> list:
 @torch.no_grad()
 def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -> dict:
     """Greedy answers to the held-out prompts: mean raw reward and answer length."""
-    from .. import rlhf
+    from ..train import rlhf
 
     scores, lengths, example = [], [], None
     for start in range(0, len(prompts), cfg.rollout_batch_size):
@@ -411,8 +411,8 @@ def _save(cfg, policy, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
     from ..io_utils import atomic_dir
-    from ..training import final_dtype, plot_curves, save_final
-    from ..value_head import HEAD_FILE
+    from ..train.training import final_dtype, plot_curves, save_final
+    from ..models.value_head import HEAD_FILE
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
@@ -426,7 +426,7 @@ def _save(cfg, policy, tokenizer, out: Path) -> None:
 
 
 def _results(out: Path, step: int, evals: list, kl_ctl) -> dict:
-    from ..training import read_log
+    from ..train.training import read_log
 
     records = [r for r in read_log(out / "trainer_log.jsonl") if "reward" in r]
     results = {"global_step": step, "kl_coef": kl_ctl.value}

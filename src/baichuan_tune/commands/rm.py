@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, opt, parse_config
-from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..data.loading import DataOptions
+from ..train.training import ModelOptions, TrainOptions
 
 # The built-in demo: LoRA on the tiny default model, scored on held-out pairs before and after training.
 DEMO_OVERRIDES = [
@@ -63,17 +63,17 @@ class ScoreConfig:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "score":
         return score(argv[1:])
-    from ..training import with_demo
+    from ..train.training import with_demo
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
-    from ..adapters import count_parameters
-    from ..alignment import model_reference, write_demo_pairs
-    from ..data import load_pair_data
-    from ..pair_training import eval_results, start_pair_run, train_pairs
-    from ..training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
+    from ..train.adapters import count_parameters
+    from ..train.alignment import model_reference, write_demo_pairs
+    from ..data.loading import load_pair_data
+    from ..train.pair_training import eval_results, start_pair_run, train_pairs
+    from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
                             seed_everything, write_results)
-    from ..value_head import RewardModel, ValueHead, save_reward_model
+    from ..models.value_head import RewardModel, ValueHead, save_reward_model
 
     # ---- setup
     out = prepare_output_dir(cfg)
@@ -109,8 +109,8 @@ def main(argv: list[str]) -> int:
 
 def pairwise_loss(rm, batch: dict) -> tuple[torch.Tensor, dict]:
     """InstructGPT's pairwise loss on one pair batch, with accuracy and margin for the log."""
-    from ..losses import pairwise_accuracy, pairwise_rm_loss, reward_margin
-    from ..pair_training import split_pairs
+    from ..train.losses import pairwise_accuracy, pairwise_rm_loss, reward_margin
+    from ..train.pair_training import split_pairs
 
     chosen, rejected = split_pairs(rm(batch["input_ids"], batch["attention_mask"]))  # [B], [B]
     c, r = chosen.detach(), rejected.detach()
@@ -127,8 +127,8 @@ def score(argv: list[str]) -> int:
     import json
 
     cfg = parse_config(ScoreConfig, argv, prog="baichuan-tune rm score")
-    from ..training import resolve_device
-    from ..value_head import RewardScorer, load_reward_model, read_reward_meta
+    from ..train.training import resolve_device
+    from ..models.value_head import RewardScorer, load_reward_model, read_reward_meta
 
     if bool(cfg.input) == bool(cfg.prompt) or bool(cfg.prompt) != bool(cfg.response):
         raise ConfigError("give either --input FILE, or --prompt TEXT with --response ANSWER")
@@ -153,7 +153,7 @@ def score(argv: list[str]) -> int:
 
 
 def _is_pair_file(path: str) -> bool:
-    from ..data import iter_json_records
+    from ..data.loading import iter_json_records
 
     first = next(iter(iter_json_records(path)), None)
     return first is not None and isinstance(first[1], dict) and "chosen" in first[1]
@@ -163,7 +163,7 @@ def _score_pairs(scorer, path: str) -> int:
     """Score both answers of every pair; print each pair, then pairs / accuracy / margin."""
     import json
 
-    from ..data import load_dataset
+    from ..data.loading import load_dataset
 
     records = load_dataset([path], kind="pair").train
     chosen = scorer.score([r.prompt for r in records], [r.chosen for r in records])
@@ -179,7 +179,7 @@ def _score_pairs(scorer, path: str) -> int:
 
 def _answer_records(path: str) -> list[tuple[str, str, str]]:
     """(where, prompt, response) of every {prompt, response} record; a bad one is a DataError naming it."""
-    from ..data import iter_json_records
+    from ..data.loading import iter_json_records
     from ..errors import DataError
 
     found = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..checkpoint import LoadOptions
+from ..models.checkpoint import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 
@@ -41,12 +41,12 @@ class ServeConfig(LoadOptions):
 def main(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
-    from ..checkpoint import resolve_model_path
+    from ..models.checkpoint import resolve_model_path
 
     try:  # before loading the model: a missing extra should cost nothing
         import uvicorn
 
-        from ..server import bind_socket, create_app
+        from ..serve.server import bind_socket, create_app
     except ModuleNotFoundError as exc:
         raise ConfigError(f"serve needs {exc.name}: pip install 'baichuan-tune[serve]'") from None
 

@@ -22,8 +22,8 @@ import torch
 
 from ..builtin import DEMO_PROMPTS
 from ..config import opt, parse_config
-from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..data.loading import DataOptions
+from ..train.training import ModelOptions, TrainOptions
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [
@@ -40,7 +40,7 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
     def validate(self) -> None:
         from ..config import ConfigError
-        from ..training import check_options
+        from ..train.training import check_options
 
         if not self.dataset:
             raise ConfigError("no --dataset given (data files in JSON/JSONL, comma separated; with no options at "
@@ -49,16 +49,16 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import base_dtype, with_demo, write_results
+    from ..train.training import base_dtype, with_demo, write_results
 
     # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
-    from ..adapters import count_parameters, prepare_for_training
-    from ..checkpoint import load_model_and_tokenizer, resolve_model_path
-    from ..collate import pack_examples
-    from .. import distributed
-    from ..training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
+    from ..train.adapters import count_parameters, prepare_for_training
+    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..data.collate import pack_examples
+    from ..train import distributed
+    from ..train.training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
                             precision_dtype, prepare_output_dir, resolve_device, seed_everything,
                             total_optimizer_steps)
 
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
     )
     if cfg.finetuning_type == "qlora":
-        from ..quantize import keep_4bit_trainable
+        from ..models.quantize import keep_4bit_trainable
 
         keep_4bit_trainable(model)  # before the "before" answers: their eval pass would repack NF4 on a CPU
     if not dist.main:
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
     position = (cfg.resume and checkpoints.resume(model, optimizer, scheduler, scaler)) or fresh
     if position.get("processes", 1) != dist.world:  # the saved batch position indexes that many shards
-        from ..training import TrainingError
+        from ..train.training import TrainingError
 
         raise TrainingError(f"the checkpoint was written by a run of {position.get('processes', 1)} process(es); "
                             f"resume it with as many (this run has {dist.world})")
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
     log.close()
 
     # ---- save
-    from ..training import final_dtype, plot_curves, save_final
+    from ..train.training import final_dtype, plot_curves, save_final
 
     results = loop.final_metrics()  # every process: the final evaluation is shared out among them
     model = distributed.unwrap(model)
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
 
 
 def _load_data(cfg, tokenizer):
-    from .. import data
+    from ..data import loading as data
 
     return data.load_sft_data(list(cfg.dataset), tokenizer, **cfg.load_kwargs(cfg.seed))
 
@@ -172,7 +172,7 @@ class _Loop:
 
     def run_epoch(self) -> None:
         """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
-        from ..training import batch_order
+        from ..train.training import batch_order
 
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         epoch = self.position["epoch"]
@@ -193,9 +193,9 @@ class _Loop:
 
     def optimizer_step(self, group: list[list[int]], epoch_progress: float) -> None:
         """Forward/backward over one accumulation group, then step, log, evaluate and checkpoint."""
-        from ..collate import collate_padded
-        from ..distributed import no_sync
-        from ..training import autocast, loss_is_bad, optimizer_step
+        from ..data.collate import collate_padded
+        from ..train.distributed import no_sync
+        from ..train.training import autocast, loss_is_bad, optimizer_step
 
         losses, tokens = [], 0
         for n, indices in enumerate(group):
@@ -244,7 +244,7 @@ class _Loop:
         position = dict(self.position)
         if position["batch"] >= self.per_epoch * self.cfg.gradient_accumulation_steps:
             position["epoch"], position["batch"] = position["epoch"] + 1, 0
-        from ..distributed import unwrap
+        from ..train.distributed import unwrap
 
         if self.dist.main:  # the processes hold the same weights and optimizer state
             self.last_ckpt = self.checkpoints.save(self.step, unwrap(self.model), self.optimizer, self.scheduler,
@@ -254,9 +254,9 @@ class _Loop:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Token-weighted mean loss over the eval split (shared out among the processes)."""
-        from ..collate import collate_padded
-        from ..distributed import unwrap
-        from ..training import autocast
+        from ..data.collate import collate_padded
+        from ..train.distributed import unwrap
+        from ..train.training import autocast
 
         model = unwrap(self.model)
         was_training = model.training
@@ -274,7 +274,7 @@ class _Loop:
         return total / max(count, 1)
 
     def final_metrics(self) -> dict:
-        from ..training import read_log
+        from ..train.training import read_log
 
         log = Path(self.cfg.output_dir) / "trainer_log.jsonl"
         records = [r for r in read_log(log) if "loss" in r] if self.dist.main else []  # rank 0 owns the log
@@ -291,7 +291,7 @@ class _Loop:
 @torch.no_grad()
 def _answers(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy answers to `prompts` in the training template's chat format."""
-    from ..templates import get_template
+    from ..data.templates import get_template
 
     if not prompts:
         return []

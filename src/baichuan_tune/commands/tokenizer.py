@@ -125,7 +125,7 @@ def split_heldout(lines: list[str], every: int) -> tuple[list[str], list[str]]:
 def write_tokenizer(model: bytes, cfg: TrainTokenizerConfig) -> Path:
     """Write the tokenizer files into cfg.out: built in a staging folder, then each file renamed into place,
     so an existing folder (say, a checkpoint) keeps its other files and never holds a half-written one."""
-    from ..tokenization_baichuan import VOCAB_FILE, BaichuanTokenizer
+    from ..models.tokenization_baichuan import VOCAB_FILE, BaichuanTokenizer
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def write_tokenizer(model: bytes, cfg: TrainTokenizerConfig) -> Path:
 
 
 def load_reference(path: str):
-    from ..tokenization_baichuan import VOCAB_FILE, BaichuanTokenizer, check_sentencepiece_file
+    from ..models.tokenization_baichuan import VOCAB_FILE, BaichuanTokenizer, check_sentencepiece_file
 
     path = Path(path)
     model = path / VOCAB_FILE if path.is_dir() else path
@@ -154,7 +154,7 @@ def load_reference(path: str):
 
 
 def report(rows: list[tuple[str, object]], heldout: list[str], heldout_source: str) -> str:
-    from ..tokenization_baichuan import compression
+    from ..models.tokenization_baichuan import compression
 
     stats = [(name, len(tok), compression(tok, heldout)) for name, tok in rows]
     first, width = stats[0][2], max(len("tokenizer"), *(len(name) for name, _ in rows))
@@ -186,7 +186,7 @@ def _merge_repeated(argv: list[str], key: str = "--input") -> list[str]:
 
 def train(argv: list[str]) -> int:
     from .. import builtin
-    from ..tokenization_baichuan import BaichuanTokenizer, train_sentencepiece
+    from ..models.tokenization_baichuan import BaichuanTokenizer, train_sentencepiece
 
     cfg = parse_config(TrainTokenizerConfig, _merge_repeated(argv), prog="baichuan-tune tokenizer train")
     reference = load_reference(cfg.reference) if cfg.reference else None  # fail on a bad path before training

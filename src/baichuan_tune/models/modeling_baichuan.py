@@ -360,14 +360,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def chat(self, tokenizer, messages, stream=False, generation_config=None, **overrides):
-        """The authors' chat API (see `baichuan_tune.generation.chat`)."""
-        from ..generation import chat
+        """The authors' chat API (see `baichuan_tune.serve.generation.chat`)."""
+        from ..serve.generation import chat
 
         return chat(self, tokenizer, messages, stream=stream, generation_config=generation_config, **overrides)
 
     def quantize(self, bits: int):
-        """The authors' in-place 8/4-bit API (see `baichuan_tune.quantize.quantize`); returns the model."""
-        from ..quantize import quantize
+        """The authors' in-place 8/4-bit API (see `baichuan_tune.models.quantize.quantize`); returns the model."""
+        from .quantize import quantize
 
         return quantize(self, bits)
 
@@ -376,7 +376,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         # bitsandbytes keeps beside each weight, which torch's in-place move leaves behind.
         super()._apply(fn, *args, **kwargs)
         if getattr(self, "quantization_bits", None) == 8:
-            from ..quantize import resync_int8_state
+            from .quantize import resync_int8_state
 
             resync_int8_state(self)
         return self

@@ -1,0 +1,90 @@
+"""What to train: LoRA / QLoRA adapters on PEFT, the last N layers (`freeze`), or everything (`full`).
+
+Shared by sft, rm, dpo and ppo. Adapters are PEFT's own (`adapter_config.json` +
+`adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` loads them on this model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BaichuanTuneError
+
+FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
+# Every linear layer of a decoder block, by its published name.
+LINEAR_MODULES = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_targets(names: list[str]) -> list[str]:
+    """Expand `all` and check each name is a linear layer of the model."""
+    if not names or "all" in names:
+        return list(LINEAR_MODULES)
+    unknown = [n for n in names if n not in LINEAR_MODULES]
+    if unknown:
+        raise BaichuanTuneError(f"lora_target: unknown module(s) {unknown}; choose from {list(LINEAR_MODULES)} or 'all'")
+    return list(names)
+
+
+def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: float, quantized: bool, grad_ckpt: bool):
+    """Wrap `model` in a PEFT LoRA model (after PEFT's k-bit preparation for a quantised base)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        from ..models.quantize import keep_4bit_trainable
+
+        keep_4bit_trainable(model)
+        # PEFT enables checkpointing again here, with empty kwargs unless given ours: keep the non-reentrant
+        # variant that prepare_for_training chose, as the lora/freeze/full paths use.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(target)
+    )
+    return get_peft_model(model, config)
+
+
+def freeze_all_but_last(model, num_layers: int) -> None:
+    """`freeze`: train only the last `num_layers` decoder layers (the rest, embeddings and head stay fixed)."""
+    layers = model.model.layers
+    if not 1 <= num_layers <= len(layers):
+        raise BaichuanTuneError(f"freeze_trainable_layers must be between 1 and {len(layers)}, got {num_layers}")
+    model.requires_grad_(False)
+    for layer in layers[-num_layers:]:
+        layer.requires_grad_(True)
+
+
+def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
+                         lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False):
+    """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora)."""
+    if finetuning_type not in FINETUNING_TYPES:
+        raise BaichuanTuneError(f"finetuning_type must be one of {FINETUNING_TYPES}, got {finetuning_type!r}")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if finetuning_type in ("lora", "qlora"):
+        model = attach_lora(model, list(lora_target), lora_rank, lora_alpha, lora_dropout,
+                            quantized=finetuning_type == "qlora", grad_ckpt=gradient_checkpointing)
+        if gradient_checkpointing:
+            # Inputs to the first checkpointed layer must require grad when the embeddings are frozen.
+            model.enable_input_require_grads()
+    elif finetuning_type == "freeze":
+        freeze_all_but_last(model, freeze_trainable_layers)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """The tensors a training checkpoint must hold: only those that train (adapter or unfrozen weights)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if n in names}
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their real element number."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

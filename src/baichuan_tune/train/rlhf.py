@@ -1,0 +1,368 @@
+"""PPO machinery for `baichuan-tune ppo` and `benchmarks/bench_ppo.py`: rollouts, rewards, experience, updates.
+
+One PPO step (Ouyang et al. 2022; Ziegler et al. 2019):
+1. rollout: sample answers to a batch of prompts from the policy (batched, KV cache);
+2. score: one reward per answer, from a reward model or a rule (a Python function);
+3. experience: log-probs of the sampled tokens under the policy and the reference, values from the
+   critic, per-token rewards -kl_coef * (logp - ref_logp) plus the score on the last answer token, GAE
+   advantages (whitened) and returns;
+4. update: several epochs of clipped policy and value losses over shuffled mini-batches.
+
+Memory: with LoRA the policy is the `default` adapter of one PEFT model, the critic a value head on the
+policy's hidden states, the reward model a second adapter (`reward`) plus its head on the same frozen
+base, and the reference that base with the adapters switched off, so the base weights exist once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+
+import torch
+
+from . import losses as L
+from ..config import ConfigError
+from .training import autocast, optimizer_step
+from ..models.value_head import PolicyWithValue, adapter_active, causal_lm, hidden_states
+
+
+@dataclass
+class Rollout:
+    """Sampled answers: prompts left-padded to P tokens, answers right-padded to R tokens."""
+
+    input_ids: torch.Tensor  # [B, P+R] prompt then answer
+    attention_mask: torch.Tensor  # [B, P+R] 1 on prompt and answer tokens (up to and including eos)
+    response_mask: torch.Tensor  # [B, R] 1 on answer tokens
+    prompts: list[str]  # the prompt texts (last user turn), for rule rewards
+    responses: list[str]  # decoded answers without special tokens
+    seconds: float = 0.0
+    prompt_turns: list | None = None  # each prompt's whole conversation [(role, text), ...] when known
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.size(1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, P], mask [B, P]) padded on the left, so every answer starts at column P."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first eos of each row, 0 after it: [B, R] ids -> [B, R] long."""
+    is_eos = (response == eos_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # eos tokens strictly before t
+    return (eos_before == 0).long()
+
+
+def rollout_generation_config(tokenizer, max_new_tokens: int, min_new_tokens: int, temperature: float, greedy: bool):
+    """Sampling from softmax(logits / temperature) only: no top-k/top-p/repetition penalty, so the
+    sampled tokens follow exactly the distribution whose log-probabilities PPO computes."""
+    from transformers import GenerationConfig
+
+    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return GenerationConfig(
+        do_sample=not greedy, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=1.0,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+        bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling,
+    )
+
+
+@torch.no_grad()
+def generate_rollout(lm, tokenizer, prompt_ids: list[list[int]], prompts: list[str], generation_config,
+                     prompt_turns: list | None = None) -> Rollout:
+    """Sample one answer per prompt with the KV cache; `lm` is the policy (a PEFT model or a plain LM)."""
+    device = next(lm.parameters()).device
+    query, query_mask = left_pad(prompt_ids, generation_config.pad_token_id, device)  # [B, P]
+    was_training = lm.training
+    lm.eval()
+    start = time.perf_counter()
+    sequences = lm.generate(input_ids=query, attention_mask=query_mask, generation_config=generation_config)
+    seconds = time.perf_counter() - start
+    lm.train(was_training)
+    response = sequences[:, query.size(1) :]  # [B, R]
+    mask = response_mask(response, generation_config.eos_token_id)  # [B, R]
+    texts = tokenizer.batch_decode(response.masked_fill(mask == 0, generation_config.pad_token_id),
+                                   skip_special_tokens=True)
+    return Rollout(torch.cat([query, response], 1), torch.cat([query_mask, mask], 1), mask, list(prompts),
+                   [t.strip() for t in texts], seconds, prompt_turns)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+class FunctionReward:
+    """A rule-based reward: `fn(prompts, responses, response_lengths=..., **kwargs) -> list[float]`."""
+
+    def __init__(self, spec: str, kwargs: dict | None = None):
+        self.fn, self.spec, self.kwargs = load_function(spec), spec, dict(kwargs or {})
+        self.pass_lengths = _check_reward_signature(self.fn, spec, self.kwargs)
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        extra = dict(self.kwargs)
+        if self.pass_lengths:
+            extra["response_lengths"] = rollout.response_mask.sum(1).tolist()
+        values = self.fn(rollout.prompts, rollout.responses, **extra)
+        values = list(values)
+        if len(values) != len(rollout.responses):
+            raise ConfigError(f"reward function {self.spec} returned {len(values)} scores for "
+                              f"{len(rollout.responses)} answers")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _check_reward_signature(fn: Callable, spec: str, kwargs: dict) -> bool:
+    """Whether `fn` takes response_lengths; a function that cannot take (prompts, responses, **kwargs) is
+    refused now, before the model loads, rather than after the first rollout."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except ValueError:  # no signature to read (a builtin): call it with the documented arguments
+        return True
+    takes_lengths = any(p.kind is p.VAR_KEYWORD or p.name == "response_lengths" for p in signature.parameters.values())
+    try:
+        signature.bind(["p"], ["r"], **kwargs, **({"response_lengths": [1]} if takes_lengths else {}))
+    except TypeError as exc:
+        raise ConfigError(f"reward_function '{spec}' cannot be called as fn(prompts, responses"
+                          f"{''.join(f', {k}=...' for k in kwargs)}): {exc}") from None
+    return takes_lengths
+
+
+def load_function(spec: str) -> Callable:
+    """`package.module:name` or `path/to/file.py:name` -> the function (the user names code to run)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(f"reward_function '{spec}': expected module:function or file.py:function")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"reward_function '{spec}': file {path} not found")
+            module_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise ConfigError(f"reward_function '{spec}': cannot import {target} ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward_function '{spec}': {target} has no function '{name}'")
+    return fn
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class SharedAdapterReward:
+    """The reward model as adapter `reward` + its head on the policy's own base, scored on token ids."""
+
+    def __init__(self, lm, head, batch_size: int):
+        self.lm, self.head, self.batch_size = lm, head, batch_size
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        scores = []
+        # Eval mode: the reward adapter's LoRA dropout would otherwise make the same answer score differently.
+        with adapter_active(self.lm, "reward"), eval_mode(self.lm):
+            for rows in _chunks(rollout.input_ids.size(0), self.batch_size):
+                ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+                hidden = hidden_states(self.lm, ids, mask)  # [b, P+R, H]
+                last = L.last_token_index(mask)  # [b]: the eos, or the last token of a cut answer
+                scores.append(self.head(hidden[torch.arange(hidden.size(0), device=hidden.device), last]))
+        return torch.cat(scores).float().cpu()
+
+
+class SeparateModelReward:
+    """A reward model loaded on its own (full weights, or another base): scored on the decoded texts."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        # The whole prompt (system, earlier rounds) as the reward model was trained on it, when known.
+        turns = rollout.prompt_turns or [[("user", p)] for p in rollout.prompts]
+        return torch.tensor(self.scorer.score(turns, rollout.responses), dtype=torch.float32)
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, total)) for i in range(0, total, max(size, 1))]
+
+
+# ----------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    """Everything the PPO epochs of one batch need, all detached. Shapes [B, P+R] or [B, R] or [B]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@contextmanager
+def reference_mode(policy, reference):
+    """The reference as a PolicyWithValue: the policy's base with adapters off, or a separate frozen copy
+    of the starting model (its values are never used)."""
+    if reference is not None:
+        yield PolicyWithValue(reference, policy.v_head)
+    else:
+        with policy.lm.disable_adapter():
+            yield policy
+
+
+@torch.no_grad()
+def forward_logprobs(policy, input_ids, attention_mask, response_len: int, temperature: float, batch_size: int,
+                     device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the answer tokens [B, R], values [B, R]) under `policy` (a PolicyWithValue)."""
+    logps, values = [], []
+    for rows in _chunks(input_ids.size(0), batch_size):
+        with autocast(device, amp_dtype):
+            logits, value = policy(input_ids[rows], attention_mask[rows], response_len)  # [b, R, V], [b, R]
+        logps.append(L.token_logps(logits.float() / temperature, input_ids[rows, -response_len:]))
+        values.append(value.float())
+    return torch.cat(logps), torch.cat(values)
+
+
+def make_experience(policy, reference, rollout: Rollout, scores: torch.Tensor, cfg, kl_coef: float, device,
+                    amp_dtype) -> Experience:
+    """Policy/reference log-probs, values, KL-penalised rewards, GAE advantages and returns."""
+    policy.eval()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_len, cfg.temperature,
+            cfg.per_device_train_batch_size, device, amp_dtype)
+    logprobs, values = forward_logprobs(policy, *args)
+    with reference_mode(policy, reference) as ref:
+        ref_logprobs, _ = forward_logprobs(ref, *args)
+    mask = rollout.response_mask.float()
+    scores = scores.to(device)
+    rewards, kl = L.kl_penalty_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    advantages, returns = L.gae_advantages(rewards, values * mask, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                           whiten=cfg.whiten_advantages)
+    return Experience(rollout.input_ids, rollout.attention_mask, mask, logprobs, ref_logprobs, values * mask,
+                      scores, rewards, kl, advantages, returns)
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def ppo_update(policy, exp: Experience, cfg, optimizer, scheduler, scaler, device, amp_dtype,
+               generator: torch.Generator) -> dict:
+    """`cfg.ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches; mean metrics.
+
+    A non-finite loss stops training (`nan_policy` stop) or drops that optimizer step (`skip`, counted).
+    """
+    policy.train()
+    total = exp.input_ids.size(0)
+    size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    sums: dict[str, float] = {"skipped_updates": 0.0}
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(total, generator=generator).tolist()
+        minibatches = [order[i : i + size] for i in range(0, total, size)]
+        for start in range(0, len(minibatches), accum):
+            group = minibatches[start : start + accum]
+            results = []
+            for rows in group:
+                metrics = _minibatch_backward(policy, exp, rows, cfg, scaler, device, amp_dtype, len(group))
+                if metrics is None:
+                    break
+                results.append(metrics)
+            if len(results) < len(group):  # a non-finite loss under nan_policy skip
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                sums["skipped_updates"] += 1
+                continue
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + optimizer_step(
+                policy, optimizer, scheduler, scaler, cfg.max_grad_norm) * len(group)
+            for metrics in results:
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+            count += len(group)
+    skipped = sums.pop("skipped_updates")
+    return {**{k: v / max(count, 1) for k, v in sums.items()}, "skipped_updates": skipped}
+
+
+def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, device, amp_dtype,
+                        group: int) -> dict | None:
+    """Loss and backward of one mini-batch; None when the loss is not finite and nan_policy is skip."""
+    idx = torch.tensor(rows, device=exp.input_ids.device)
+    mask = exp.response_mask[idx]  # [b, R]
+    with autocast(device, amp_dtype):
+        logits, values = policy(exp.input_ids[idx], exp.attention_mask[idx], mask.size(1))  # [b, R, V], [b, R]
+    logits = logits.float() / cfg.temperature
+    logprobs = L.token_logps(logits, exp.input_ids[idx, -mask.size(1) :])  # [b, R]
+    pg = L.ppo_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.cliprange)
+    vf_loss, vf_clip = L.ppo_value_loss(values.float(), exp.values[idx], exp.returns[idx], mask, cfg.cliprange_value)
+    loss = pg.loss + cfg.vf_coef * vf_loss
+    if not torch.isfinite(loss):
+        if getattr(cfg, "nan_policy", "stop") == "skip":
+            return None
+        raise _nonfinite(loss)
+    scaled = loss / group
+    (scaler.scale(scaled) if scaler else scaled).backward()
+    with torch.no_grad():
+        entropy = L.masked_mean(L.entropy_from_logits(logits.detach()), mask)
+    return {"policy_loss": float(pg.loss.detach()), "value_loss": float(vf_loss.detach()),
+            "clip_fraction": float(pg.clip_fraction), "value_clip_fraction": float(vf_clip),
+            "approx_kl": float(pg.approx_kl), "entropy": float(entropy)}
+
+
+def _nonfinite(loss: torch.Tensor):
+    from .training import TrainingError
+
+    return TrainingError(f"PPO loss is {loss.item()}: lower the learning rate, raise kl_coef, use --bf16 true "
+                         "instead of fp16, or pass --nan_policy skip")
+
+
+def step_statistics(exp: Experience, raw_scores: torch.Tensor, kl_coef: float) -> dict:
+    """Per-step log values from a batch's experience: reward, KL, lengths."""
+    lengths = exp.response_mask.sum(1)
+    kl_per_answer = exp.kl.sum(1)  # [B]: KL summed over each answer's tokens
+    return {
+        "reward": float(raw_scores.mean()), "reward_std": float(raw_scores.std(unbiased=False)),
+        "kl": float(kl_per_answer.mean()), "kl_coef": kl_coef,
+        "response_length": float(lengths.float().mean()),
+        "return_mean": float(L.masked_mean(exp.returns, exp.response_mask)),
+        "value_mean": float(L.masked_mean(exp.values, exp.response_mask)),
+    }
+
+
+def normalized_scores(raw: torch.Tensor, moments: L.RunningMoments | None, clip: float | None) -> torch.Tensor:
+    """Scores as the policy sees them: running-normalised (when `moments`) and clipped (when `clip`)."""
+    scores = moments.normalize(raw, clip=clip) if moments is not None else L.clip_scores(raw, clip)
+    return scores
+
+
+__all__ = [
+    "Experience", "FunctionReward", "Rollout", "SeparateModelReward", "SharedAdapterReward", "causal_lm",
+    "generate_rollout", "left_pad", "load_function", "make_experience", "normalized_scores", "ppo_update",
+    "response_mask", "rollout_generation_config", "step_statistics",
+]

@@ -1,0 +1,596 @@
+"""Pieces every training command shares (sft, rm, dpo, ppo): options, optimizer and schedule, precision,
+the deterministic batch order, checkpoints that resume exactly, the NaN guard, logs, plots and TensorBoard.
+
+The loop itself stays in each command, so a command reads top to bottom; this module holds what would
+otherwise be written four times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import opt, save_config, split_argv
+from ..errors import BaichuanTuneError
+from ..io_utils import atomic_dir, atomic_write_json, atomic_write_text
+
+
+class TrainingError(BaichuanTuneError):
+    """Training cannot go on (a NaN loss, a checkpoint that does not match the run, ...)."""
+
+
+@dataclass
+class ModelOptions:
+    model: str = opt("default", "model folder in the published layout, or 'default' for the built-in model")
+    finetuning_type: Literal["lora", "qlora", "freeze", "full"] = opt("lora", "what to train: lora, qlora, freeze or full")
+    lora_target: list[str] = opt(factory=lambda: ["all"], help="LoRA modules: W_pack,o_proj,gate_proj,up_proj,down_proj or all")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    quantization_bit: Literal[4, 8] = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
+    freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = opt("outputs/run", "folder for checkpoints, logs, plots and the final model")
+    num_train_epochs: float = opt(3.0, "passes over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    per_device_train_batch_size: int = opt(4, "samples per forward pass")
+    gradient_accumulation_steps: int = opt(1, "forward passes per optimizer step")
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = opt(0.0, "fraction of steps for linear warmup")
+    warmup_steps: int = opt(0, "warmup steps (overrides warmup_ratio when > 0)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = opt(
+        "adamw_torch", "optimizer (the 8-bit and paged ones come from bitsandbytes)"
+    )
+    bf16: bool = opt(False, "bf16 autocast for the forward and backward passes")
+    fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(42, "random seed (data order, dropout, adapter init)")
+    logging_steps: int = opt(10, "log every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
+    save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
+    save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run's files)")
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "dtype of the final full/freeze weights (auto: the base checkpoint's, bf16 for the published models)")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    plot_loss: bool = opt(True, "write training_loss.png")
+    report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def check_options(cfg) -> None:
+    """Reject ModelOptions/TrainOptions values that would fail only after the model and data are loaded."""
+    from .adapters import lora_targets
+    from ..config import ConfigError
+
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "lora_rank",
+                "freeze_trainable_layers")
+    for name in (n for n in positive if getattr(cfg, n, 1) < 1):
+        raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, name, 0) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if not cfg.learning_rate > 0:
+        raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
+        raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {cfg.num_train_epochs}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0 <= getattr(cfg, "lora_dropout", 0) < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("choose one of bf16 and fp16")
+    try:
+        lora_targets(getattr(cfg, "lora_target", ["all"]))
+        device = resolve_device(cfg.device)
+    except (BaichuanTuneError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine (use --device cpu)")
+    if hasattr(cfg, "check_data_options"):
+        cfg.check_data_options()
+    if getattr(cfg, "finetuning_type", None) == "freeze":
+        _check_freeze_layers(cfg)
+
+
+def base_config_json(cfg) -> dict:
+    """The base model's config.json as a dict, read without touching the weights; {} when it cannot be read
+    (loading the model then reports the missing or broken folder with its own clear error)."""
+    from ..models.checkpoint import resolve_model_path
+
+    try:
+        return json.loads((Path(resolve_model_path(cfg.model)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, BaichuanTuneError):
+        return {}
+
+
+def _check_freeze_layers(cfg) -> None:
+    """freeze_trainable_layers against the model's depth, from its config.json."""
+    from ..config import ConfigError
+
+    layers = base_config_json(cfg).get("num_hidden_layers")
+    if isinstance(layers, int) and cfg.freeze_trainable_layers > layers:
+        raise ConfigError(f"freeze_trainable_layers is {cfg.freeze_trainable_layers} but the model has {layers} "
+                          "decoder layers")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+RUN_MARKERS = ("trainer_log.jsonl", "train_results.json")  # files every training command writes
+# Everything the training commands write into output_dir: what --overwrite_output_dir deletes (and nothing else).
+RUN_OUTPUTS = (
+    "checkpoint-*", ".checkpoint-*", ".final", "runs", "config.yaml", "trainer_log.jsonl", "train_results.json",
+    "training_loss.png", "training_accuracy.png", "training_margin.png", "ppo_reward.png", "ppo_kl.png",
+    "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
+    "generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "value_head.safetensors", "reward_model.json", "critic",
+    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt",
+)
+
+
+def _delete_run(out: Path) -> None:
+    """Remove an earlier run's outputs from `out`, leaving any other file there alone."""
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def prepare_output_dir(cfg) -> Path:
+    """Create output_dir and save the config. A folder holding an earlier run (checkpoints, a log or results)
+    is continued (--resume, from its last checkpoint), deleted and started afresh (--overwrite_output_dir)
+    or refused, so finished work is never overwritten or mixed with a new run's by accident."""
+    out = Path(cfg.output_dir)
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    earlier = bool(checkpoints) or any((out / name).exists() for name in RUN_MARKERS)
+    resumable = [p for p in checkpoints if (p / "trainer_state.json").is_file()]  # complete ones only
+    if earlier and not (cfg.resume and resumable):
+        if cfg.overwrite_output_dir:
+            _delete_run(out)
+        elif cfg.resume:
+            raise TrainingError(f"{out} holds an earlier run but no checkpoint to resume from; pass "
+                                "--overwrite_output_dir true to start again there, or another --output_dir")
+        else:
+            raise TrainingError(f"{out} already holds a run; pass --resume true to continue from its last checkpoint, "
+                                "--overwrite_output_dir true to delete it and start again, or another --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def precision_dtype(cfg) -> torch.dtype | None:
+    if cfg.bf16 and cfg.fp16:
+        raise TrainingError("choose one of bf16 and fp16")
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None):
+    """fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("nothing to train: no parameter requires a gradient")
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(params, **kwargs)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_optimizer_steps(cfg, num_samples: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). With several processes a global batch holds
+    per_device_train_batch_size x world samples and a short last one is dropped (every process needs a part)."""
+    batch = cfg.per_device_train_batch_size * world
+    if world > 1 and num_samples < batch:
+        raise TrainingError(f"{num_samples} training samples (or packed rows) are fewer than one global batch of "
+                            f"{batch} ({cfg.per_device_train_batch_size} per process x {world} processes)")
+    batches = math.ceil(num_samples / batch) if world == 1 else num_samples // batch
+    per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
+    total = math.ceil(per_epoch * cfg.num_train_epochs)
+    return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
+
+
+def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=gen).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> float:
+    """Unscale, clip, step, zero; returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def loss_is_bad(loss: torch.Tensor, step: int, policy: str, last_checkpoint: Path | None) -> bool:
+    """True when the step must be skipped; raises under the `stop` policy. Checked before backward."""
+    if torch.isfinite(loss).all():
+        return False
+    if policy == "skip":
+        return True
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    raise TrainingError(
+        f"loss is {loss.item()} at optimizer step {step}; {where}. fp16 overflow is the usual cause: "
+        "try --bf16 true, a lower learning rate, or --nan_policy skip"
+    )
+
+
+# ----------------------------------------------------------------------------- shared command setup
+
+
+def base_dtype(cfg, amp_dtype: torch.dtype | None) -> str:
+    """Frozen base weights in the compute dtype; weights that train (full/freeze) stay fp32 master copies."""
+    if cfg.finetuning_type in ("lora", "qlora") and amp_dtype is not None:
+        return "bf16" if amp_dtype == torch.bfloat16 else "fp16"
+    return "fp32"
+
+
+def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
+    """(model prepared for cfg.finetuning_type, tokenizer) from cfg.model."""
+    from .adapters import prepare_for_training
+    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
+
+    model, tokenizer = load_model_and_tokenizer(
+        resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
+        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
+    )
+    model = prepare_for_training(
+        model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    return model, tokenizer
+
+
+def write_results(out: Path, results: dict) -> None:
+    atomic_write_json(Path(out) / "train_results.json", results)
+    print(json.dumps(results, ensure_ascii=False))
+
+
+def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
+    """No config file and no --dataset (and, unless `own_model_allowed`, no --model other than 'default'):
+    the command runs its built-in demo."""
+    config_path, _ = split_argv(argv)
+    if config_path is not None or _flag_value(argv, "dataset") is not None:
+        return False
+    return own_model_allowed or _flag_value(argv, "model") in (None, "default")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value the command line gives option `name`, read as parse_config reads it (a bare flag: "true")."""
+    values = [value for key, value in split_argv(argv)[1] if key.replace("-", "_") == name]
+    return None if not values else "true" if values[-1] is None else values[-1]
+
+
+def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool = True) -> tuple[list[str], bool]:
+    """(argv, is the demo): with no config file, no --dataset and no --help, a command runs its built-in
+    demo. `demo_settings` is a list of flags put before the user's own (so the user's win), or a function
+    of argv that returns the whole argv. A demo may clear its own output folder, never one the user named."""
+    demo = is_demo(argv, own_model_allowed) and not any(a in ("-h", "--help") for a in argv)
+    if demo:
+        print(f"No config file and no --dataset: running the built-in {what}.")
+        user = list(argv)
+        argv = demo_settings(user) if callable(demo_settings) else list(demo_settings) + user
+        if _flag_value(user, "output_dir") is not None and _flag_value(user, "overwrite_output_dir") is None:
+            argv += ["--overwrite_output_dir", "false"]
+    return argv, demo
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device's generator only: touching every visible GPU would open a context on each
+        # (memory on every card, for every process of a multi-GPU run).
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints of earlier versions: one state per device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Checkpoints:
+    """`output_dir/checkpoint-<step>/`: trainable weights, optimizer, scheduler, scaler, RNG and position.
+
+    Each checkpoint is written into a temporary folder and renamed into place, so a kill mid-save leaves
+    the previous checkpoint as the latest complete one.
+    """
+
+    def __init__(self, output_dir: Path, keep: int):
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, model, optimizer, scheduler, scaler, position: dict) -> Path:
+        """Write checkpoint-<step>, then delete the oldest ones beyond `keep` (never the one just written)."""
+        from safetensors.torch import save_file
+
+        from .adapters import trainable_state_dict
+
+        final = self.output_dir / f"checkpoint-{step}"
+        with atomic_dir(final) as tmp:
+            save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+            if scaler is not None:
+                extra["scaler"] = scaler.state_dict()
+            torch.save(extra, tmp / "training_state.pt")
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, **position})
+        for old in self.all()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, model, optimizer, scheduler, scaler) -> dict | None:
+        """Restore the latest checkpoint and return its position; None (and a note) when there is none yet."""
+        latest = self.latest()
+        if latest is None:
+            print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
+            return None
+        return self.load(latest, model, optimizer, scheduler, scaler)
+
+    def load(self, path: Path, model, optimizer, scheduler, scaler) -> dict:
+        """Restore everything saved by `save`; returns the position dict (step, epoch, batch)."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "trainable.safetensors"))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        _check_same_trainables(path, set(weights), trainable & set(model.state_dict()))  # as trainable_state_dict
+        model.load_state_dict(weights, strict=False)
+        extra = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
+        try:
+            optimizer.load_state_dict(extra["optimizer"])
+        except ValueError as exc:  # e.g. another optimizer or parameter grouping than the run that saved it
+            raise TrainingError(f"{path}: the optimizer state does not fit this run ({exc})") from None
+        scheduler.load_state_dict(extra["scheduler"])
+        if scaler is not None and "scaler" in extra:
+            scaler.load_state_dict(extra["scaler"])
+        _set_rng_state(extra["rng"])
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> None:
+    """A resumed run must train exactly the tensors the checkpoint holds (same method, targets, layers)."""
+    if saved == trainable:
+        return
+    extra, missing = sorted(saved - trainable), sorted(trainable - saved)
+    raise TrainingError(
+        f"{path}: the checkpoint does not match this run's trainable weights "
+        f"(in the checkpoint only: {extra[:3]}{' ...' if len(extra) > 3 else ''}; "
+        f"in this run only: {missing[:3]}{' ...' if len(missing) > 3 else ''}); "
+        "resume with the settings of the run that wrote it (see config.yaml)"
+    )
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class SilentLog:
+    """What the processes other than rank 0 of a multi-process run log: nothing (rank 0 logs for all)."""
+
+    def step(self, step: int, **postfix) -> None:
+        pass
+
+    def log(self, step: int, **values) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLog:
+    """Progress bar, `trainer_log.jsonl`, TensorBoard events and the loss plot of one run."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+                 desc: str = "train"):
+        from tqdm.auto import tqdm
+
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "trainer_log.jsonl"
+        self._drop_records_after(start_step)
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.start_step = start_step
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "runs"))
+            except ImportError:  # tensorboard is an optional extra
+                self.bar.write("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)")
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run logs again the steps after its checkpoint, and a fresh run starts a new log."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in read_log(self.path) if step > 0 and r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def step(self, step: int, **postfix) -> None:
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                             refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, **values) -> None:
+        record = {"step": step, **values, "elapsed": round(time.time() - self.start, 2)}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith("eval_") else f"train/{key}",
+                                           value, step)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def logged_evals(output_dir: Path) -> list[dict]:
+    """The evaluations already in a run's trainer_log.jsonl: a resumed run's `*_before` numbers come from here."""
+    return [r for r in read_log(Path(output_dir) / "trainer_log.jsonl") if any(k.startswith("eval_") for k in r)]
+
+
+def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), title: str = "") -> bool:
+    """Plot the given keys of trainer_log.jsonl against step into a PNG; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3, label=key)
+            plotted = True
+    if plotted:
+        ax.set_xlabel("step")
+        ax.set_title(title or ", ".join(keys))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return plotted
+
+
+def final_dtype(cfg) -> str:
+    """cfg.save_dtype, with auto resolved to the base checkpoint's torch_dtype (fp32 when it names none).
+
+    Full and freeze runs train fp32 master weights; the published files are bf16, and so are ours by default."""
+    if cfg.save_dtype != "auto":
+        return cfg.save_dtype
+    config = base_config_json(cfg)
+    named = config.get("torch_dtype") or config.get("dtype")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(named, "fp32")
+
+
+def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | None = None) -> Path:
+    """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout
+    (in `dtype`: None keeps the model's).
+
+    Everything is written into a hidden folder first and then renamed file by file into `out`, so an
+    interrupted save never leaves a half-written adapter or shard under its final name.
+    """
+    import os
+
+    out = Path(out)
+    staging = out / ".final"
+    if finetuning_type in ("lora", "qlora"):
+        with atomic_dir(staging) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+    else:
+        from ..models.checkpoint import save_pretrained_atomic
+
+        save_pretrained_atomic(model, tokenizer, staging, dtype=dtype)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    return out
