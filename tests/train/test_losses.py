@@ -272,3 +272,98 @@ def test_running_moments_pool_batches_and_clip():
 def test_clip_scores():
     assert L.clip_scores(torch.tensor([-9.0, 0.5, 9.0]), 2.0).tolist() == [-2.0, 0.5, 2.0]
     assert L.clip_scores(torch.tensor([-9.0]), None).tolist() == [-9.0]
+
+
+# ----------------------------------------------------------------------------- KTO
+
+
+def test_kto_kl_estimate_is_a_clamped_detached_mean():
+    policy = torch.tensor([-2.0, -4.0], requires_grad=True)
+    assert float(L.kto_kl_estimate(policy, torch.tensor([-2.5, -4.3]))) == approx((0.5 + 0.3) / 2)
+    # a negative mean is clamped to 0: the reference point never rewards moving away from the reference
+    assert float(L.kto_kl_estimate(policy, torch.tensor([-2.5, -3.0]))) == 0.0
+    assert not L.kto_kl_estimate(policy, torch.tensor([-2.5, -4.3])).requires_grad
+
+
+def test_kto_loss_by_hand():
+    policy = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -3.0])
+    desirable = torch.tensor([True, False, True])
+    beta, lam_d, lam_u, z0 = 0.5, 1.0, 1.5, 0.4
+    out = L.kto_loss(policy, ref, desirable, torch.tensor(z0), beta, lam_d, lam_u)
+    r = [0.5, -1.0, 0.0]  # log pi - log ref
+    terms = [lam_d * (1 - sigmoid(beta * (r[0] - z0))), lam_u * (1 - sigmoid(beta * (z0 - r[1]))),
+             lam_d * (1 - sigmoid(beta * (r[2] - z0)))]
+    assert float(out.loss.detach()) == approx(sum(terms) / 3)
+    assert out.rewards.tolist() == approx([beta * x for x in r])
+    out.loss.backward()
+    # d/dr of lam * (1 - sigmoid(beta (r - z0))) = -lam * beta * s (1 - s); undesirable answers get the opposite sign
+    s = [sigmoid(beta * (r[0] - z0)), sigmoid(beta * (z0 - r[1])), sigmoid(beta * (r[2] - z0))]
+    expected = [-lam_d * beta * s[0] * (1 - s[0]) / 3, lam_u * beta * s[1] * (1 - s[1]) / 3,
+                -lam_d * beta * s[2] * (1 - s[2]) / 3]
+    assert policy.grad.tolist() == approx(expected)
+
+
+def test_kto_loss_pushes_desirable_up_and_undesirable_down():
+    policy = torch.zeros(2, requires_grad=True)
+    L.kto_loss(policy, torch.zeros(2), torch.tensor([True, False]), torch.tensor(0.0)).loss.backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # gradient descent raises the first, lowers the second
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0])
+    adv = L.group_advantages(rewards, group_size=3, eps=1e-4)
+    std = statistics.stdev([1.0, 0.0, 0.0])  # sample std, sqrt(1/3)
+    assert adv[:3].tolist() == approx([(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)])
+    assert adv[3:6].tolist() == approx([(-2 / 3) / (std + 1e-4), (1 / 3) / (std + 1e-4), (1 / 3) / (std + 1e-4)])
+    assert adv[6:].tolist() == [0.0, 0.0, 0.0]  # equal rewards: no signal, and no NaN
+    unscaled = L.group_advantages(rewards, group_size=3, scale=False)
+    assert unscaled[:3].tolist() == approx([2 / 3, -1 / 3, -1 / 3])
+    with pytest.raises(ValueError, match="groups of 4"):
+        L.group_advantages(rewards, group_size=4)
+
+
+def test_grpo_loss_by_hand_per_sequence_and_per_token():
+    old = torch.zeros(2, 3)
+    ratios = [[1.1, 0.7, 5.0], [1.3, 0.9, 1.0]]
+    logprobs = torch.tensor(ratios).log().requires_grad_(True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0])
+    eps = 0.2
+
+    def term(ratio, a):  # -min(ratio * A, clip(ratio) * A)
+        return -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+
+    row0 = [term(1.1, 1.0), term(0.7, 1.0)]  # the third token is masked out
+    row1 = [term(1.3, -2.0), term(0.9, -2.0), term(1.0, -2.0)]
+    seq = L.grpo_loss(logprobs, old, adv, mask, clip_range=eps, normalization="sequence")
+    assert float(seq.loss) == approx((sum(row0) / 2 + sum(row1) / 3) / 2)
+    tok = L.grpo_loss(logprobs, old, adv, mask, clip_range=eps, normalization="token")
+    assert float(tok.loss) == approx((sum(row0) + sum(row1)) / 5)
+    # no token takes the clipped term: 1.3 with A < 0 gives 2.6 unclipped vs 2.4 clipped, 0.7 with A > 0 gives
+    # -0.7 vs -0.8, and the rest lie inside [0.8, 1.2]
+    assert float(seq.clip_fraction) == 0.0
+    assert float(seq.kl) == 0.0
+    with pytest.raises(ValueError, match="normalization"):
+        L.grpo_loss(logprobs, old, adv, mask, normalization="batch")
+
+
+def test_grpo_loss_clipping_and_kl_by_hand():
+    old = torch.zeros(1, 2)
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0]])
+    mask = torch.ones(1, 2)
+    out = L.grpo_loss(logprobs, old, torch.tensor([1.0]), mask, ref_logprobs=ref, clip_range=0.2, beta=0.1)
+    kl = [math.exp(-math.log(1.5)) + math.log(1.5) - 1, math.exp(-math.log(0.5)) + math.log(0.5) - 1]
+    # A > 0: ratio 1.5 is clipped to 1.2 (the clipped, larger loss -1.2 wins over -1.5); 0.5 keeps -0.5 (> -0.8)
+    per_token = [-1.2 + 0.1 * kl[0], -0.5 + 0.1 * kl[1]]
+    assert float(out.loss) == approx(sum(per_token) / 2)
+    assert float(out.clip_fraction) == approx(0.5)
+    assert float(out.kl) == approx(sum(kl) / 2)
+    out.loss.backward()
+    # the clipped token passes no policy gradient, only the KL term's: beta * d/dlogp [exp(ref - lp) - (ref - lp) - 1]
+    d_kl0 = 0.1 * (-math.exp(-math.log(1.5)) + 1) / 2
+    assert float(logprobs.grad[0, 0]) == approx(d_kl0)

@@ -1,4 +1,4 @@
-"""Alignment losses as pure tensor functions: log-probabilities, reward-model, DPO family and PPO pieces.
+"""Alignment losses as pure tensor functions: log-probabilities, reward-model, DPO family, KTO, PPO and GRPO.
 
 Every function here takes and returns tensors (no models, no optimisers), works in fp32 whatever the
 input dtype, and honours the masks it is given: a padded or prompt position never contributes. Shapes
@@ -195,6 +195,53 @@ def simpo_loss(
     rejected_rewards = beta * rejected_avg_logps.float()
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     return PreferenceLoss(losses.mean(), chosen_rewards.detach(), rejected_rewards.detach())
+
+
+class KTOLoss(NamedTuple):
+    """KTO's loss (scalar), the implicit rewards of each answer ([B], detached) and the KL estimate z0."""
+
+    loss: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+
+
+def kto_kl_estimate(policy_mismatched: torch.Tensor, ref_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0, Ethayarajh et al. 2024 sec. 4.1: a batch estimate of KL(pi || ref) from
+    answers paired with another record's prompt (y' for x), clamped at 0 and kept out of the gradient:
+
+        z0 = max(0, mean_b [log pi(y'_b | x_b) - log ref(y'_b | x_b)])
+
+    Inputs are [B] sequence log-probabilities of the mismatched pairs; returns a 0-d tensor.
+    """
+    return (policy_mismatched.float() - ref_mismatched.float()).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLoss:
+    """KTO, Ethayarajh et al. 2024 eq. 8 (Kahneman-Tversky optimisation from unpaired labels):
+
+        r(x, y) = log pi(y|x) - log ref(y|x)
+        v(x, y) = lambda_D * sigmoid(beta * (r - z0))   if y is desirable
+                  lambda_U * sigmoid(beta * (z0 - r))   if y is undesirable
+        loss = E[ lambda_y - v(x, y) ]
+
+    [B] sequence log-probabilities, `desirable` a [B] bool label, `kl` the z0 of kto_kl_estimate. The mean
+    runs over the whole batch, as in the paper's expectation. Implicit rewards: beta * r.
+    """
+    ratio = policy_logps.float() - ref_logps.float()  # [B]
+    kl = kl.float().detach()
+    desirable = desirable.bool()
+    weight = torch.where(desirable, torch.tensor(desirable_weight), torch.tensor(undesirable_weight)).to(ratio)
+    value = torch.where(desirable, torch.sigmoid(beta * (ratio - kl)), torch.sigmoid(beta * (kl - ratio)))  # [B]
+    losses = weight * (1.0 - value)  # lambda_y - v = lambda_y * (1 - sigmoid(.))
+    return KTOLoss(losses.mean(), (beta * ratio).detach(), kl)
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -406,3 +453,74 @@ class RunningMoments:
 def clip_scores(scores: torch.Tensor, clip: float | None) -> torch.Tensor:
     """Clip raw scores to [-clip, clip] (no-op for None or 0)."""
     return scores.float().clamp(-clip, clip) if clip else scores.float()
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantages, Shao et al. 2024 (DeepSeekMath) sec. 4.1.2: each answer's reward against the
+    other answers to the same prompt,
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    `rewards` is [P * G], the G answers of each prompt consecutive; std is the sample standard deviation
+    (divide by G - 1), as the reference implementations use. `scale=False` keeps only the mean shift (Dr.
+    GRPO, Liu et al. 2025, drops the division, which over-weights groups of nearly equal rewards). [P * G] out.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)  # [P, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)  # [P * G]
+
+
+class GRPOLossOutput(NamedTuple):
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    kl: torch.Tensor
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_range: float = 0.2,
+    beta: float = 0.0,
+    normalization: str = "sequence",
+) -> GRPOLossOutput:
+    """GRPO's objective as a loss, Shao et al. 2024 eq. 3, per token t of answer i:
+
+        ratio = exp(log pi - log pi_old)
+        l_it = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_it
+        KL_it = exp(ref - log pi) - (ref - log pi) - 1            (the unbiased "k3" estimator, eq. 4)
+
+    `normalization="sequence"` averages over each answer's tokens, then over answers (the paper's
+    1/G sum_i 1/|o_i| sum_t); "token" averages over every answer token of the batch (DAPO, Yu et al. 2025),
+    so long answers weigh by their length. [B, T] log-probabilities and mask, [B] advantages. The clip
+    fraction and KL are over answer tokens (KL 0 without a reference).
+    """
+    log_ratio = logprobs.float() - old_logprobs.float()  # [B, T]
+    ratio = torch.exp(log_ratio)
+    adv = advantages.float().unsqueeze(1)  # [B, 1]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)  # [B, T]
+    kl = torch.zeros_like(per_token)
+    if ref_logprobs is not None:
+        delta = ref_logprobs.float() - logprobs.float()
+        kl = torch.exp(delta) - delta - 1.0
+    per_token = per_token + beta * kl
+    if normalization == "sequence":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif normalization == "token":
+        loss = masked_mean(per_token, mask)
+    else:
+        raise ValueError(f"normalization must be 'sequence' or 'token', got {normalization!r}")
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return GRPOLossOutput(loss, clip_fraction.detach(), masked_mean(kl, mask).detach())
