@@ -12,7 +12,7 @@ are rejected, nothing is coerced) and answered 4xx with an OpenAI-style body
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -141,6 +141,7 @@ class ResponseFormat(_Strict):
 
 
 Penalty = Field(None, ge=-2, le=2)  # OpenAI's range for frequency_penalty and presence_penalty
+Bias = Annotated[float, Field(ge=-100, le=100)]  # OpenAI's range for a logit_bias value
 
 
 class _Sampling(_Strict):
@@ -154,7 +155,7 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # extension; beyond these logits overflow
     frequency_penalty: float | None = Penalty
     presence_penalty: float | None = Penalty
-    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> -100..100, checked by the server
+    logit_bias: dict[str, Bias] | None = None  # token id (a decimal string, checked by the server) -> bias
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -168,14 +169,6 @@ class _Sampling(_Strict):
         # A length limit in Field() would also cap the characters of a single stop string.
         if isinstance(value, list) and len(value) > 4:
             raise ValueError(f"at most 4 stop sequences, got {len(value)}")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, value):
-        for key, bias in (value or {}).items():
-            if not -100 <= bias <= 100:
-                raise ValueError(f"the bias of token {key} must be between -100 and 100, got {bias}")
         return value
 
     def stops(self) -> list[str]:

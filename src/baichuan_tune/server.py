@@ -274,7 +274,7 @@ def _logit_bias(served: ServedModel, req: _Sampling) -> dict[int, float]:
     vocab, bias = served.model.config.vocab_size, {}
     for key, value in (req.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit() and int(key) < vocab):
-            raise APIError(400, f"logit_bias: '{key}' is not a token id of this model (0 to {vocab - 1})",
+            raise APIError(400, f"logit_bias.{key}: not a token id of this model (0 to {vocab - 1})",
                            param=f"logit_bias.{key}", code="invalid_value")
         bias[int(key)] = value
     return bias
@@ -669,7 +669,8 @@ def _json_error_protocol():
 
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
-            self.conn = _Connection(h11.SERVER, config.h11_max_incomplete_event_size or MAX_HEADER_BYTES)
+            self.limit = config.h11_max_incomplete_event_size or MAX_HEADER_BYTES
+            self.conn = _Connection(h11.SERVER, self.limit)
 
         def data_received(self, data: bytes) -> None:
             if not self.refused:
@@ -678,8 +679,7 @@ def _json_error_protocol():
         def send_400_response(self, msg: str) -> None:
             error = self.conn.parse_error
             status = getattr(error, "error_status_hint", 400)
-            message = (f"request line and headers are over this server's limit of "
-                       f"{self.conn._max_incomplete_event_size} bytes" if status == 431
+            message = (f"request line and headers are over this server's limit of {self.limit} bytes" if status == 431
                        else f"invalid HTTP request ({error or msg})")
             body = json.dumps(APIError(status, message, code="invalid_http_request").body()).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
