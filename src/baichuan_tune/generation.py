@@ -295,12 +295,10 @@ def _logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[T
     """TokenLogprob for each row of `logits` [N, vocab] and its `chosen` id [N]."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     picked = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
-    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1) if top else None
-    out = []
-    for row, token_id in enumerate(chosen.tolist()):
-        alternatives = list(zip(best.indices[row].tolist(), best.values[row].tolist())) if best is not None else []
-        out.append(TokenLogprob(token_id, picked[row], alternatives))
-    return out
+    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    ids, values = best.indices.tolist(), best.values.tolist()  # one transfer, not one per row
+    return [TokenLogprob(token_id, picked[row], list(zip(ids[row], values[row])))
+            for row, token_id in enumerate(chosen.tolist())]
 
 
 @torch.inference_mode()

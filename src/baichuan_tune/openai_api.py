@@ -57,7 +57,8 @@ def validation_error(exc: ValidationError) -> APIError:
         return APIError(400, f"unknown field '{param}'", param=param, code="unknown_field")
     if first["type"] == "missing":
         return APIError(400, f"missing required field '{param}'", param=param, code="missing_field")
-    return APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value")
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
 # ----------------------------------------------------------------------------- messages
@@ -212,19 +213,28 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
     suffix: str | None = None  # refused unless empty: this model cannot fill in the middle
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_forms(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:  # pydantic would report the last union member's complaint only
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id "
+                             "lists") from None
+
     def top(self) -> int | None:
         return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts as a list: each a string or a list of token ids."""
-        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+        """The prompts as a list: each a string or a list of token ids (an empty one is refused later)."""
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
 
@@ -271,11 +281,6 @@ def _completion_refusals(req: CompletionRequest) -> APIError | None:
     if req.best_of is not None and req.best_of > req.choices() and req.stream:
         return APIError(400, "best_of: the best of several candidates cannot be streamed", param="best_of",
                         code="invalid_value")
-    prompts = req.prompts()
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-            return APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
     return None
 
 

@@ -238,9 +238,10 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
 
 
 def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list[list[int]], object]:
-    """(each prompt's ids, generation config); 400 naming the prompt that cannot fit."""
-    items = req.prompts()
-    prompts = []
+    """(each prompt's ids, generation config); 400 naming a prompt that is empty or cannot fit."""
+    new_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
+    _check_max_tokens(req.max_tokens, served.context, "max_tokens")
+    items, prompts = req.prompts(), []
     for i, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
@@ -249,15 +250,10 @@ def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list
             prompt = _known_ids(served, item, param)
         if not prompt:
             raise APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
-        prompts.append(prompt)
-    new_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
-    _check_max_tokens(req.max_tokens, served.context, "max_tokens")
-    for i, prompt in enumerate(prompts):
         if len(prompt) + new_tokens > served.context:
-            param = "prompt" if len(items) == 1 else f"prompt.{i}"
-            raise APIError(400, f"{'the prompt' if param == 'prompt' else param} has {len(prompt)} tokens and "
-                           f"max_tokens is {new_tokens}, over the model's context length ({served.context})",
-                           param=param, code="context_length_exceeded")
+            raise APIError(400, f"{param} has {len(prompt)} tokens and max_tokens is {new_tokens}, over the model's "
+                           f"context length ({served.context})", param=param, code="context_length_exceeded")
+        prompts.append(prompt)
     return prompts, _settings(served, req, max(1, new_tokens))  # max_tokens 0 generates nothing (Job.generate)
 
 
