@@ -583,6 +583,10 @@ def test_chat_logprobs_are_the_models_log_softmax(server, model_and_tokenizer):
         top = row.topk(3)
         assert [abs(t.logprob - v) < 1e-4 for t, v in zip(entry.top_logprobs, top.values.tolist())] == [True] * 3
     assert b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", "replace") == reply.message.content
+    chunks = client(server).chat.completions.create(model=NAME, messages=ask(6), logprobs=True, top_logprobs=3,
+                                                    stream=True, **GREEDY)
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert streamed == content  # streamed: the same entries (with the choice's last chunk)
 
 
 def test_completion_echo_scores_the_prompt(server, model_and_tokenizer):
