@@ -4,7 +4,7 @@
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
 request needs `Authorization: Bearer KEY`. One request generates at a time; up to --max-queue more wait
-and further ones are answered 429. Stop with Ctrl-C.
+and further ones are answered 429; a body over --max-body-bytes is answered 413. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class ServeConfig(LoadOptions):
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $BAICHUAN_TUNE_API_KEY)")
     model_name: str | None = opt(None, "the model id clients send and /v1/models lists (default: the folder's name)")
     max_queue: int = opt(64, "requests that may wait behind the one being generated; more are answered 429")
+    # 4 MiB holds a full 4,096-token context many times over in any JSON escaping (a conversation over the
+    # context is trimmed, so a long history is legal), or 128 full-context prompts as token-id lists for an
+    # evaluation batch; beyond it a body is answered 413 before it is read.
+    max_body_bytes: int = opt(4 * 1024 * 1024, "largest request body in bytes; larger ones are answered 413")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
         "info", "uvicorn log level (checked here: uvicorn would fail on a bad one only after the model loaded)")
 
@@ -34,6 +38,8 @@ class ServeConfig(LoadOptions):
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_queue < 1:
             raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key must not be empty")
 
@@ -46,7 +52,7 @@ def main(argv: list[str]) -> int:
     try:  # before loading the model: a missing extra should cost nothing
         import uvicorn
 
-        from ..serve.server import bind_socket, create_app
+        from ..serve.server import bind_socket, create_app, uvicorn_config
     except ModuleNotFoundError as exc:
         raise ConfigError(f"serve needs {exc.name}: pip install 'baichuan-tune[serve]'") from None
 
@@ -57,9 +63,10 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
     model, tokenizer = cfg.load(path)
-    app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue)
+    app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
+                     max_body_bytes=cfg.max_body_bytes)
     host, port = sock.getsockname()[:2]
     auth = "API key required" if api_key else "no API key"
     print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}); Ctrl-C to stop", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, cfg.log_level)).run(sockets=[sock])
     return 0

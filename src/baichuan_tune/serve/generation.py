@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import copy
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import BaichuanTuneError
@@ -239,6 +241,105 @@ def _as_list(token_id) -> list[int]:
     return list(token_id) if isinstance(token_id, (list, tuple)) else [token_id]
 
 
+# ----------------------------------------------------------------------------- request settings
+
+
+class FrequencyPresencePenalty(LogitsProcessor):
+    """OpenAI's frequency and presence penalties, which transformers lacks (its repetition_penalty divides
+    logits and counts the prompt too). From OpenAI's API reference, "Parameter details"
+    (https://platform.openai.com/docs/api-reference/parameter-details):
+    `mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence`, where c[j] counts how often
+    token j was sampled before the current position: the generated tokens, not the prompt.
+    """
+
+    def __init__(self, prompt_length: int, frequency: float, presence: float):
+        self.prompt_length, self.frequency, self.presence = prompt_length, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+def logit_bias_config(bias: dict[int, float]) -> list | None:
+    """OpenAI's `logit_bias` ({token id: bias added to its logit}) as transformers' `sequence_bias`."""
+    return [[[token_id], float(value)] for token_id, value in sorted(bias.items())] or None
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides a generated sequence besides its prompt, in one object a scheduler can carry.
+
+    transformers' GenerationConfig holds what `generate` reads (length, sampling, repetition penalty,
+    logit bias as `sequence_bias`); the rest is what it has no field for.
+    """
+
+    config: GenerationConfig  # transformers' settings for `generate`
+    stop: list[str] = field(default_factory=list)  # strings that end the text (cut from it)
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted from a logit once per earlier generated occurrence
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from a logit once the token was generated at all
+    logprobs: int | None = None  # None: no log-probs; k: each token's log-prob and the k most likely ones
+    seed: int | None = None  # torch's seed before the request's first sequence (reproducible sampling)
+
+    def logits_processors(self, prompt_length: int) -> LogitsProcessorList:
+        # transformers runs custom processors after its own penalties and bias, before temperature/top-k/top-p.
+        if not (self.frequency_penalty or self.presence_penalty):
+            return LogitsProcessorList()
+        return LogitsProcessorList([FrequencyPresencePenalty(prompt_length, self.frequency_penalty,
+                                                             self.presence_penalty)])
+
+
+def _logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """TokenLogprob for each row of `logits` [N, vocab] and its `chosen` id [N]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    ids, values = best.indices.tolist(), best.values.tolist()  # one transfer, not one per row
+    return [TokenLogprob(token_id, picked[row], list(zip(ids[row], values[row])))
+            for row, token_id in enumerate(chosen.tolist())]
+
+
+@torch.inference_mode()
+def score_tokens(model, token_ids: list[int], top: int = 0, chunk: int = 512) -> list[TokenLogprob | None]:
+    """Each token's log-probability given the tokens before it (None for the first, which has no context),
+    from one forward pass over `token_ids`; the output head runs on `chunk` positions at a time, so a long
+    prompt never holds [length, vocab] logits at once."""
+    from ..eval.evaluation import _body_and_head
+
+    body, head = _body_and_head(model)
+    ids = torch.tensor([token_ids], dtype=torch.long, device=model_device(model))
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
+    scored: list[TokenLogprob | None] = [None]
+    for start in range(0, len(token_ids) - 1, chunk):
+        end = min(start + chunk, len(token_ids) - 1)
+        scored += _logprobs_of(head(hidden[start:end]), ids[0, start + 1 : end + 1], top)
+    return scored
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes a token stands for: a byte-fallback piece (<0xE4>) is one byte, "▁" a space."""
+    if not 0 <= token_id < len(tokenizer):
+        return b""  # an id of the model's padded vocabulary that the tokenizer never produces
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def token_text(raw: bytes) -> str:
+    """A token's bytes as text, or (part of a character) `bytes:\\xe4` as OpenAI writes such tokens."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 # ----------------------------------------------------------------------------- decoding loop
 
 
@@ -336,12 +437,24 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution (log-softmax of its logits, before
+    temperature, penalties or bias) and the `top` most likely tokens at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class GenerationResult:
-    def __init__(self, text: str, token_ids: list[int], prompt_tokens: int, finish_reason: str):
+    def __init__(self, text: str, token_ids: list[int], prompt_tokens: int, finish_reason: str,
+                 logprobs: list[TokenLogprob] | None = None):
         self.text = text
         self.token_ids = token_ids
         self.prompt_tokens = prompt_tokens
         self.finish_reason = finish_reason  # "stop" (eos or a stop string) or "length"
+        self.logprobs = logprobs  # one per token id, when asked for (GenerationSettings.logprobs)
 
 
 def model_device(model) -> torch.device:
@@ -354,18 +467,20 @@ def generate_text(
     model,
     tokenizer,
     prompt_ids: list[int],
-    config: GenerationConfig,
+    config: GenerationConfig | GenerationSettings,
     on_text: Callable[[str], None] | None = None,
     stop: list[str] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Generate one reply for `prompt_ids` with transformers' `generate`, passing text deltas to `on_text`.
 
-    Stops at eos, at `config.max_new_tokens`, at the first of the `stop` strings (cut from the text) or
-    when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text.
+    `config` is a GenerationConfig or GenerationSettings (which adds stop strings, OpenAI's penalties and
+    log-probabilities). Stops at eos, at `max_new_tokens`, at the first stop string (cut from the text)
+    or when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text.
     """
-    stop_text = StopText(stop)
-    eos = _as_list(config.eos_token_id)
+    settings = config if isinstance(config, GenerationSettings) else GenerationSettings(config)
+    stop_text = StopText(list(settings.stop) + list(stop or []))
+    eos = _as_list(settings.config.eos_token_id)
 
     def deliver(delta: str) -> None:
         out = stop_text.feed(delta)
@@ -375,21 +490,34 @@ def generate_text(
     streamer = _CallbackStreamer(IncrementalDecoder(tokenizer), deliver, eos)
     criteria = StoppingCriteriaList([_StopWhen(lambda: stop_text.stopped or (cancelled is not None and cancelled()))])
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(model))
+    want_logprobs = settings.logprobs is not None
+    config = settings.config
+    if want_logprobs:  # the raw logits of each step: the model's own distribution
+        config = copy.copy(config)
+        config.output_logits = config.return_dict_in_generate = True
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         generation_config=config,
+        logits_processor=settings.logits_processors(len(prompt_ids)),
         streamer=streamer,
         stopping_criteria=criteria,
     )
     tail = stop_text.feed("", final=True)
     if tail and on_text is not None:
         on_text(tail)
-    new_ids = output[0, len(prompt_ids) :].tolist()
-    ended = stop_text.stopped or (new_ids and new_ids[-1] in eos) or len(new_ids) < config.max_new_tokens
+    sequence = output.sequences[0] if want_logprobs else output[0]
+    new_ids = sequence[len(prompt_ids) :].tolist()
+    ended = stop_text.stopped or (new_ids and new_ids[-1] in eos) or len(new_ids) < settings.config.max_new_tokens
     if new_ids and new_ids[-1] in eos:
         new_ids = new_ids[:-1]
-    return GenerationResult(stop_text.text, new_ids, len(prompt_ids), "stop" if ended else "length")
+    logprobs = None
+    if want_logprobs and new_ids:
+        steps = torch.cat(output.logits[: len(new_ids)], dim=0)  # [new tokens, vocab]
+        logprobs = _logprobs_of(steps, sequence[len(prompt_ids) : len(prompt_ids) + len(new_ids)], settings.logprobs)
+    elif want_logprobs:
+        logprobs = []
+    return GenerationResult(stop_text.text, new_ids, len(prompt_ids), "stop" if ended else "length", logprobs)
 
 
 def stream_in_thread(run: Callable[[Callable[[str], None]], object]) -> Iterator[str]:

@@ -4,15 +4,14 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/c
 `"stream": true` as server-sent events). Chat prompts follow the authors' format and history budget
 (`generation.py`); defaults for temperature, top_k, top_p and repetition_penalty come from the
 checkpoint's generation_config.json, and a request may override them (`top_k` and `repetition_penalty`
-are accepted as extensions, as other OpenAI-compatible servers do).
+are accepted as extensions, as other OpenAI-compatible servers do). Every field of OpenAI's two request
+schemas is accepted, ignored or refused by name (`openai_api.py`).
 
 Concurrency: one worker thread runs `generate` for one request at a time, fed by a bounded queue. Every
 request gets its own output channel, so concurrent clients never see each other's tokens; when the
-queue is full a request is answered 429 at once instead of waiting without bound.
-
-Bad input never reaches the model: the body is parsed and validated here (unknown fields and wrong types
-are rejected, nothing is coerced) and answered 4xx with an OpenAI-style body
-`{"error": {"message", "type", "param", "code"}}`.
+queue is full a request is answered 429 at once instead of waiting without bound. A request's body is
+limited (413 beyond), and parsing and tokenising it run in a thread, so a large request never holds up
+the event loop (and /health).
 """
 
 from __future__ import annotations
@@ -20,181 +19,72 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from .generation import (
     ChatFormatError,
     GenerationResult,
+    GenerationSettings,
+    IncrementalDecoder,
+    TokenLogprob,
     build_chat_input,
     chat_format,
     chat_generation_config,
     chat_token_ids,
     context_length,
     generate_text,
+    logit_bias_config,
+    score_tokens,
     split_rounds,
+    token_bytes,
+    token_text,
 )
+from .openai_api import APIError, ChatRequest, CompletionRequest, _Sampling, parse_request
 
-# ----------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An error answered to the client as `status` with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param(loc) -> str:
-    # pydantic adds the tried union member to the location ("content", "list[TextPart]"): drop those tags.
-    parts = [str(p) for p in loc if isinstance(p, int) or ("[" not in str(p) and str(p) not in _TYPE_TAGS)]
-    return ".".join(parts)
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = _param(first["loc"])
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"unknown field '{param}'", param=param, code="unknown_field")
-    if first["type"] == "missing":
-        return APIError(400, f"missing required field '{param}'", param=param, code="missing_field")
-    return APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value")
-
-
-# ----------------------------------------------------------------------------- request bodies
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # beyond these the scaled logits overflow
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's; torch.manual_seed takes it
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, value):
-        # A length limit in Field() would also cap the characters of a single stop string.
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(value)}")
-        return value
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
-
-
-def _no_constant(name: str):
-    # Python's json accepts NaN and Infinity, which JSON does not; an infinite penalty would reach the model.
-    raise ValueError(f"{name} is not a JSON number")
-
-
-async def parse_body(request, cls):
-    raw = await request.body()
-    try:
-        data = json.loads(raw, parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise APIError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
-    except RecursionError:
-        raise APIError(400, "request body is not valid JSON (nested too deeply)", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        parsed = cls.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    bad = _not_unicode(data)
-    if bad is not None:
-        raise APIError(400, f"{bad}: not valid Unicode text (a lone surrogate escape such as \\ud800)",
-                       param=bad, code="invalid_value")
-    return parsed
-
-
-def _not_unicode(value, path: str = "") -> str | None:
-    """The path of the first string holding a lone surrogate: JSON can escape one, no tokenizer can encode it."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "(body)"
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _not_unicode(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # see ServeConfig.max_body_bytes for the reasoning
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11's default, as Node.js's); more is answered 431
 
 
 # ----------------------------------------------------------------------------- worker
 
 
 @dataclass
-class Job:
-    """One request's generation: its inputs and the channel its events go back on."""
+class Choice:
+    """One finished choice: choice `index` continues prompt `prompt` of its request."""
 
-    prompt_ids: list[int]
-    config: object
-    stop: list[str]
-    seed: int | None
+    index: int
+    prompt: int
+    result: GenerationResult
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo with logprobs: the prompt's own
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompts, its settings and the channel its events go back on.
+
+    Events: ("text", (choice index, delta)) while generating, ("choice", Choice) as each one ends, then
+    ("done", None); or ("error", APIError).
+    """
+
+    prompts: list[list[int]]
+    settings: GenerationSettings
     loop: asyncio.AbstractEventLoop
+    n: int = 1  # choices per prompt: choice i * n + j is prompt i's j-th
+    best_of: int | None = None  # candidates per prompt, of which the n with the best mean log-prob are kept
+    generate: bool = True  # False for max_tokens 0: the prompt is only echoed (and scored)
+    score_prompt: bool = False  # echo with logprobs: the prompt tokens' log-probs too
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -203,6 +93,12 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
             self.cancelled.set()
+
+
+def _mean_logprob(result: GenerationResult) -> float:
+    # OpenAI's best_of: "the one with the highest log probability per token".
+    scores = [lp.logprob for lp in result.logprobs or []]
+    return sum(scores) / len(scores) if scores else -math.inf
 
 
 class GenerationWorker:
@@ -246,16 +142,44 @@ class GenerationWorker:
             if not job.cancelled.is_set():
                 self._generate(job)
 
+    def _gone(self, job: Job) -> bool:
+        return job.cancelled.is_set() or self._stopping.is_set()
+
     def _generate(self, job: Job) -> None:
         try:
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            result = generate_text(self.model, self.tokenizer, job.prompt_ids, job.config,
-                                   on_text=lambda text: job.send("text", text), stop=job.stop,
-                                   cancelled=lambda: job.cancelled.is_set() or self._stopping.is_set())
-            job.send("done", result)
+            if job.settings.seed is not None:
+                torch.manual_seed(job.settings.seed)
+            for number, prompt in enumerate(job.prompts):
+                if self._gone(job):
+                    break
+                self._choices(job, number, prompt)
+            job.send("done", None)
         except Exception as exc:  # noqa: BLE001 - reported to that client; the worker keeps serving
             job.send("error", APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error"))
+
+    def _choices(self, job: Job, number: int, prompt: list[int]) -> None:
+        """Prompt `number`'s n choices, or the n best of its best_of candidates (which are not streamed)."""
+        scored = score_tokens(self.model, prompt, job.settings.logprobs) if job.score_prompt else None
+        ranked = job.best_of is not None and job.best_of > job.n
+        settings = job.settings
+        if ranked and settings.logprobs is None:
+            settings = replace(settings, logprobs=0)  # the ranking needs each token's log-prob
+        first, results = number * job.n, []
+        for k in range(job.best_of if ranked else job.n):
+            if self._gone(job):
+                return
+            on_text = None if ranked else (lambda text, index=first + k: job.send("text", (index, text)))
+            results.append(self._sequence(job, prompt, settings, on_text))
+        if ranked:
+            results = sorted(results, key=_mean_logprob, reverse=True)[: job.n]
+        for k, result in enumerate(results):
+            job.send("choice", Choice(first + k, number, result, scored))
+
+    def _sequence(self, job: Job, prompt: list[int], settings: GenerationSettings, on_text) -> GenerationResult:
+        if not job.generate:
+            return GenerationResult("", [], len(prompt), "length", [] if settings.logprobs is not None else None)
+        return generate_text(self.model, self.tokenizer, prompt, settings, on_text=on_text,
+                             cancelled=lambda: self._gone(job))
 
 
 # ----------------------------------------------------------------------------- prompts and limits
@@ -313,19 +237,73 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     return prompt, config
 
 
-def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list[int], object]:
-    if isinstance(req.prompt, list) and len(req.prompt) != 1:
-        raise APIError(400, "prompt: one prompt per request is supported", param="prompt", code="invalid_value")
-    text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    prompt = served.tokenizer.encode(text, add_special_tokens=False)
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-    new_tokens = req.max_tokens or 16  # OpenAI's default for completions
+def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list[list[int]], object]:
+    """(each prompt's ids, generation config); 400 naming a prompt that is empty or cannot fit."""
+    new_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     _check_max_tokens(req.max_tokens, served.context, "max_tokens")
-    if len(prompt) + new_tokens > served.context:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {new_tokens}, over the model's "
-                       f"context length ({served.context})", param="prompt", code="context_length_exceeded")
-    return prompt, _settings(served, req, new_tokens)
+    items, prompts = req.prompts(), []
+    for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt.{i}"
+        if isinstance(item, str):
+            prompt = served.tokenizer.encode(item, add_special_tokens=False)
+        else:
+            prompt = _known_ids(served, item, param)
+        if not prompt:
+            raise APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
+        if len(prompt) + new_tokens > served.context:
+            raise APIError(400, f"{param} has {len(prompt)} tokens and max_tokens is {new_tokens}, over the model's "
+                           f"context length ({served.context})", param=param, code="context_length_exceeded")
+        prompts.append(prompt)
+    return prompts, _settings(served, req, max(1, new_tokens))  # max_tokens 0 generates nothing (Job.generate)
+
+
+def _known_ids(served: ServedModel, ids: list[int], param: str) -> list[int]:
+    vocab = served.model.config.vocab_size
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{param}: token id {bad} is not in the model's vocabulary (0 to {vocab - 1})",
+                       param=param, code="invalid_value")
+    return list(ids)
+
+
+def _logit_bias(served: ServedModel, req: _Sampling) -> dict[int, float]:
+    vocab, bias = served.model.config.vocab_size, {}
+    for key, value in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+            raise APIError(400, f"logit_bias.{key}: not a token id of this model (0 to {vocab - 1})",
+                           param=f"logit_bias.{key}", code="invalid_value")
+        bias[int(key)] = value
+    return bias
+
+
+def request_settings(served: ServedModel, req: _Sampling, config) -> GenerationSettings:
+    """Everything the request decides about generation, on top of the prompt's generation config."""
+    config.sequence_bias = logit_bias_config(_logit_bias(served, req))
+    return GenerationSettings(config, stop=req.stops(), frequency_penalty=req.frequency_penalty or 0.0,
+                              presence_penalty=req.presence_penalty or 0.0, logprobs=req.top(), seed=req.seed)
+
+
+@dataclass
+class Prepared:
+    """A request made ready for the worker: parsed, checked, tokenised."""
+
+    req: _Sampling
+    prompts: list[list[int]]
+    settings: GenerationSettings
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text, put before its choices
+
+
+def prepare(served: ServedModel, raw: bytes, chat: bool) -> Prepared:
+    """Parse, check and tokenise a request body (in a thread: tokenising a large prompt takes a while)."""
+    req = _check_model(served, parse_request(raw, ChatRequest if chat else CompletionRequest))
+    if chat:
+        prompt, config = chat_prompt(served, req)
+        return Prepared(req, [prompt], request_settings(served, req, config))
+    prompts, config = completion_prompt(served, req)
+    echo = None
+    if req.echo:  # a text prompt comes back as it was sent; token ids as their text
+        echo = [item if isinstance(item, str) else served.tokenizer.decode(item) for item in req.prompts()]
+    return Prepared(req, prompts, request_settings(served, req, config), echo)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -334,44 +312,149 @@ def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list
 DISCONNECT_POLL_S = 0.25
 
 
-def _usage(result: GenerationResult) -> dict:
-    completion = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
-
-
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _chat_choice(delta=None, message=None, finish=None) -> dict:
+def _chat_choice(index: int, delta=None, message=None, finish=None, logprobs=None) -> dict:
     key, value = ("delta", delta) if message is None else ("message", message)
-    return {"index": 0, key: value, "logprobs": None, "finish_reason": finish}
+    return {"index": index, key: value, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _text_choice(text: str, finish=None) -> dict:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _text_choice(index: int, text: str, finish=None, logprobs=None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def text_offsets(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> tuple[list[int], int]:
+    """Where each token's text starts in the decoded text of `ids`, and that text's length. A token that
+    holds part of a character starts where the character does."""
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
+    offsets, length = [], 0
+    for token_id in ids:
+        offsets.append(length)
+        length += len(decoder.push([token_id]))
+    return offsets, length + len(decoder.flush())
+
+
+def _shown_tokens(tokenizer, result: GenerationResult) -> tuple[list[int], list[int]]:
+    """(offsets, count) of the generated tokens whose text the answer shows: a stop string cut the rest."""
+    offsets, full = text_offsets(tokenizer, result.token_ids)
+    if len(result.text) >= full:
+        return offsets, len(offsets)
+    return offsets, sum(1 for offset in offsets if offset < len(result.text))
+
+
+def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
+    raw = token_bytes(tokenizer, token_id)
+    return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
+
+
+def _top_dict(tokenizer, lp: TokenLogprob, top: int) -> dict[str, float]:
+    # The legacy format: the `top` most likely tokens and always the chosen one (up to top + 1 entries).
+    best = {}
+    for token_id, logprob in [*lp.top[:top], (lp.token_id, lp.logprob)]:
+        best.setdefault(token_text(token_bytes(tokenizer, token_id)), logprob)
+    return best
+
+
+@dataclass
+class Rendering:
+    """How one request's choices become OpenAI's response objects."""
+
+    chat: bool
+    tokenizer: object
+    prompts: list[list[int]]
+    n: int  # choices per prompt
+    top: int | None  # None: no log-probs; k: the alternatives listed per token
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text, before its choices
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def text(self, choice: Choice) -> str:
+        return (self.echo_texts[choice.prompt] if self.echo_texts else "") + choice.result.text
+
+    def logprobs(self, choice: Choice) -> dict | None:
+        if self.top is None:
+            return None
+        return self._chat_logprobs(choice.result) if self.chat else self._legacy_logprobs(choice)
+
+    def _chat_logprobs(self, result: GenerationResult) -> dict:
+        _, shown = _shown_tokens(self.tokenizer, result)
+        content = [{**_chat_token(self.tokenizer, lp.token_id, lp.logprob),
+                    "top_logprobs": [_chat_token(self.tokenizer, i, v) for i, v in lp.top[: self.top]]}
+                   for lp in result.logprobs[:shown]]
+        return {"content": content, "refusal": None}
+
+    def _legacy_logprobs(self, choice: Choice) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if self.echo_texts:
+            prompt = self.prompts[choice.prompt]
+            offsets, _ = text_offsets(self.tokenizer, prompt, skip_special_tokens=False)
+            self._add_tokens(out, prompt, choice.prompt_logprobs or [None] * len(prompt), offsets, 0)
+        offsets, shown = _shown_tokens(self.tokenizer, choice.result)
+        start = len(self.echo_texts[choice.prompt]) if self.echo_texts else 0
+        self._add_tokens(out, choice.result.token_ids[:shown], choice.result.logprobs[:shown], offsets, start)
+        return out
+
+    def _add_tokens(self, out: dict, ids, logprobs, offsets, start: int) -> None:
+        for token_id, lp, offset in zip(ids, logprobs, offsets):
+            out["tokens"].append(token_text(token_bytes(self.tokenizer, token_id)))
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else _top_dict(self.tokenizer, lp, self.top))
+            out["text_offset"].append(start + offset)
+
+    def opening(self, index: int) -> dict | None:
+        """The first streamed chunk of choice `index`: the assistant role, or the echoed prompt."""
+        if self.chat:
+            return _chat_choice(index, delta={"role": "assistant", "content": ""})
+        if self.echo_texts:
+            return _text_choice(index, self.echo_texts[index // self.n])
+        return None
+
+    def finish(self, choice: Choice) -> dict:
+        """The last streamed chunk of a choice (its log-probs come here, all at once)."""
+        if self.chat:
+            return _chat_choice(choice.index, delta={}, finish=choice.result.finish_reason,
+                                logprobs=self.logprobs(choice))
+        return _text_choice(choice.index, "", choice.result.finish_reason, self.logprobs(choice))
+
+    def choice(self, choice: Choice) -> dict:
+        if self.chat:
+            message = {"role": "assistant", "content": choice.result.text}
+            return _chat_choice(choice.index, message=message, finish=choice.result.finish_reason,
+                                logprobs=self.logprobs(choice))
+        return _text_choice(choice.index, self.text(choice), choice.result.finish_reason, self.logprobs(choice))
+
+    def usage(self, choices: list[Choice]) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.result.token_ids) for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def body(self, head: dict, choices: list[Choice]) -> dict:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**head, "object": obj, "choices": [self.choice(c) for c in choices], "usage": self.usage(choices)}
 
 
 async def _events(job: Job):
-    """The job's ("text", delta) events, then ("done", result); an error event is raised."""
+    """The job's ("text", ...) and ("choice", ...) events until it is done; an error event is raised."""
     while True:
         kind, value = await job.events.get()
         if kind == "error":
             raise value
-        yield kind, value
         if kind == "done":
             return
+        yield kind, value
 
 
-async def _final(job: Job) -> GenerationResult:
-    async for kind, value in _events(job):
-        if kind == "done":
-            return value
+async def _final(job: Job) -> list[Choice]:
+    choices = [value async for kind, value in _events(job) if kind == "choice"]
+    return sorted(choices, key=lambda c: c.index)
 
 
-async def _result(job: Job, request) -> GenerationResult | None:
-    """The job's result, or None once the client has gone away.
+async def _result(job: Job, request) -> list[Choice] | None:
+    """The job's choices, or None once the client has gone away.
 
     uvicorn does not cancel a handler whose client disconnects, so without this check a timed-out client
     would keep the only worker generating for nobody until max_tokens.
@@ -387,38 +470,33 @@ async def _result(job: Job, request) -> GenerationResult | None:
         job.cancelled.set()  # the worker stops at the next token (or skips a job not yet started)
 
 
-async def _stream(job: Job, head: dict, chat: bool, include_usage: bool):
+async def _stream(job: Job, head: dict, render: Rendering, include_usage: bool):
     """Server-sent events: chunks as OpenAI sends them, then `data: [DONE]`; the job stops if the client goes."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
+    obj = "chat.completion.chunk" if render.chat else "text_completion"
 
     def chunk(choice) -> str:
         return _sse({**head, "object": obj, "choices": [choice]})
 
+    finished: list[Choice] = []
     try:
-        if chat:
-            yield chunk(_chat_choice(delta={"role": "assistant", "content": ""}))
+        for index in range(render.choices):
+            opening = render.opening(index)
+            if opening is not None:
+                yield chunk(opening)
         async for kind, value in _events(job):
             if kind == "text":
-                yield chunk(_chat_choice(delta={"content": value}) if chat else _text_choice(value))
+                index, text = value
+                yield chunk(_chat_choice(index, delta={"content": text}) if render.chat else _text_choice(index, text))
             else:
-                yield chunk(_chat_choice(delta={}, finish=value.finish_reason) if chat
-                            else _text_choice("", value.finish_reason))
-                if include_usage:
-                    yield _sse({**head, "object": obj, "choices": [], "usage": _usage(value)})
+                finished.append(value)
+                yield chunk(await anyio.to_thread.run_sync(render.finish, value))
+        if include_usage:
+            yield _sse({**head, "object": obj, "choices": [], "usage": render.usage(finished)})
     except APIError as exc:
         yield _sse(exc.body())
     finally:
         job.cancelled.set()
     yield "data: [DONE]\n\n"
-
-
-def _non_stream_body(head: dict, chat: bool, result: GenerationResult) -> dict:
-    if chat:
-        message = {"role": "assistant", "content": result.text}
-        return {**head, "object": "chat.completion", "choices": [_chat_choice(message=message, finish=result.finish_reason)],
-                "usage": _usage(result)}
-    return {**head, "object": "text_completion", "choices": [_text_choice(result.text, result.finish_reason)],
-            "usage": _usage(result)}
 
 
 # ----------------------------------------------------------------------------- app
@@ -460,7 +538,33 @@ def _error_handlers(app) -> None:
                             status_code=500)
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64):
+async def read_body(request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to be over `limit` bytes (declared or received)."""
+    too_large = APIError(413, f"request body is over this server's limit of {limit} bytes (serve --max-body-bytes)",
+                         param=None, code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _job(served: ServedModel, ready: Prepared, loop) -> tuple[Job, Rendering]:
+    req, chat = ready.req, isinstance(ready.req, ChatRequest)
+    generate = chat or req.max_tokens != 0
+    job = Job(ready.prompts, ready.settings, loop, n=req.choices(), best_of=getattr(req, "best_of", None),
+              generate=generate, score_prompt=ready.echo_texts is not None and req.top() is not None)
+    render = Rendering(chat, served.tokenizer, ready.prompts, req.choices(), req.top(), ready.echo_texts)
+    return job, render
+
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """The FastAPI app serving `model`; its lifespan starts and stops the generation worker."""
     from contextlib import asynccontextmanager
 
@@ -478,19 +582,23 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     app.state.worker = worker
     _error_handlers(app)
 
-    async def generate(request: Request, req: _Sampling, prompt: list[int], config, chat: bool):
-        job = Job(prompt, config, req.stops(), req.seed, asyncio.get_running_loop())
+    async def generate(request: Request, chat: bool):
+        _authorize(served, request)
+        raw = await read_body(request, max_body_bytes)
+        ready = await anyio.to_thread.run_sync(prepare, served, raw, chat)  # off the event loop: /health answers
+        job, render = _job(served, ready, asyncio.get_running_loop())
         worker.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": served.name}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, head, chat, include_usage), media_type="text/event-stream",
+        if ready.req.stream:
+            options = ready.req.stream_options
+            return StreamingResponse(_stream(job, head, render, bool(options and options.include_usage)),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await _result(job, request)
-        if result is None:  # nobody is left to read an answer
+        choices = await _result(job, request)
+        if choices is None:  # nobody is left to read an answer
             return Response(status_code=499)
-        return JSONResponse(_non_stream_body(head, chat, result))
+        return JSONResponse(await anyio.to_thread.run_sync(render.body, head, choices))
 
     @app.get("/health")
     async def health():
@@ -504,17 +612,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _authorize(served, request)
-        req = _check_model(served, await parse_body(request, ChatRequest))
-        prompt, config = chat_prompt(served, req)
-        return await generate(request, req, prompt, config, chat=True)
+        return await generate(request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _authorize(served, request)
-        req = _check_model(served, await parse_body(request, CompletionRequest))
-        prompt, config = completion_prompt(served, req)
-        return await generate(request, req, prompt, config, chat=False)
+        return await generate(request, chat=False)
 
     return app
 
@@ -534,6 +636,66 @@ def bind_socket(host: str, port: int):
     return sock
 
 
+REFUSED_DRAIN_S = 2.0  # how long the rest of an unparsable request is read (and dropped) before closing
+
+
+def _json_error_protocol():
+    """uvicorn's h11 protocol, answering a request it cannot parse (headers over MAX_HEADER_BYTES: 431,
+    malformed: 400) with the same OpenAI-style JSON body as every other error, not uvicorn's plain text.
+
+    uvicorn closes such a connection at once, and closing a socket with unread input resets it: a client
+    still sending its headers gets "connection reset" instead of the answer. Here the rest of the request is
+    read and dropped for up to REFUSED_DRAIN_S seconds after the answer, which the client then reads.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _Connection(h11.Connection):
+        parse_error: h11.RemoteProtocolError | None = None  # why the request could not be parsed
+
+        def next_event(self):
+            try:
+                return super().next_event()
+            except h11.RemoteProtocolError as exc:
+                self.parse_error = exc
+                raise
+
+    class JSONErrorH11Protocol(H11Protocol):
+        refused = False  # answered already: what still arrives is dropped
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            self.limit = config.h11_max_incomplete_event_size or MAX_HEADER_BYTES
+            self.conn = _Connection(h11.SERVER, self.limit)
+
+        def data_received(self, data: bytes) -> None:
+            if not self.refused:
+                super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            error = self.conn.parse_error
+            status = getattr(error, "error_status_hint", 400)
+            message = (f"request line and headers are over this server's limit of {self.limit} bytes" if status == 431
+                       else f"invalid HTTP request ({error or msg})")
+            body = json.dumps(APIError(status, message, code="invalid_http_request").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.refused = True
+            self.loop.call_later(REFUSED_DRAIN_S, self.transport.close)
+
+    return JSONErrorH11Protocol
+
+
+def uvicorn_config(app, log_level: str = "info", **options):
+    """The uvicorn configuration `serve` and BackgroundServer run `app` with."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, http=_json_error_protocol(),
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, **options)
+
+
 class BackgroundServer:
     """uvicorn serving `app` from a thread (for tests and notebooks): `.url`, `.stop()`; a context manager."""
 
@@ -543,7 +705,7 @@ class BackgroundServer:
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host if ':' not in self.host else f'[{self.host}]'}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self, timeout: float = 30.0):
