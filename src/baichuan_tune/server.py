@@ -38,13 +38,14 @@ from .generation import (
     ChatFormatError,
     GenerationResult,
     build_chat_input,
-    chat_format,
     chat_generation_config,
     chat_token_ids,
     context_length,
     generate_text,
+    prompt_format,
     split_rounds,
 )
+from .tokenization_baichuan import EscapingTokenizer
 
 # ----------------------------------------------------------------------------- errors
 
@@ -267,6 +268,7 @@ class ServedModel:
     tokenizer: object
     name: str
     api_key: str | None = None
+    allow_control_tokens: bool = False  # message/prompt text may spell control tokens (`<reserved_106>` -> 195)
 
     @property
     def context(self) -> int:
@@ -294,7 +296,8 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     _check_max_tokens(requested, served.context, param)
     base = _settings(served, req, requested)
-    ids = dict(fmt=chat_format(served.model.config), **chat_token_ids(base))
+    ids = dict(fmt=prompt_format(served.model), allow_control_tokens=served.allow_control_tokens,
+               **chat_token_ids(base))
     try:
         system, rounds = split_rounds(messages)
         # A system message alone is a conversation too (the prompt is the system text and 196).
@@ -317,7 +320,8 @@ def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list
     if isinstance(req.prompt, list) and len(req.prompt) != 1:
         raise APIError(400, "prompt: one prompt per request is supported", param="prompt", code="invalid_value")
     text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    prompt = served.tokenizer.encode(text, add_special_tokens=False)
+    tokenizer = served.tokenizer if served.allow_control_tokens else EscapingTokenizer(served.tokenizer)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     new_tokens = req.max_tokens or 16  # OpenAI's default for completions
@@ -460,11 +464,12 @@ def _error_handlers(app) -> None:
                             status_code=500)
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64):
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
+               allow_control_tokens: bool = False):
     """The FastAPI app serving `model`; its lifespan starts and stops the generation worker."""
     from contextlib import asynccontextmanager
 
-    served = ServedModel(model, tokenizer, model_name, api_key)
+    served = ServedModel(model, tokenizer, model_name, api_key, allow_control_tokens)
     worker = GenerationWorker(model, tokenizer, max_queue)
     created = int(time.time())
 
