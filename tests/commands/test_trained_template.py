@@ -223,3 +223,51 @@ def test_a_record_this_version_cannot_honour_is_one_clear_error(tmp_path):
     (tmp_path / "template.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"template\.json: not valid JSON"):
         read_template_record(tmp_path)
+
+
+def test_reward_model_records_its_template_and_score_uses_it(tmp_path, capsys):
+    from baichuan_tune.value_head import load_reward_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": U1, "chosen": A1, "rejected": A2}) + "\n" for _ in range(4)))
+    out = tmp_path / "rm"
+    assert main(["rm", "--model", "default", "--dataset", str(pairs), "--template", "human_assistant",
+                 "--finetuning_type", "lora", "--max_steps", "1", "--output_dir", str(out), *FAST,
+                 "--save_steps", "100"]) == 0  # (rm divides by save_steps)
+    assert json.loads((out / "template.json").read_text()) == get_template("human_assistant").record()
+    rm_model, tok = load_reward_model(out)
+
+    def head_at_the_end(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(rm_model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
+
+    enc = tok.encode
+    trained = head_at_the_end([1, *enc(HUMAN_PREFIX + U1 + ASSISTANT_PREFIX), *enc(A1), 2])
+    other = head_at_the_end([195, *enc(U1), 196, *enc(A1), 2])
+    assert trained != pytest.approx(other, abs=1e-4)
+    score = ["rm", "score", "--reward_model", str(out), "--prompt", U1, "--response", A1, "--device", "cpu"]
+    capsys.readouterr()
+    assert main(score) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == pytest.approx(trained, abs=1e-4)
+    assert main([*score, "--template", "baichuan2"]) == 0
+    printed = capsys.readouterr()
+    assert "records template 'human_assistant'" in printed.err
+    assert json.loads(printed.out)["score"] == pytest.approx(other, abs=1e-4)
+
+
+def test_convert_carries_the_record(tmp_path):
+    from conftest import tiny_model
+
+    from baichuan_tune.builtin import DEFAULT_TOKENIZER
+    from baichuan_tune.checkpoint import load_model, save_pretrained_atomic
+    from baichuan_tune.templates import model_template, set_model_template
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    model = tiny_model("tiny-baichuan2-7b", vocab_size=4096)
+    set_model_template(model, "base")
+    folder = save_pretrained_atomic(model, BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER)), tmp_path / "m")
+    assert main(["convert", "--model", str(folder), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    assert main(["convert", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "back"), "--to", "baichuan"]) == 0
+    for name in ("llama", "back"):
+        assert json.loads((tmp_path / name / "template.json").read_text())["name"] == "base"
+    assert model_template(load_model(tmp_path / "back")) == "base"
