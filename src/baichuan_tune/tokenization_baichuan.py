@@ -180,14 +180,15 @@ def control_token_ids(tokenizer) -> frozenset[int]:
     """Ids that user text must never produce: the special tokens (bos, eos, unk = pad) and every
     `<reserved_N>` piece (Baichuan's chat roles 195/196 are two of them). Computed once per tokenizer."""
     cached = _CONTROL_IDS.get(tokenizer)
-    if cached is None:
-        ids = set(tokenizer.all_special_ids)
-        ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-        sp = getattr(tokenizer, "sp_model", None)
-        if sp is not None:  # the reserved pieces are SentencePiece user-defined symbols, matched inside any text
-            pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
-            ids.update(i for i, piece in enumerate(pieces) if piece.startswith("<reserved_") and RESERVED_PIECE.fullmatch(piece))
-        cached = _CONTROL_IDS[tokenizer] = frozenset(ids)
+    if cached is not None:
+        return cached
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    sp = getattr(tokenizer, "sp_model", None)
+    if sp is not None:  # the reserved pieces are SentencePiece user-defined symbols, matched inside any text
+        pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
+        ids.update(i for i, piece in enumerate(pieces) if RESERVED_PIECE.fullmatch(piece))
+    _CONTROL_IDS[tokenizer] = cached = frozenset(ids)
     return cached
 
 

@@ -159,8 +159,8 @@ RUN_OUTPUTS = (
     "adapter_config.json", "adapter_model.safetensors", "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
     "generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "template.json", "value_head.safetensors", "reward_model.json", "critic",
-    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt",
+    "added_tokens.json", "chat_template.jinja", "value_head.safetensors", "reward_model.json", "critic",
+    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt", "template.json",
 )
 
 

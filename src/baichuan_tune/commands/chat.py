@@ -115,5 +115,6 @@ def main(argv: list[str]) -> int:
         session = ChatSession(model, tokenizer, config, cfg.system, cfg.allow_control_tokens)
     except ChatFormatError as exc:
         raise ConfigError(str(exc)) from None
+    print(f"(chat format: {prompt_format(model)})", flush=True)
     run(session)
     return 0

@@ -61,8 +61,11 @@ def main(argv: list[str]) -> int:
     model, tokenizer = cfg.load(path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
                      allow_control_tokens=cfg.allow_control_tokens)
+    from ..generation import prompt_format
+
     host, port = sock.getsockname()[:2]
     auth = "API key required" if api_key else "no API key"
-    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}); Ctrl-C to stop", flush=True)
+    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
+          flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level)).run(sockets=[sock])
     return 0
