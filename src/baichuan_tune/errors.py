@@ -34,3 +34,8 @@ def run_with_clear_errors(func, argv) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something the user should know that does not stop the command."""
+    print(f"warning: {message}", file=sys.stderr)

@@ -303,3 +303,50 @@ def test_bad_turn_orders_and_names():
         template.encode(None, [("user", "a")])
     with pytest.raises(DataError, match="unknown template 'chatml'; choose one of baichuan2, baichuan"):
         get_template("chatml")
+
+
+# ----------------------------------------------------------------------------- the same prompt at inference
+
+
+@pytest.mark.parametrize("name", ["baichuan2", "baichuan", "human_assistant", "base"])
+@pytest.mark.parametrize("tokenizer", ["b2", "b1"])
+def test_chat_prompt_is_the_prompt_part_of_the_training_sample(name, tokenizer, request, shared_data):
+    """generation.build_chat_input (chat, serve, model.chat) gives the ids the template trains before the last
+    answer: for baichuan2/baichuan the authors' chat rule, for the others the template's own prompt."""
+    from baichuan_tune.serve.generation import build_chat_input
+
+    tok, _ = request.getfixturevalue(tokenizer)
+    system = [("system", "请简短回答。")] if name != "baichuan" else []
+    turns = system + _belle_conversation(shared_data, 3)
+    sample = get_template(name).encode(tok, turns, train_on="last")
+    prompt_part = sample.input_ids[: next(i for i, label in enumerate(sample.labels) if label != IGN)]
+    messages = [{"role": r, "content": c} for r, c in turns[:-1]]
+    assert build_chat_input(tok, messages, model_max_length=8192, max_new_tokens=16, fmt=name) == prompt_part
+    assert get_template(name).encode_prompt(tok, messages) == prompt_part
+
+
+def test_prompt_budget_drops_old_rounds_whole_then_cuts_left(b2):
+    """The Baichuan2 chat rule on a human_assistant prompt, rounds laid out by hand."""
+    from baichuan_tune.serve.generation import build_chat_input
+
+    tok, sp = b2
+    q1, a1, q2, q3 = "世界上第二高的山峰是哪座", "乔戈里峰。", "Hello world", "12345"
+    r1 = [BOS] + sp(f"Human: {q1}\n\nAssistant: ") + sp(a1) + [EOS]
+    r2 = [BOS] + sp(f"Human: {q2}\n\nAssistant: ") + sp(a1) + [EOS]
+    r3 = [BOS] + sp(f"Human: {q3}\n\nAssistant: ")
+    messages = [{"role": r, "content": c} for r, c in
+                [("user", q1), ("assistant", a1), ("user", q2), ("assistant", a1), ("user", q3)]]
+
+    def ids(budget, system=None):
+        head = [{"role": "system", "content": system}] if system else []
+        return build_chat_input(tok, head + messages, model_max_length=budget + 10, max_new_tokens=10,
+                                fmt="human_assistant")
+
+    assert ids(len(r1 + r2 + r3)) == r1 + r2 + r3
+    assert ids(len(r1 + r2 + r3) - 1) == r2 + r3  # r1 no longer fits whole: dropped
+    assert ids(len(r2 + r3) - 1) == r3
+    assert ids(len(r3) - 2) == r3[2:]  # the newest round alone is over budget: cut on the left
+    # a system text goes into the first round kept, after its bos, and counts against the budget
+    system = sp("简短回答。\n\n")
+    assert ids(len(system + r2 + r3), "简短回答。") == [BOS] + system + r2[1:] + r3
+    assert ids(len(system + r2 + r3) - 1, "简短回答。") == [BOS] + system + r3[1:]

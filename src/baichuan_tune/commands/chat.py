@@ -3,7 +3,9 @@
     baichuan-tune chat --model DIR [--adapter DIR] [--quantize 4|8] [--system TEXT] [--temperature 0.3] [--max-new-tokens 512]
 
 Type a message and press Enter. /clear forgets the conversation, /exit or /quit (or Ctrl-D) leaves,
-Ctrl-C stops a reply that is being written. Prompts follow the authors' chat format and history budget;
+Ctrl-C stops a reply that is being written. Prompts are in the template the model was trained in
+(recorded beside it; `--template` overrides), else the authors' chat format, with their history budget;
+typed text that spells a control token (`<reserved_106>`) stays text unless --allow-control-tokens.
 temperature, top_k, top_p, repetition_penalty and max_new_tokens default to the checkpoint's
 generation_config.json (temperature 0 = greedy).
 """
@@ -32,12 +34,13 @@ class ChatConfig(LoadOptions):
 class ChatSession:
     """A conversation: `ask(text, write)` streams the reply through `write` and keeps both in the history."""
 
-    def __init__(self, model, tokenizer, config, system: str | None = None):
-        from ..serve.generation import chat_format, validate_messages
+    def __init__(self, model, tokenizer, config, system: str | None = None, allow_control_tokens: bool = False):
+        from ..serve.generation import prompt_format, validate_messages
 
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.allow_control_tokens = allow_control_tokens
         self.system = [{"role": "system", "content": system}] if system else []
-        validate_messages(self.system + [{"role": "user", "content": ""}], chat_format(model.config))
+        validate_messages(self.system + [{"role": "user", "content": ""}], prompt_format(model))
         self.history: list[dict] = []
 
     def clear(self) -> None:
@@ -47,7 +50,8 @@ class ChatSession:
         from ..serve.generation import chat_prompt_ids, generate_text
 
         messages = self.system + self.history + [{"role": "user", "content": text}]
-        prompt = chat_prompt_ids(self.model, self.tokenizer, messages, self.config)
+        prompt = chat_prompt_ids(self.model, self.tokenizer, messages, self.config,
+                                 allow_control_tokens=self.allow_control_tokens)
         reply = generate_text(self.model, self.tokenizer, prompt, self.config, on_text=write).text
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         return reply
@@ -101,15 +105,16 @@ def run(session: ChatSession, read=input, write=_write) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
-    from ..serve.generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
+    from ..serve.generation import ChatFormatError, chat_generation_config, context_length, input_budget, prompt_format
 
     model, tokenizer = cfg.load()
     try:
         config = chat_generation_config(model, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
-        input_budget(context_length(model), config.max_new_tokens, chat_format(model.config))
-        session = ChatSession(model, tokenizer, config, cfg.system)
+        input_budget(context_length(model), config.max_new_tokens, prompt_format(model))
+        session = ChatSession(model, tokenizer, config, cfg.system, cfg.allow_control_tokens)
     except ChatFormatError as exc:
         raise ConfigError(str(exc)) from None
+    print(f"(chat format: {prompt_format(model)})", flush=True)
     run(session)
     return 0

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     run.log.close()
 
     # ---- save
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
+    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
                     f"{cfg.loss_type} loss")

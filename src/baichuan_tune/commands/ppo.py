@@ -416,7 +416,7 @@ def _save(cfg, policy, tokenizer, out: Path) -> None:
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
-    save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
+    save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
     with atomic_dir(out / "critic") as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
                   str(tmp / HEAD_FILE))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -55,6 +56,8 @@ class ScoreConfig:
     response: str = opt("", "the answer to --prompt to score")
     input: str = opt("", "a file of {prompt, response} records, or of preference pairs (scores both + accuracy)")
     base_model: str = opt("", "base model of an adapter reward model (default: the one it was trained on)")
+    template: Literal["baichuan2", "baichuan", "human_assistant", "base"] | None = opt(
+        None, "chat format of prompt + answer (default: the one the reward model was trained in)")
     batch_size: int = opt(8, "answers per forward pass")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
@@ -127,16 +130,20 @@ def score(argv: list[str]) -> int:
     import json
 
     cfg = parse_config(ScoreConfig, argv, prog="baichuan-tune rm score")
+    from ..data.templates import choose_template, read_template_record
     from ..train.training import resolve_device
     from ..models.value_head import RewardScorer, load_reward_model, read_reward_meta
 
     if bool(cfg.input) == bool(cfg.prompt) or bool(cfg.prompt) != bool(cfg.response):
         raise ConfigError("give either --input FILE, or --prompt TEXT with --response ANSWER")
     meta = read_reward_meta(Path(cfg.reward_model))
+    # template.json, else reward_model.json's field (folders written before template.json existed)
+    recorded = read_template_record(cfg.reward_model) or meta.get("template")
+    template = choose_template(recorded, cfg.template, cfg.reward_model) or "baichuan2"
     device = resolve_device(cfg.device)
     rm, tokenizer = load_reward_model(cfg.reward_model, dtype=cfg.dtype, device=str(device),
                                       base_model=cfg.base_model or None)
-    scorer = RewardScorer(rm, tokenizer, meta.get("template", "baichuan2"), meta.get("cutoff_len", 0), cfg.batch_size)
+    scorer = RewardScorer(rm, tokenizer, template, meta.get("cutoff_len", 0), cfg.batch_size)
     if cfg.prompt:
         value = scorer.score([[("user", cfg.prompt)]], [cfg.response])[0]
         record = {"prompt": cfg.prompt, "response": cfg.response, "score": round(value, 5)}

@@ -4,7 +4,9 @@
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
 request needs `Authorization: Bearer KEY`. One request generates at a time; up to --max-queue more wait
-and further ones are answered 429; a body over --max-body-bytes is answered 413. Stop with Ctrl-C.
+and further ones are answered 429; a body over --max-body-bytes is answered 413. Chat prompts are in the
+template the model was trained in (recorded beside it; --template overrides); message text that spells a
+control token (`<reserved_106>`) is encoded as text unless --allow-control-tokens. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
     model, tokenizer = cfg.load(path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
-                     max_body_bytes=cfg.max_body_bytes)
+                     max_body_bytes=cfg.max_body_bytes, allow_control_tokens=cfg.allow_control_tokens)
+    from ..serve.generation import prompt_format
+
     host, port = sock.getsockname()[:2]
     auth = "API key required" if api_key else "no API key"
-    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}); Ctrl-C to stop", flush=True)
+    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
+          flush=True)
     uvicorn.Server(uvicorn_config(app, cfg.log_level)).run(sockets=[sock])
     return 0

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
     distributed.shutdown(dist)
     if not dist.main:
         return 0
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
+    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
     write_results(out, {**results, **data_report.counts})

@@ -29,14 +29,21 @@ Truncation: `cutoff_len` cuts the finished sample's tail (as the authors' script
 flags `max_source_length`/`max_target_length` cut each round's prompt and answer separately and keep
 whole rounds while the sample fits `max_source_length + max_target_length`; prompt truncation shortens
 the texts, never the role tokens/markers, so every kept answer still follows its assistant marker.
+
+Inference builds its prompts with the same templates: a model trained by this project carries its
+template's record (`template.json`, see `template_record`), and chat, serve and `model.chat` prompt it
+with `encode_prompt` of that template (the role-token templates through the authors' chat rule in
+`generation.py`, which gives the same ids, as the tests prove).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 
 IGNORE_INDEX = -100
 USER_TOKEN_ID = 195  # generation_config.json user_token_id of the Chat models
@@ -216,6 +223,22 @@ class Template:
     name = ""
     allow_system = True
     input_join = "\n"  # between an alpaca record's instruction and input (LLaMA-Factory's join)
+    # The layout in words, as template.json records it (see `record`); the subclasses' `rounds` follow it.
+    user_token_id: int | None = None  # id before each user turn
+    assistant_token_id: int | None = None  # id before each answer
+    user_prefix = ""  # text before each user turn
+    assistant_prefix = ""  # text after each user turn, right before the answer
+    system_suffix = ""  # text after the system message
+    bos_each_round = False  # every round starts with bos
+    eos_after_each_answer = False  # every answer ends with eos (else only the last answer of a sample)
+
+    def record(self) -> dict:
+        """The template's name and layout: what `template.json` holds, so other tools can read the format too."""
+        return {"name": self.name, "user_token_id": self.user_token_id, "assistant_token_id": self.assistant_token_id,
+                "user_prefix": self.user_prefix, "assistant_prefix": self.assistant_prefix,
+                "system_role": self.allow_system, "system_suffix": self.system_suffix,
+                "bos_each_round": self.bos_each_round, "eos_after_each_answer": self.eos_after_each_answer,
+                "input_join": self.input_join}
 
     def rounds(self, system: str, pairs, tokenizer: TokenizerLike, exact_markers: bool) -> tuple[list[Round], Part]:
         """The rounds of a conversation and the tail after the last answer (a prompt's last answer is None)."""
@@ -246,11 +269,27 @@ class Template:
             labels[0] = IGNORE_INDEX
         return Encoded(ids, labels, truncated)
 
-    def encode_prompt(self, tokenizer: TokenizerLike, turns) -> list[int]:
-        """Ids of a conversation that ends with a user turn, up to where the assistant's answer starts."""
+    def encode_prompt(self, tokenizer: TokenizerLike, turns, budget: int = 0) -> list[int]:
+        """Ids of a conversation that ends with a user turn, up to where the assistant's answer starts:
+        exactly the ids `encode` gives that part of the conversation in training.
+
+        With `budget` (inference), the chat models' history rule: the newest round always stays, older
+        rounds are dropped whole until the prompt fits, then it is cut on the left to `budget` tokens.
+        """
         system, pairs = split_turns(as_turns(turns), allow_system=self.allow_system, need_answer=False)
         rounds, _ = self.rounds(system, pairs, tokenizer, exact_markers=False)
-        return _join(rounds, "all")[0]
+        ids = _join(rounds, "all")[0]
+        if not budget or len(ids) <= budget:
+            return ids
+        # Rounds are encoded one by one, so the length of the newest k rounds is the sum of theirs plus
+        # what the system text adds to the first of them (found on the newest round alone).
+        lengths = [_length(r) for r in self.rounds("", pairs, tokenizer, exact_markers=False)[0]]
+        system_cost = _length(self.rounds(system, pairs[-1:], tokenizer, False)[0][0]) - lengths[-1]
+        keep, used = 1, system_cost + lengths[-1]
+        while keep < len(pairs) and used + lengths[-keep - 1] <= budget:
+            keep, used = keep + 1, used + lengths[-keep - 1]
+        rounds, _ = self.rounds(system, pairs[-keep:], tokenizer, exact_markers=False)
+        return _join(rounds, "all")[0][-budget:]
 
     def encode_pair(self, tokenizer: TokenizerLike, prompt, chosen: str, rejected: str, *,
                     cutoff_len: int = 0, max_source_length: int = 0, max_target_length: int = 0):
@@ -306,6 +345,7 @@ class BaichuanTemplate(RoleTokenTemplate):
 
     name = "baichuan"
     allow_system = False
+    eos_after_each_answer = True
 
     def rounds(self, system, pairs, tokenizer, exact_markers):
         eos = tokenizer.eos_token_id
@@ -321,6 +361,8 @@ class HumanAssistantTemplate(Template):
 
     name = "human_assistant"
     input_join = ""  # the baichuan_sft_lora recipe's prompt: "Human: " + instruction + input + "\n\nAssistant: "
+    user_prefix, assistant_prefix, system_suffix = HUMAN_PREFIX, ASSISTANT_PREFIX, SYSTEM_SUFFIX
+    bos_each_round = eos_after_each_answer = True
 
     def rounds(self, system, pairs, tokenizer, exact_markers):
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -345,6 +387,7 @@ class BaseTemplate(Template):
     """Plain text; chat records become prompt then answer with no markers, each round bos ... eos."""
 
     name = "base"
+    bos_each_round = eos_after_each_answer = True
 
     def rounds(self, system, pairs, tokenizer, exact_markers):
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -371,3 +414,86 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise DataError(f"unknown template '{name}'; choose one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+# ----------------------------------------------------------------------------- the record a model carries
+
+# Written beside adapter_config.json / config.json by every command that saves a model (sft, rm, dpo, ppo,
+# export): a plain JSON file any tool can read, since a PEFT adapter folder has no generation_config.json
+# and transformers' tokenizer chat templates cannot give these ids exactly (they tokenise one rendered
+# string, where the templates encode each part alone). A full checkpoint also carries the same record
+# as `template` in generation_config.json, so a model loaded with transformers' `from_pretrained` alone
+# chats in its format too (`model.chat`).
+TEMPLATE_FILE = "template.json"
+
+
+def template_record(name: str) -> dict:
+    """{"name": ..., the layout's fields} of the template called `name`."""
+    return get_template(name).record()
+
+
+def check_template_record(record, where: str) -> str:
+    """The template name of a record read from `where` (a file, or a file and field); a record this version
+    cannot honour is a CheckpointError naming the field, never a silent fallback to another format."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{where}: expected a JSON object with the template's 'name', got {record!r}")
+    name = record.get("name")
+    if name not in TEMPLATES:
+        raise CheckpointError(f"{where}: field 'name': unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    for key, expected in TEMPLATES[name].record().items():
+        if key in record and record[key] != expected:
+            raise CheckpointError(f"{where}: field '{key}' is {record[key]!r}, but template '{name}' has {expected!r}; "
+                                  f"write the record of template '{name}' again or pass --template")
+    return name
+
+
+def write_template_record(folder, name: str) -> None:
+    from ..io_utils import atomic_write_json
+
+    atomic_write_json(Path(folder) / TEMPLATE_FILE, template_record(name))
+
+
+def read_template_record(folder) -> str | None:
+    """The template recorded in `folder`/template.json, or None when the folder has no record."""
+    path = Path(folder) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return check_template_record(record, str(path))
+
+
+def choose_template(recorded: str | None, requested: str | None, where) -> str | None:
+    """`requested` (a --template option) if given, else the recorded one; a warning when they differ."""
+    if requested and recorded and requested != recorded:
+        from ..errors import warn
+
+        warn(f"{where} records template '{recorded}' (the chat format the model was trained in); using "
+             f"--template {requested} as asked")
+    return requested or recorded
+
+
+def _generation_config(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's base
+    return getattr(inner, "generation_config", None)
+
+
+def set_model_template(model, name: str | None) -> None:
+    """Attach template `name` to the model (its generation config, where `model.chat` and a full save find
+    it); a role-token template also sets the generation config's user/assistant ids. None: no change."""
+    if name is None:
+        return
+    config = _generation_config(model)
+    template = get_template(name)
+    config.template = template.record()
+    config._from_model_config = False  # transformers drops every extra field of a config it marks so, on load
+    if template.user_token_id is not None:
+        config.user_token_id, config.assistant_token_id = template.user_token_id, template.assistant_token_id
+
+
+def model_template(model) -> str | None:
+    """The template attached to `model` (by the loader, from its folder's record), or None."""
+    record = getattr(_generation_config(model), "template", None)
+    return None if record is None else check_template_record(record, "generation_config.json, field 'template'")

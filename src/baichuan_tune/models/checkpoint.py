@@ -18,7 +18,7 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -332,7 +332,20 @@ def _load_validated(path: Path, dtype, device, quantize, adapter):
         raise CheckpointError(f"{path}: could not load the model ({_first_line(exc)})") from exc
     if adapter_dir is not None:
         model = _load_adapter(model, adapter_dir)
+    _attach_template(model, path, adapter_dir)
     return model.eval()
+
+
+def _attach_template(model, path: Path, adapter_dir: Path | None) -> None:
+    """Give the model the template it was trained in: the adapter's record, else the checkpoint's
+    (template.json, or the copy transformers read from generation_config.json); none: left as it is."""
+    from ..data.templates import check_template_record, read_template_record, set_model_template
+
+    recorded = (read_template_record(adapter_dir) if adapter_dir is not None else None) or read_template_record(path)
+    if recorded is None and getattr(model.generation_config, "template", None) is not None:
+        recorded = check_template_record(model.generation_config.template,
+                                         f"{path / GENERATION_CONFIG_FILE}, field 'template'")
+    set_model_template(model, recorded)
 
 
 def _check_adapter(adapter) -> Path:
@@ -393,15 +406,26 @@ class LoadOptions:
     quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
+    template: Literal["baichuan2", "baichuan", "human_assistant", "base"] | None = opt(
+        None, "chat format (default: the template recorded with the model or adapter, else the published Chat models')")
+    allow_control_tokens: bool = opt(False, "let message text produce control tokens (<reserved_106> -> id 195); "
+                                            "default: such text is encoded as plain text")
 
     def validate(self) -> None:
         if self.quantize not in (None, 4, 8):
             raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
 
     def load(self, path=None):
-        """(model, tokenizer) from `path` (default: the `model` option) with these options."""
-        return load_model_and_tokenizer(path or self.model, dtype=self.dtype, device=self.device,
-                                        quantize=self.quantize, adapter=self.adapter)
+        """(model, tokenizer) from `path` (default: the `model` option) with these options; `--template`
+        replaces the recorded template (with a warning when they differ)."""
+        from ..data.templates import TEMPLATE_FILE, choose_template, model_template, set_model_template
+
+        path = resolve_model_path(path or self.model)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=self.dtype, device=self.device,
+                                                    quantize=self.quantize, adapter=self.adapter)
+        where = self.adapter if self.adapter and (Path(self.adapter) / TEMPLATE_FILE).is_file() else path
+        set_model_template(model, choose_template(model_template(model), self.template, where))
+        return model, tokenizer
 
 def _split_shards(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pattern: str, shard_size):
     """huggingface_hub's shard plan, computed on meta tensors of the output dtype so sizes are exact."""
@@ -512,6 +536,15 @@ def _check_saveable(model) -> None:
         raise BaichuanTuneError("cannot save a bitsandbytes-quantized model in the published layout; load it unquantized")
 
 
+def _write_template(model, out_dir: Path) -> None:
+    """template.json beside config.json when the model carries a template (trained, or loaded with one)."""
+    from ..data.templates import model_template, write_template_record
+
+    name = model_template(model)
+    if name is not None:
+        write_template_record(out_dir, name)
+
+
 def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5GB", safe_serialization=True) -> Path:
     """Write model (+ tokenizer) into `out_dir` in the published layout, atomically (temp folder + rename).
 
@@ -531,6 +564,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5G
         write_config(config, tmp, target or model.dtype)
         if getattr(model, "generation_config", None) is not None:
             _write_generation_config(model.generation_config, tmp)
+        _write_template(model, tmp)
         save_state_dict(state_dict, tmp, target, shard_size, safe_serialization)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -215,8 +215,10 @@ def _converted(src: Path, layout: str, to: str):
 
 
 def _copy_side_files(src: Path, dst: Path, to: str) -> None:
-    """generation_config.json and the tokenizer files, as they are (the tokenizer does not change)."""
-    for name in (GENERATION_CONFIG_FILE, *TOKENIZER_FILES):
+    """generation_config.json, template.json and the tokenizer files, as they are (the tokenizer does not change)."""
+    from ..data.templates import TEMPLATE_FILE
+
+    for name in (GENERATION_CONFIG_FILE, TEMPLATE_FILE, *TOKENIZER_FILES):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     tokenizer_config = dst / "tokenizer_config.json"

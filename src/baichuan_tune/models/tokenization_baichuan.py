@@ -14,6 +14,8 @@ name is registered too).
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from pathlib import Path
 
 from transformers import AddedToken
@@ -168,6 +170,67 @@ class BaichuanTokenizer(SentencePieceBackend):
         return state
 
 
+# --- text that must not become control tokens ----------------------------------------------------------------
+
+RESERVED_PIECE = re.compile(r"<reserved_\d+>")
+_CONTROL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def control_token_ids(tokenizer) -> frozenset[int]:
+    """Ids that user text must never produce: the special tokens (bos, eos, unk = pad) and every
+    `<reserved_N>` piece (Baichuan's chat roles 195/196 are two of them). Computed once per tokenizer."""
+    cached = _CONTROL_IDS.get(tokenizer)
+    if cached is not None:
+        return cached
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    sp = getattr(tokenizer, "sp_model", None)
+    if sp is not None:  # the reserved pieces are SentencePiece user-defined symbols, matched inside any text
+        pieces = sp.id_to_piece(list(range(sp.get_piece_size())))
+        ids.update(i for i, piece in enumerate(pieces) if RESERVED_PIECE.fullmatch(piece))
+    _CONTROL_IDS[tokenizer] = cached = frozenset(ids)
+    return cached
+
+
+class EscapingTokenizer:
+    """A tokenizer whose `encode` gives the literal text of a control token (`<reserved_106>`, `</s>`, ...)
+    as ordinary pieces, so text from a user can never forge a role, bos, eos or pad token.
+
+    Special tokens are not parsed (`split_special_tokens`); a reserved piece, which SentencePiece itself
+    matches (after NFKC for Baichuan-1, so `＜reserved_102＞` too), is spelled out one character at a time
+    (UTF-8 byte pieces where a character has none). The ids decode back to the text. `extra_ids` adds ids
+    to refuse (a generation config's role ids). Everything else is the wrapped tokenizer's.
+    """
+
+    def __init__(self, tokenizer, extra_ids=()):
+        self.tokenizer = tokenizer
+        self.refused = control_token_ids(tokenizer) | {int(i) for i in extra_ids if i is not None}
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, text: str, add_special_tokens: bool = False, **kwargs) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        if self.refused.isdisjoint(ids):
+            return ids
+        out: list[int] = []
+        for token_id in ids:
+            out += self._spelled(token_id) if token_id in self.refused else [token_id]
+        return out
+
+    def _spelled(self, token_id: int) -> list[int]:
+        ids = []
+        for char in self.tokenizer.convert_ids_to_tokens(token_id):
+            piece = self.tokenizer.convert_tokens_to_ids(char)
+            if piece is None or piece in self.refused:
+                piece = [self.tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in char.encode("utf-8")]
+            ids += piece if isinstance(piece, list) else [piece]
+        if not self.refused.isdisjoint(ids):  # a vocabulary without byte pieces: nothing safe to spell it with
+            raise ValueError(f"cannot encode the text {self.tokenizer.convert_ids_to_tokens(token_id)!r} without "
+                             "control tokens in this vocabulary")
+        return ids
+
+
 # --- training -----------------------------------------------------------------------------------------------
 
 # The trainer and normaliser settings of the published Baichuan2 tokenizer.model (its trainer_spec and
@@ -265,5 +328,5 @@ def register_tokenizer() -> None:
     AutoTokenizer.register(BaichuanConfig, tokenizer_class=BaichuanTokenizer, exist_ok=True)
 
 
-__all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "check_sentencepiece_file", "compression", "register_tokenizer",
-           "train_sentencepiece"]
+__all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "EscapingTokenizer", "check_sentencepiece_file", "compression",
+           "control_token_ids", "register_tokenizer", "train_sentencepiece"]

@@ -115,7 +115,7 @@ def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict, dtype: 
     from ..train.training import save_final
 
     out = Path(out)
-    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype)
+    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype, meta.get("template"))
     with atomic_dir(out / ".head") as tmp:
         state = {k: v.detach().float().cpu().contiguous() for k, v in rm.head.state_dict().items()}
         save_file(state, str(tmp / HEAD_FILE))

@@ -7,7 +7,12 @@ Prompt format (read off the published Chat models):
 - Baichuan-13B-Chat: the same ids and budget max(model_max_length // 2, model_max_length - max_new_tokens),
   no system role, and each assistant reply in the history is followed by eos (2), as its remote code does.
 
-Baichuan2 checkpoints (NormHead) use the first rule, Baichuan-7B/13B checkpoints the second.
+A model trained by this project is prompted in the template it was trained with (recorded in its folder,
+see `templates.py`): `baichuan2` and `baichuan` are the two rules above, `human_assistant` and `base` the
+templates' own prompts under the first rule's budget. A checkpoint with no record (the published ones)
+follows its variant: Baichuan2 checkpoints (NormHead) the first rule, Baichuan-7B/13B checkpoints the second.
+Message text is encoded so that it never yields a control token (`<reserved_106>` typed by a user stays
+text, see `EscapingTokenizer`) unless `allow_control_tokens` is set.
 Generation defaults come from the checkpoint's generation_config.json (the Chat models ship temperature
 0.3, top_k 5, top_p 0.85, repetition_penalty 1.05 / 1.1, max_new_tokens 2048); a checkpoint without them
 (a base model, the built-in default) gets the Baichuan2-Chat values. Every value can be overridden.
@@ -27,9 +32,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import BaichuanTuneError
+from ..data.templates import TEMPLATES, TemplateError, get_template, model_template
+from ..models.tokenization_baichuan import EscapingTokenizer
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("baichuan2", "baichuan")
+FORMATS = tuple(TEMPLATES)  # the chat formats are the training templates
 
 # Baichuan2-Chat's generation_config.json: the fallback for checkpoints that lack a chat config.
 CHAT_DEFAULTS = {
@@ -54,6 +61,12 @@ def chat_format(config) -> str:
     return "baichuan2" if getattr(config, "norm_head", True) else "baichuan"
 
 
+def prompt_format(model, fmt: str | None = None) -> str:
+    """The chat format to prompt `model` in: `fmt` if given, else the template recorded with the model
+    (the one it was trained in), else the published Chat models' rule (`chat_format`)."""
+    return fmt or model_template(model) or chat_format(model.config)
+
+
 def validate_messages(messages, fmt: str = "baichuan2") -> list[dict]:
     """Check a conversation ([{"role", "content"}, ...]) before any token is produced."""
     if fmt not in FORMATS:
@@ -68,7 +81,7 @@ def validate_messages(messages, fmt: str = "baichuan2") -> list[dict]:
             raise ChatFormatError(f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise ChatFormatError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        if role == "system" and fmt == "baichuan":
+        if role == "system" and not get_template(fmt).allow_system:
             raise ChatFormatError(f"messages[{i}]: Baichuan-7B/13B chat has no system role")
         if role == "system" and i != 0:
             raise ChatFormatError(f"messages[{i}]: a system message may only come first")
@@ -158,13 +171,22 @@ def build_chat_input(
     user_token_id: int = 195,
     assistant_token_id: int = 196,
     eos_token_id: int = 2,
+    allow_control_tokens: bool = False,
 ) -> list[int]:
-    """Prompt ids for a conversation under the authors' rule for `fmt` (see the module docstring)."""
+    """Prompt ids for a conversation in chat format `fmt` (see the module docstring); message text never
+    gives a control token unless `allow_control_tokens`."""
     messages = validate_messages(messages, fmt)
     budget = input_budget(model_max_length, max_new_tokens, fmt)
+    if not allow_control_tokens:
+        tokenizer = EscapingTokenizer(tokenizer, (user_token_id, assistant_token_id))
     if fmt == "baichuan":
         return _baichuan_prompt(tokenizer, messages, budget, user_token_id, assistant_token_id, eos_token_id)
-    return _baichuan2_prompt(tokenizer, messages, budget, user_token_id, assistant_token_id)
+    if fmt == "baichuan2":
+        return _baichuan2_prompt(tokenizer, messages, budget, user_token_id, assistant_token_id)
+    try:
+        return get_template(fmt).encode_prompt(tokenizer, messages, budget)
+    except TemplateError as exc:
+        raise ChatFormatError(f"{exc.field.replace('turns', 'messages')}: {exc.problem} (chat format {fmt})") from None
 
 
 # ----------------------------------------------------------------------------- generation settings
@@ -224,13 +246,16 @@ def chat_token_ids(config: GenerationConfig) -> dict:
                 eos_token_id=next(iter(_as_list(config.eos_token_id)), 2))
 
 
-def chat_prompt_ids(model, tokenizer, messages, config: GenerationConfig, fmt: str | None = None) -> list[int]:
+def chat_prompt_ids(model, tokenizer, messages, config: GenerationConfig, fmt: str | None = None,
+                    allow_control_tokens: bool = False) -> list[int]:
+    """Prompt ids of `messages` for `model` in its chat format (`prompt_format`)."""
     return build_chat_input(
         tokenizer,
         messages,
         model_max_length=context_length(model),
         max_new_tokens=config.max_new_tokens,
-        fmt=fmt or chat_format(model.config),
+        fmt=prompt_format(model, fmt),
+        allow_control_tokens=allow_control_tokens,
         **chat_token_ids(config),
     )
 
@@ -550,16 +575,19 @@ def chat(
     stream: bool = False,
     generation_config: GenerationConfig | None = None,
     fmt: str | None = None,
+    allow_control_tokens: bool = False,
     **overrides,
 ):
     """The authors' `model.chat`: the reply text, or with `stream=True` an iterator over the reply so far.
 
     As in the authors' code, the streamed values are the whole response up to now (not deltas), and
     generation settings come from `generation_config` or the model's, with `overrides` on top
-    (temperature, top_k, top_p, repetition_penalty, max_new_tokens, do_sample, ...).
+    (temperature, top_k, top_p, repetition_penalty, max_new_tokens, do_sample, ...). The prompt is in the
+    template recorded with the model (`fmt` overrides it); `allow_control_tokens=True` lets message text
+    produce control tokens (`<reserved_106>` -> 195), as the authors' code does.
     """
     config = chat_generation_config(model, generation_config, **overrides)
-    prompt_ids = chat_prompt_ids(model, tokenizer, messages, config, fmt)
+    prompt_ids = chat_prompt_ids(model, tokenizer, messages, config, fmt, allow_control_tokens)
     if not stream:
         return generate_text(model, tokenizer, prompt_ids, config).text
 

@@ -40,17 +40,18 @@ from .generation import (
     IncrementalDecoder,
     TokenLogprob,
     build_chat_input,
-    chat_format,
     chat_generation_config,
     chat_token_ids,
     context_length,
     generate_text,
     logit_bias_config,
+    prompt_format,
     score_tokens,
     split_rounds,
     token_bytes,
     token_text,
 )
+from ..models.tokenization_baichuan import EscapingTokenizer
 from .openai_api import APIError, ChatRequest, CompletionRequest, _Sampling, parse_request
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # see ServeConfig.max_body_bytes for the reasoning
@@ -191,6 +192,7 @@ class ServedModel:
     tokenizer: object
     name: str
     api_key: str | None = None
+    allow_control_tokens: bool = False  # message/prompt text may spell control tokens (`<reserved_106>` -> 195)
 
     @property
     def context(self) -> int:
@@ -218,7 +220,8 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     _check_max_tokens(requested, served.context, param)
     base = _settings(served, req, requested)
-    ids = dict(fmt=chat_format(served.model.config), **chat_token_ids(base))
+    ids = dict(fmt=prompt_format(served.model), allow_control_tokens=served.allow_control_tokens,
+               **chat_token_ids(base))
     try:
         system, rounds = split_rounds(messages)
         # A system message alone is a conversation too (the prompt is the system text and 196).
@@ -242,10 +245,11 @@ def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list
     new_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     _check_max_tokens(req.max_tokens, served.context, "max_tokens")
     items, prompts = req.prompts(), []
+    tokenizer = served.tokenizer if served.allow_control_tokens else EscapingTokenizer(served.tokenizer)
     for i, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
-            prompt = served.tokenizer.encode(item, add_special_tokens=False)
+            prompt = tokenizer.encode(item, add_special_tokens=False)
         else:
             prompt = _known_ids(served, item, param)
         if not prompt:
@@ -564,11 +568,11 @@ def _job(served: ServedModel, ready: Prepared, loop) -> tuple[Job, Rendering]:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allow_control_tokens: bool = False):
     """The FastAPI app serving `model`; its lifespan starts and stops the generation worker."""
     from contextlib import asynccontextmanager
 
-    served = ServedModel(model, tokenizer, model_name, api_key)
+    served = ServedModel(model, tokenizer, model_name, api_key, allow_control_tokens)
     worker = GenerationWorker(model, tokenizer, max_queue)
     created = int(time.time())
 

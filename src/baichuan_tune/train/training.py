@@ -160,7 +160,7 @@ RUN_OUTPUTS = (
     "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "config.json",
     "generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "value_head.safetensors", "reward_model.json", "critic",
-    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt",
+    "demo_pairs.json", "demo_prompts.jsonl", "reference_logps.pt", "template.json",
 )
 
 
@@ -571,21 +571,27 @@ def final_dtype(cfg) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(named, "fp32")
 
 
-def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | None = None) -> Path:
+def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | None = None,
+               template: str | None = None) -> Path:
     """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout
-    (in `dtype`: None keeps the model's).
+    (in `dtype`: None keeps the model's), with `template.json` recording the chat `template` it was trained in.
 
     Everything is written into a hidden folder first and then renamed file by file into `out`, so an
     interrupted save never leaves a half-written adapter or shard under its final name.
     """
     import os
 
+    from ..data.templates import set_model_template, write_template_record
+
     out = Path(out)
     staging = out / ".final"
+    set_model_template(model, template)  # a full save writes it into generation_config.json and template.json
     if finetuning_type in ("lora", "qlora"):
         with atomic_dir(staging) as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            if template is not None:
+                write_template_record(tmp, template)
     else:
         from ..models.checkpoint import save_pretrained_atomic
 
