@@ -1,10 +1,11 @@
 """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health).
 
     baichuan-tune serve --model DIR [--adapter DIR] [--quantize 4|8] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    baichuan-tune serve --model DIR --ui [--runs outputs]      # the browser UI at /ui/ too (see `webui`)
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
-request needs `Authorization: Bearer KEY`. One request generates at a time; up to --max-queue more wait
-and further ones are answered 429. Stop with Ctrl-C.
+request needs `Authorization: Bearer KEY` (and so does the UI's data). One request generates at a time;
+up to --max-queue more wait and further ones are answered 429. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class ServeConfig(LoadOptions):
     max_queue: int = opt(64, "requests that may wait behind the one being generated; more are answered 429")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
         "info", "uvicorn log level (checked here: uvicorn would fail on a bad one only after the model loaded)")
+    ui: bool = opt(False, "also serve the browser UI at /ui/: chat, and the training runs under --runs")
+    runs: str = opt("outputs", "the UI's Runs page shows the training runs in this folder")
 
     def validate(self) -> None:
         super().validate()
@@ -36,10 +39,16 @@ class ServeConfig(LoadOptions):
             raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key must not be empty")
+        if self.ui and Path(self.runs).exists() and not Path(self.runs).is_dir():
+            raise ConfigError(f"--runs {self.runs} is a file; give the folder that holds the training runs")
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
+    return serve(parse_config(ServeConfig, argv, prog="baichuan-tune serve"), "serve")
+
+
+def serve(cfg: ServeConfig, command: str) -> int:
+    """Load the model and serve it (with the UI when `cfg.ui`) until Ctrl-C; `command` names the extra to install."""
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..checkpoint import resolve_model_path
 
@@ -47,8 +56,12 @@ def main(argv: list[str]) -> int:
         import uvicorn
 
         from ..server import bind_socket, create_app
+
+        if cfg.ui:
+            from ..webui import mount_ui
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"serve needs {exc.name}: pip install 'baichuan-tune[serve]'") from None
+        extra = "webui" if cfg.ui else "serve"
+        raise ConfigError(f"{command} needs {exc.name}: pip install 'baichuan-tune[{extra}]'") from None
 
     path = resolve_model_path(cfg.model)
     name = cfg.model_name or ("default" if cfg.model == "default" else Path(path).name)
@@ -58,8 +71,14 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
     model, tokenizer = cfg.load(path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue)
+    if cfg.ui:
+        mount_ui(app, model, Path(cfg.runs), api_key=api_key)
     host, port = sock.getsockname()[:2]
+    address = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     auth = "API key required" if api_key else "no API key"
-    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}); Ctrl-C to stop", flush=True)
+    print(f"serving '{name}' at {address}/v1 ({auth}); Ctrl-C to stop", flush=True)
+    if cfg.ui:
+        print(f"web UI at {address}/ui/ (runs from {cfg.runs}"
+              + ("; enter the API key in the page)" if api_key else ")"), flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level)).run(sockets=[sock])
     return 0
