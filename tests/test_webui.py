@@ -97,7 +97,7 @@ def server(builtin, runs_dir):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser():  # browser tests take `page` first, so that without a browser they skip before any setup
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="browser tests need Playwright: pip install playwright")
     chromium = find_chromium()
@@ -170,7 +170,7 @@ def assert_curve_follows(points: list[tuple[float, float]], records: list[dict],
 # ----------------------------------------------------------------------------- chat
 
 
-def test_chat_streams_the_models_answer(server, builtin, page, tmp_path):
+def test_chat_streams_the_models_answer(page, server, builtin, tmp_path):
     model, tokenizer = builtin
     served = httpx.get(server.url + "/ui/", timeout=30)
     assert served.status_code == 200 and KEY not in served.text  # the page holds no key
@@ -208,7 +208,7 @@ def test_chat_streams_the_models_answer(server, builtin, page, tmp_path):
     page.screenshot(path=str(tmp_path / "chat.png"))
 
 
-def test_sampling_controls_regenerate_and_clear_reach_the_request(server, page, tmp_path):
+def test_sampling_controls_regenerate_and_clear_reach_the_request(page, server, tmp_path):
     open_ui(page, server.url)
     bodies = chat_requests(page)
     for field, value in {"#system": "Answer briefly.", "#temperature": "0.9", "#top_p": "0.8", "#top_k": "7",
@@ -244,7 +244,7 @@ def test_sampling_controls_regenerate_and_clear_reach_the_request(server, page, 
 # ----------------------------------------------------------------------------- runs
 
 
-def test_runs_page_draws_each_logged_step_and_shows_the_run(server, runs_dir, page, tmp_path):
+def test_runs_page_draws_each_logged_step_and_shows_the_run(page, server, runs_dir, tmp_path):
     open_ui(page, server.url, "runs")
     page.wait_for_selector("#run-list li[data-name='rl/ppo']", timeout=30_000)
     names = page.eval_on_selector_all("#run-list li", "items => items.map(item => item.dataset.name)")
@@ -267,7 +267,7 @@ def test_runs_page_draws_each_logged_step_and_shows_the_run(server, runs_dir, pa
     page.screenshot(path=str(tmp_path / "runs.png"))
 
 
-def test_ppo_run_shows_reward_and_kl(server, runs_dir, page, tmp_path):
+def test_ppo_run_shows_reward_and_kl(page, server, runs_dir, tmp_path):
     open_ui(page, server.url, "runs/rl/ppo")
     wait_for_curve(page, "rl/ppo", "KL", "kl")
     records = read_log(runs_dir / "rl" / "ppo")
@@ -280,7 +280,7 @@ def test_ppo_run_shows_reward_and_kl(server, runs_dir, page, tmp_path):
     page.screenshot(path=str(tmp_path / "ppo.png"))
 
 
-def test_a_run_in_progress_updates_live(server, runs_dir, page, tmp_path):
+def test_a_run_in_progress_updates_live(page, server, runs_dir, tmp_path):
     """A step logged while the page is open (by the training code's own RunLog) appears without a reload."""
     from baichuan_tune.training import RunLog
 
@@ -459,7 +459,7 @@ def webui_process(folder: Path, runs: Path):
 
 
 @pytest.mark.slow
-def test_both_pages_on_a_published_layout_checkpoint(shared_reference, runs_dir, page, tmp_path):
+def test_both_pages_on_a_published_layout_checkpoint(page, shared_reference, runs_dir, tmp_path):
     """A tiny random-weight Baichuan2-13B-Chat (the published config shrunk, its generation_config.json and
     real tokenizer), saved with save_pretrained: the controls start at the published defaults and the
     page's answer in Chinese equals model.chat's."""
