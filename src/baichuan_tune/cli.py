@@ -19,6 +19,7 @@ COMMANDS = {
     "dpo": "dpo",
     "chat": "chat",
     "serve": "serve",
+    "webui": "webui",
     "export": "export",
     "eval": "eval",
     "convert": "convert",

@@ -1,12 +1,14 @@
 """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health).
 
     baichuan-tune serve --model DIR [--adapter DIR] [--quantize 4|8] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    baichuan-tune serve --model DIR --ui [--runs outputs]      # the browser UI at /ui/ too (see `webui`)
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
-request needs `Authorization: Bearer KEY`. One request generates at a time; up to --max-queue more wait
-and further ones are answered 429; a body over --max-body-bytes is answered 413. Chat prompts are in the
-template the model was trained in (recorded beside it; --template overrides); message text that spells a
-control token (`<reserved_106>`) is encoded as text unless --allow-control-tokens. Stop with Ctrl-C.
+request needs `Authorization: Bearer KEY` (and so does the UI's data). One request generates at a time;
+up to --max-queue more wait and further ones are answered 429; a body over --max-body-bytes is answered
+413. Chat prompts are in the template the model was trained in (recorded beside it; --template
+overrides); message text that spells a control token (`<reserved_106>`) is encoded as text unless
+--allow-control-tokens. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class ServeConfig(LoadOptions):
     max_body_bytes: int = opt(4 * 1024 * 1024, "largest request body in bytes; larger ones are answered 413")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
         "info", "uvicorn log level (checked here: uvicorn would fail on a bad one only after the model loaded)")
+    ui: bool = opt(False, "also serve the browser UI at /ui/: chat, and the training runs under --runs")
+    runs: str = opt("outputs", "the UI's Runs page shows the training runs in this folder")
 
     def validate(self) -> None:
         super().validate()
@@ -44,10 +48,16 @@ class ServeConfig(LoadOptions):
             raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key must not be empty")
+        if self.ui and Path(self.runs).exists() and not Path(self.runs).is_dir():
+            raise ConfigError(f"--runs {self.runs} is a file; give the folder that holds the training runs")
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
+    return serve(parse_config(ServeConfig, argv, prog="baichuan-tune serve"), "serve")
+
+
+def serve(cfg: ServeConfig, command: str) -> int:
+    """Load the model and serve it (with the UI when `cfg.ui`) until Ctrl-C; `command` names the extra to install."""
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..models.checkpoint import resolve_model_path
 
@@ -55,8 +65,12 @@ def main(argv: list[str]) -> int:
         import uvicorn
 
         from ..serve.server import bind_socket, create_app, uvicorn_config
+
+        if cfg.ui:
+            from ..serve.webui import mount_ui
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"serve needs {exc.name}: pip install 'baichuan-tune[serve]'") from None
+        extra = "webui" if cfg.ui else "serve"
+        raise ConfigError(f"{command} needs {exc.name}: pip install 'baichuan-tune[{extra}]'") from None
 
     path = resolve_model_path(cfg.model)
     name = cfg.model_name or ("default" if cfg.model == "default" else Path(path).name)
@@ -67,11 +81,17 @@ def main(argv: list[str]) -> int:
     model, tokenizer = cfg.load(path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
                      max_body_bytes=cfg.max_body_bytes, allow_control_tokens=cfg.allow_control_tokens)
+    if cfg.ui:
+        mount_ui(app, model, Path(cfg.runs), api_key=api_key)
     from ..serve.generation import prompt_format
 
     host, port = sock.getsockname()[:2]
+    address = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     auth = "API key required" if api_key else "no API key"
-    print(f"serving '{name}' at http://{host}:{port}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
+    print(f"serving '{name}' at {address}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
           flush=True)
+    if cfg.ui:
+        print(f"web UI at {address}/ui/ (runs from {cfg.runs}"
+              + ("; enter the API key in the page)" if api_key else ")"), flush=True)
     uvicorn.Server(uvicorn_config(app, cfg.log_level)).run(sockets=[sock])
     return 0

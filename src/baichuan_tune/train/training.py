@@ -505,6 +505,8 @@ class RunLog:
         self.bar.update(step - self.bar.n)
 
     def log(self, step: int, **values) -> None:
+        if not any(key.startswith("eval_") for key in values):
+            values.update(gpu_memory())
         record = {"step": step, **values, "elapsed": round(time.time() - self.start, 2)}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -521,6 +523,14 @@ class RunLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def gpu_memory() -> dict:
+    """This process's GPU memory in GiB: held by tensors now and at most so far (none on a CPU run)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"memory_gib": round(torch.cuda.memory_allocated() / 2**30, 3),
+            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
 
 
 def read_log(path: Path) -> list[dict]:
