@@ -132,7 +132,7 @@ class Engine:
             self._step(order[i : i + s.batches_per_step], epoch + (i + s.batches_per_step) / usable)
         if position["batch"] >= usable:
             position["epoch"], position["batch"] = epoch + 1, 0
-            if len(self.method.val_set) and not self.opts.eval_steps:
+            if len(self.method.val_set) and not self.opts.eval_steps and self.method.eval_each_epoch:
                 self.evaluate()
 
     def _step(self, batches: list[list[int]], epoch_progress: float) -> None:

@@ -21,6 +21,7 @@ class Method:
 
     name = "train"
     eval_before = False  # evaluate once before the first step (the *_before numbers of the results)
+    eval_each_epoch = True  # with eval_steps 0: evaluate at each epoch's end (else only before/after training)
     bar_keys: tuple[str, ...] = ("loss",)  # values shown on the progress bar
 
     def __init__(self, train_set, val_set=()):
