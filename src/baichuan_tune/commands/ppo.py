@@ -110,16 +110,16 @@ def main(argv: list[str]) -> int:
     trainable, total = count_parameters(policy)
 
     # ---- train
-    engine.run(f"prompts: {len(train_prompts)} train / {len(eval_prompts)} held out; reward: {_describe(reward)}; "
-               f"{schedule.total_steps} PPO steps x {schedule.updates_per_step} updates; trainable "
-               f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    results = engine.run(f"prompts: {len(train_prompts)} train / {len(eval_prompts)} held out; reward: "
+                         f"{_describe(reward)}; {schedule.total_steps} PPO steps x {schedule.updates_per_step} updates; "
+                         f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
     distributed.shutdown(dist)
 
     # ---- save
     if not dist.main:
         return 0
     _save(cfg, policy, tokenizer, out)
-    write_results(out, _results(out, engine.step, engine.evals, method.kl_ctl))
+    write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl)})
     print(f"Done: policy in {out}")
     return 0
 

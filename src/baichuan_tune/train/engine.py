@@ -228,18 +228,22 @@ class Engine:
         was_training = model.training
         model.eval()
         mine = list(range(self.dist.rank, len(val), self.dist.world))
+        # A process with no held-out row of its own (fewer rows than processes) still computes one, with weight 0,
+        # so that every process reduces the same metric names.
+        counts = 1 if mine else 0
+        mine = mine or [0]
         totals: dict[str, float] = {}
         count, size = 0, self.schedule.batch_size
         for k in range(0, len(mine), size):
             batch = self.method.collate(val, mine[k : k + size], self.device)
-            weight = self.method.weight(batch)
+            weight = self.method.weight(batch) * counts
             with training.autocast(self.device, self.amp_dtype):
                 loss, metrics = self.method.eval_step(model, batch)
             for key, value in {"loss": float(loss.detach()), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
             count += weight
         model.train(was_training)
-        keys = sorted(totals) if totals else ["loss"]
+        keys = sorted(totals)
         summed = self.dist.sum([totals.get(k, 0.0) for k in keys] + [count], self.device)
         return {f"eval_{k}": round(v / max(summed[-1], 1), 5) for k, v in zip(keys, summed)}
 
