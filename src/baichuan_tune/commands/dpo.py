@@ -2,6 +2,7 @@
 
     baichuan-tune dpo                                  # built-in demo: tiny default model, demo pairs, CPU
     baichuan-tune dpo CONFIG.yaml --model DIR --dataset pairs.json --loss_type sigmoid --beta 0.1
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli dpo CONFIG.yaml   # data-parallel on 4 GPUs of one node
     baichuan-tune dpo --model DIR --dataset pairs.json --loss_type simpo --beta 2.0 --simpo_gamma 0.5
 
 The policy trains with LoRA, QLoRA, freeze or full. DPO and IPO compare it with a frozen reference: with

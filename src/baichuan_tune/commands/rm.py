@@ -2,6 +2,7 @@
 
     baichuan-tune rm                                   # built-in demo: tiny default model, demo pairs, CPU
     baichuan-tune rm CONFIG.yaml --model DIR --dataset pairs.json --finetuning_type lora
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli rm CONFIG.yaml   # data-parallel on 4 GPUs of one node
     baichuan-tune rm score --reward_model outputs/rm-demo --prompt "What is the capital of Japan?" \
         --response "The capital of Japan is Tokyo."
     baichuan-tune rm score --reward_model outputs/rm-demo --input answers.jsonl     # {prompt, response} records
