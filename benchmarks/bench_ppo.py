@@ -64,13 +64,12 @@ def build(preset: str, device: str, dtype: torch.dtype):
     return policy, reward, config
 
 
-def ppo_config(args):
-    from baichuan_tune.commands.ppo import PPOConfig
-    from baichuan_tune.config import parse_config
+def ppo_options(args):
+    """(PPO settings, optimizer settings) of the timed run."""
+    from baichuan_tune.train.training import TrainOptions
 
-    return parse_config(PPOConfig, ["--per_device_train_batch_size", str(args.mini_batch), "--ppo_epochs",
-                                    str(args.ppo_epochs), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
-                                    "--bf16", str(args.device != "cpu").lower()])
+    return (rlhf.PPOOptions(ppo_epochs=args.ppo_epochs),
+            TrainOptions(learning_rate=1e-5, lr_scheduler_type="constant", bf16=args.device != "cpu"))
 
 
 def sync(device: str) -> None:
@@ -86,11 +85,13 @@ def one_step(policy, reward, cfg, args, optimizer, scheduler, generator, gen_con
     sync(device)
     start = time.perf_counter()
     scores = reward(rollout)
-    exp = rlhf.make_experience(policy, None, rollout, scores, cfg, 0.05, torch.device(device), amp_dtype)
+    exp = rlhf.make_experience(policy, None, rollout, scores, cfg, 0.05, torch.device(device), amp_dtype,
+                               batch_size=args.mini_batch)
     sync(device)
     experience_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = rlhf.ppo_update(policy, exp, cfg, optimizer, scheduler, None, torch.device(device), amp_dtype, generator)
+    metrics = rlhf.ppo_update(policy, exp, cfg, optimizer, scheduler, None, torch.device(device), amp_dtype, generator,
+                              minibatch_size=args.mini_batch)
     sync(device)
     update_s = time.perf_counter() - start
     tokens = int(rollout.response_mask.sum())
@@ -118,9 +119,9 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     amp_dtype = torch.bfloat16 if cuda else None
     policy, reward, _ = build(args.preset, args.device, dtype)
-    cfg = ppo_config(args)
-    optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, 10_000)
+    cfg, train_opts = ppo_options(args)
+    optimizer = make_optimizer(policy, train_opts)
+    scheduler = make_scheduler(optimizer, train_opts, 10_000)
     gen_config = rlhf.rollout_generation_config(IdsOnly(), args.response_len, args.response_len, 1.0, greedy=False)
     generator = torch.Generator().manual_seed(0)
     if cuda:

@@ -70,7 +70,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
 
     from baichuan_tune.models.checkpoint import load_model_and_tokenizer
     from baichuan_tune.data.loading import load_pair_data
-    from baichuan_tune.train.pair_training import pair_batch
+    from baichuan_tune.train.methods import pair_batch
 
     base, tok = load_model_and_tokenizer("default", dtype="fp32")
     train, _, _ = load_pair_data([str(write_pairs(tmp_path / "p.json", 6))], tok, cutoff_len=48, cache_dir="none",
@@ -92,7 +92,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
 def test_full_finetuning_precomputes_the_reference_once(tmp_path):
     from baichuan_tune.models.checkpoint import load_model_and_tokenizer
     from baichuan_tune.data.loading import load_pair_data
-    from baichuan_tune.train.pair_training import pair_batch
+    from baichuan_tune.train.methods import pair_batch
 
     pairs = write_pairs(tmp_path / "p.json", 12)
     out = tmp_path / "full"
@@ -183,3 +183,33 @@ def test_qlora_bf16_on_cuda_raises_held_out_preference_accuracy(tmp_path):
     r = results_of(out)
     assert r["eval_accuracy_before"] == 0.0
     assert r["eval_accuracy"] >= 0.65 and r["eval_margin"] > 0.5, r
+
+
+def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_path):
+    """Data-parallel DPO (torchrun, 2 CPU processes, gloo, 2 pairs each; LoRA, the reference being the adapter-off
+    base of each process's own copy) ends with the same adapter as one process on batches of 4 pairs: the DPO loss
+    is a mean over pairs, so DDP's average of the two processes' means is the global batch's mean. The pairs' lengths
+    differ, so the two runs pad their batches differently and round differently; Adam divides each gradient element
+    by its own magnitude, which lifts that rounding on a near-zero element to a visible update: hence a tolerance
+    of a tenth of one step's size (lr 1e-3) on the weights, where training on the wrong pairs would move them by
+    whole steps."""
+    from launch import read_log, run_cli
+    from safetensors.torch import load_file
+
+    pairs = write_pairs(tmp_path / "p.json", 8)
+    common = ["--model", "default", "--dataset", str(pairs), "--cutoff_len", "32", "--device", "cpu",
+              "--logging_steps", "1", "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "2", *FAST]
+    run_cli("dpo", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    two = run_cli("dpo", [*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                  processes=2)
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4)
+    one_log, two_log = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two_log if "loss" in r] == [1, 2]
+    for key in ("loss", "accuracy", "margin"):
+        assert [r[key] for r in two_log if "loss" in r] == pytest.approx([r[key] for r in one_log if "loss" in r],
+                                                                          abs=1e-4)
+    assert "2 processes, global batch 4" in two.stdout + two.stderr

@@ -206,3 +206,20 @@ def test_demo_on_cuda_in_bf16_raises_the_reward(home, sft_model):
     kls = steps(read_log(out), "kl")
     assert results["eval_reward"] - results["eval_reward_before"] >= 0.15, results
     assert max(kls) < 15.0, kls
+
+
+def test_two_processes_under_torchrun_share_the_rollouts(tmp_path):
+    """ppo under torchrun (2 CPU processes, gloo): each process samples 4 of the 8 answers of a step; the logged
+    reward is the mean over all 8 and the held-out reward over both halves of the held-out prompts."""
+    from launch import read_log, run_cli
+
+    out = tmp_path / "two"
+    done = run_cli("ppo", [*TINY, "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--max_steps", "2",
+                    "--val_size", "4", "--output_dir", str(out)], processes=2)
+    log = read_log(out)
+    assert len(steps(log, "reward")) == 2 and all(0.0 <= r <= 1.0 for r in steps(log, "reward"))
+    assert [r["step"] for r in log if "eval_reward" in r] == [0, 2]
+    assert "2 processes, global batch 8" in done.stdout + done.stderr
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 2 and "eval_reward_before" in results
+    assert (out / "adapter_model.safetensors").is_file() and (out / "critic" / "value_head.safetensors").is_file()

@@ -186,3 +186,22 @@ def test_qlora_bf16_on_cuda_learns_the_demo_pairs(tmp_path):
                     "--bf16", "true", *FAST]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["eval_accuracy"] >= 0.7 and results["eval_margin"] > 1.0, results
+
+
+def test_two_processes_under_torchrun_train_a_reward_model(tmp_path):
+    """rm under torchrun (2 CPU processes, gloo): every step logged once, the held-out evaluation shared out and
+    summed over both processes' halves, the reward model written once by rank 0."""
+    from launch import read_log, run_cli
+
+    pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(12))
+    out = tmp_path / "two"
+    run_cli("rm", [*SMALL, "--dataset", str(pairs), "--max_steps", "2", "--val_size", "4", "--learning_rate", "1e-3",
+                   "--per_device_train_batch_size", "2", "--output_dir", str(out)], processes=2)
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 2 and results["eval_pairs"] == 4
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and "eval_accuracy_before" in results
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 2]
+    for name in ("adapter_model.safetensors", "value_head.safetensors", "reward_model.json"):
+        assert (out / name).is_file(), name

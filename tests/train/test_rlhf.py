@@ -7,7 +7,7 @@ import torch
 
 from baichuan_tune.train import rlhf
 from baichuan_tune.commands import ppo
-from baichuan_tune.config import ConfigError, parse_config
+from baichuan_tune.config import ConfigError
 
 
 def test_response_mask_by_hand():
@@ -42,9 +42,9 @@ def test_experience_log_probs_match_a_hand_gather():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0]])
     answer_mask = mask[:, -3:]
     rollout = rlhf.Rollout(ids, mask, answer_mask, ["p", "q"], ["a", "b"])
-    cfg = parse_config(ppo.PPOConfig, ["--temperature", "1.0", "--gamma", "1.0", "--lam", "1.0",
-                                       "--whiten_advantages", "false", "--per_device_train_batch_size", "1"])
-    exp = rlhf.make_experience(policy, None, rollout, torch.tensor([1.0, -1.0]), cfg, 0.1, torch.device("cpu"), None)
+    opts = rlhf.PPOOptions(temperature=1.0, gamma=1.0, lam=1.0, whiten_advantages=False)
+    exp = rlhf.make_experience(policy, None, rollout, torch.tensor([1.0, -1.0]), opts, 0.1, torch.device("cpu"), None,
+                               batch_size=1)
 
     def gather(model, row, t):
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
     baichuan-tune dpo                                  # built-in demo: tiny default model, demo pairs, CPU
     baichuan-tune dpo CONFIG.yaml --model DIR --dataset pairs.json --loss_type sigmoid --beta 0.1
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli dpo CONFIG.yaml   # data-parallel on 4 GPUs of one node
     baichuan-tune dpo --model DIR --dataset pairs.json --loss_type simpo --beta 2.0 --simpo_gamma 0.5
 
 The policy trains with LoRA, QLoRA, freeze or full. DPO and IPO compare it with a frozen reference: with
@@ -68,32 +69,42 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
+    from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.alignment import write_demo_pairs
     from ..data.loading import load_pair_data
-    from ..train.pair_training import eval_results, start_pair_run, train_pairs
+    from ..train.engine import Engine, schedule_for
+    from ..train.methods import PairMethod, eval_results
     from ..train.training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                            final_dtype, save_final, seed_everything, write_results)
+                                  final_dtype, save_final, seed_everything, write_results)
 
     # ---- setup
-    out = prepare_output_dir(cfg)
+    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
+    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
+    files = cfg.dataset or [write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json")]
+    dist.barrier()
     seed_everything(cfg.seed)
-    device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
+    amp_dtype = precision_dtype(cfg)
     model, tokenizer = load_trainable(cfg, device, amp_dtype)
-    files = cfg.dataset or [write_demo_pairs(out)]
-    train_set, val_set, report = load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
-    reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype)
+    train_set, val_set, report = distributed.main_first(  # rank 0 tokenises first and fills the cache
+        dist, lambda: load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))
+    reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype, dist)
     trainable, total = count_parameters(model)
-    run = start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, cfg.loss_type,
-                         eval_loss_fn=lambda batch: preference_loss(cfg, model, batch, reference, "eval"))
-    run.log.write(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; {run.total_steps} optimizer "
-                  f"steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    method = PairMethod(cfg.loss_type, train_set, val_set,
+                        lambda policy, batch: preference_loss(cfg, policy, batch, reference, "train"),
+                        lambda policy, batch: preference_loss(cfg, policy, batch, reference, "eval"))
+    schedule = schedule_for(cfg, len(train_set), dist.world)
+    engine = Engine(model, method, cfg, out, schedule, dist, device, amp_dtype)
 
-    # ---- loop
-    step = train_pairs(model, lambda batch: preference_loss(cfg, model, batch, reference, "train"), run)
-    run.log.close()
+    # ---- train
+    results = engine.run(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; "
+                         f"{schedule.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
+                         f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    distributed.shutdown(dist)
 
     # ---- save
+    if not dist.main:
+        return 0
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
@@ -101,9 +112,8 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
                     ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
         plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
-    results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
-    write_results(out, results)
+    write_results(out, {**results, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
+                        "eval_pairs": len(val_set), **eval_results(engine.evals)})
     print(f"Done: policy in {out}")
     return 0
 
@@ -111,7 +121,7 @@ def main(argv: list[str]) -> int:
 def preference_loss(cfg, model, batch: dict, reference, split: str) -> tuple[torch.Tensor, dict]:
     """The configured preference loss on one pair batch, with rewards, accuracy and margin for the log."""
     from ..train.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
-    from ..train.pair_training import split_pairs
+    from ..train.methods import split_pairs
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
     total = sequence_logps(logits, batch["labels"])  # [2B]
@@ -149,13 +159,18 @@ class Reference:
     before training, and saved with the run (a resumed run reads them back).
     """
 
-    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype):
+    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype, dist=None):
         self.needed = cfg.loss_type in ("sigmoid", "ipo")
         self.adapter_off = cfg.finetuning_type in ("lora", "qlora")
         self.model, self.table = model, None
         if self.needed and not self.adapter_off:
-            self.table = self._precomputed(out / REFERENCE_FILE, datasets, _fingerprint(cfg, datasets),
-                                           cfg.per_device_train_batch_size, device, amp_dtype)
+            # Under torchrun every process starts from the same weights and needs the rows of its own pairs,
+            # which change every epoch: rank 0 computes the whole table once, the others read it back.
+            from ..train.distributed import Dist, main_first
+
+            self.table = main_first(dist or Dist(), lambda: self._precomputed(
+                out / REFERENCE_FILE, datasets, _fingerprint(cfg, datasets), cfg.per_device_train_batch_size,
+                device, amp_dtype))
 
     def describe(self) -> str:
         if not self.needed:
@@ -166,7 +181,7 @@ class Reference:
     def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
         from ..train.losses import sequence_logps
-        from ..train.pair_training import split_pairs
+        from ..train.methods import split_pairs
 
         if self.table is not None:
             kind = "avg" if average else "sum"
@@ -219,7 +234,7 @@ def _fingerprint(cfg, datasets: dict) -> str:
 def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
     """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
     from ..train.losses import sequence_logps
-    from ..train.pair_training import pair_batch, split_pairs
+    from ..train.methods import pair_batch, split_pairs
     from ..train.training import autocast
 
     was_training = model.training

@@ -2,6 +2,7 @@
 
     baichuan-tune ppo                                  # built-in demo: tiny default model, rule reward, CPU
     baichuan-tune ppo CONFIG.yaml --model DIR --dataset prompts.jsonl --reward_model outputs/rm
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli ppo CONFIG.yaml   # data-parallel on 4 GPUs of one node
     baichuan-tune ppo --model DIR --dataset prompts.jsonl --reward_function baichuan_tune.rewards:contains_keyword \
         --reward_kwargs keyword=Paris
 
@@ -23,7 +24,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,8 @@ import torch
 
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
+from ..train.methods import Method
+from ..train.rlhf import PPOOptions
 from ..train.training import ModelOptions, TrainOptions
 
 # The built-in demo: LoRA, rewarded for answering in Chinese (a dense rule), 30 steps on CPU. It starts from
@@ -46,7 +49,7 @@ SFT_DEMO_DIR = Path("outputs/sft-demo")
 
 
 @dataclass
-class PPOConfig(ModelOptions, TrainOptions):
+class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     output_dir: str = opt("outputs/ppo", "folder for the policy, checkpoints, logs and plots")
     learning_rate: float = opt(1e-5, "peak learning rate")
     plot_loss: bool = opt(True, "write ppo_reward.png and ppo_kl.png")
@@ -69,23 +72,6 @@ class PPOConfig(ModelOptions, TrainOptions):
     reward_kwargs: list[str] = opt(factory=list, help="key=value arguments for the reward function")
     normalize_reward: bool = opt(True, "scale scores by the running mean/std of all scores so far")
     reward_clip: float = opt(5.0, "clip (normalised) scores to [-reward_clip, reward_clip] (0: no clipping)")
-    # rollout
-    rollout_batch_size: int = opt(16, "prompts (answers) per PPO step")
-    max_new_tokens: int = opt(64, "answer length limit")
-    min_new_tokens: int = opt(0, "force at least this many answer tokens (= max_new_tokens: fixed length)")
-    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so PPO's log-probs match)")
-    # PPO
-    ppo_epochs: int = opt(4, "optimisation epochs over each rollout batch")
-    gamma: float = opt(1.0, "discount factor")
-    lam: float = opt(0.95, "GAE lambda")
-    cliprange: float = opt(0.2, "policy ratio clip epsilon")
-    cliprange_value: float = opt(0.2, "value clip epsilon")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per batch")
-    kl_coef: float = opt(0.05, "KL penalty coefficient (initial value when adaptive)")
-    adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = opt(6.0, "adaptive KL: target KL per answer (nats)")
-    kl_horizon: float = opt(10000.0, "adaptive KL: horizon in answers")
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -101,144 +87,173 @@ def main(argv: list[str]) -> int:
 
     argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
-    from ..train import losses as L
-    from ..train import rlhf
+    from ..train import distributed
     from ..train.adapters import count_parameters
-    from ..train.training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
+    from ..train.engine import Engine
+    from ..train.training import (load_trainable, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
+                                  write_results)
     from ..models.value_head import PolicyWithValue, ValueHead
 
     # ---- setup
-    out = prepare_output_dir(cfg)
+    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
+    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
+    dist.barrier()
     seed_everything(cfg.seed)
-    device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
+    amp_dtype = precision_dtype(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
-    run = PPORun(cfg, device, amp_dtype, lm, tokenizer)
-    run.reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
-    run.reward = _make_reward(cfg, lm, device, amp_dtype)
-    run.policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
-    run.train_prompts, run.eval_prompts = _load_prompts(cfg, tokenizer, out)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
-        len(run.train_prompts) / cfg.rollout_batch_size * cfg.num_train_epochs)
-    minibatches = math.ceil(min(cfg.rollout_batch_size, len(run.train_prompts)) / cfg.per_device_train_batch_size)
-    updates_per_step = cfg.ppo_epochs * math.ceil(minibatches / cfg.gradient_accumulation_steps)
-    run.optimizer = make_optimizer(run.policy, cfg)
-    run.scheduler = make_scheduler(run.optimizer, cfg, total_steps * updates_per_step)
-    run.scaler = make_grad_scaler(device, amp_dtype)
-    run.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-                  else L.FixedKLController(cfg.kl_coef))
-    run.moments = L.RunningMoments() if cfg.normalize_reward else None
-    checkpoints = Checkpoints(out, cfg.save_total_limit)
-    if cfg.resume and checkpoints.latest() is not None:
-        run.restore(checkpoints)
-    trainable, total = count_parameters(run.policy)
-    run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
-                     tensorboard=cfg.report_to == "tensorboard", desc="ppo")
-    if run.position.get("step", 0):
-        run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
-    run.log.write(f"prompts: {len(run.train_prompts)} train / {len(run.eval_prompts)} held out; reward: "
-                  f"{_describe(run.reward)}; {total_steps} PPO steps x {updates_per_step} updates; trainable "
-                  f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
-    run.sample_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens,
-                                                    cfg.temperature, greedy=False)
-    run.greedy_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, 1.0, greedy=True)
+    reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
+    reward = _make_reward(cfg, lm, device, amp_dtype)
+    policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
+    train_prompts, eval_prompts = distributed.main_first(dist, lambda: _load_prompts(cfg, tokenizer, out))
+    method = PPOMethod(cfg, policy, reference, reward, tokenizer, train_prompts, eval_prompts, dist, device, amp_dtype)
+    schedule = _schedule(cfg, len(train_prompts), dist.world)
+    engine = Engine(policy, method, cfg, out, schedule, dist, device, amp_dtype)
+    trainable, total = count_parameters(policy)
 
-    # ---- loop
-    step = run.position.get("step", 0)
-    if run.eval_prompts and step == 0:
-        run.evaluate(step)
-    while step < total_steps:
-        step = _ppo_step(run, step, total_steps)
-        if run.eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0:
-            run.evaluate(step)
-        if step % cfg.save_steps == 0 and step < total_steps:
-            checkpoints.save(step, run.policy, run.optimizer, run.scheduler, run.scaler, run.state())
-    if run.eval_prompts and (not run.evals or run.evals[-1]["step"] != step):
-        run.evaluate(step)
-    run.log.close()
+    # ---- train
+    results = engine.run(f"prompts: {len(train_prompts)} train / {len(eval_prompts)} held out; reward: "
+                         f"{_describe(reward)}; {schedule.total_steps} PPO steps x {schedule.updates_per_step} updates; "
+                         f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    distributed.shutdown(dist)
 
     # ---- save
-    _save(cfg, run.policy, tokenizer, out)
-    write_results(out, _results(out, step, run.evals, run.kl_ctl))
+    if not dist.main:
+        return 0
+    _save(cfg, policy, tokenizer, out)
+    write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl)})
     print(f"Done: policy in {out}")
     return 0
 
 
-@dataclass
-class PPORun:
-    """Everything one PPO run carries from step to step (models, optimiser, controllers, data, position)."""
+def _schedule(cfg, num_prompts: int, world: int):
+    """One engine step per rollout batch (shared out among the processes); the PPO epochs' updates in it."""
+    from ..train.engine import Schedule
+    from ..train.training import TrainingError
 
-    cfg: PPOConfig
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    lm: object
-    tokenizer: object
-    policy: object = None
-    reference: object = None
-    reward: object = None
-    optimizer: object = None
-    scheduler: object = None
-    scaler: object = None
-    kl_ctl: object = None
-    moments: object = None
-    log: object = None
-    sample_cfg: object = None
-    greedy_cfg: object = None
-    train_prompts: list = field(default_factory=list)
-    eval_prompts: list = field(default_factory=list)
-    position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
-    evals: list = field(default_factory=list)
+    if cfg.rollout_batch_size % world:
+        raise TrainingError(f"rollout_batch_size {cfg.rollout_batch_size} does not split into {world} processes' "
+                            "equal shares; make it a multiple of the process count")
+    share = cfg.rollout_batch_size // world
+    if world > 1 and num_prompts < cfg.rollout_batch_size:
+        raise TrainingError(f"{num_prompts} training prompts are fewer than one rollout batch of "
+                            f"{cfg.rollout_batch_size}")
+    per_epoch = math.ceil(num_prompts / cfg.rollout_batch_size) if world == 1 else num_prompts // cfg.rollout_batch_size
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(num_prompts / cfg.rollout_batch_size * cfg.num_train_epochs)
+    minibatches = math.ceil(min(share, num_prompts) / cfg.per_device_train_batch_size)
+    updates = cfg.ppo_epochs * math.ceil(minibatches / cfg.gradient_accumulation_steps)
+    return Schedule(share, 1, per_epoch, total, updates)
 
-    def state(self) -> dict:
-        """The checkpoint's position: where in the prompts, plus the KL coefficient and reward statistics."""
-        state = {**self.position, "kl_controller": self.kl_ctl.state_dict()}
+
+class PPOMethod(Method):
+    """PPO on the engine: each step samples answers to this process's share of the prompt batch, scores
+    them, builds the experience (KL-penalised rewards, advantages whitened over all processes) and hands
+    the engine the PPO epochs' mini-batches, whose step is the clipped policy + value loss."""
+
+    name = "ppo"
+    eval_before, eval_each_epoch = True, False
+    bar_keys = ("reward", "kl")
+
+    def __init__(self, cfg, policy, reference, reward, tokenizer, train_prompts, eval_prompts, dist, device,
+                 amp_dtype):
+        from ..train import losses as L
+        from ..train import rlhf
+
+        self.cfg, self.policy, self.reference, self.reward, self.tokenizer = cfg, policy, reference, reward, tokenizer
+        self.train_set, self.val_set = train_prompts, eval_prompts
+        self.dist, self.device, self.amp_dtype = dist, device, amp_dtype
+        self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                       else L.FixedKLController(cfg.kl_coef))
+        self.moments = L.RunningMoments() if cfg.normalize_reward else None
+        self.sample_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens,
+                                                         cfg.temperature, greedy=False)
+        self.greedy_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, 1.0,
+                                                         greedy=True)
+        self.stats: dict = {}
+
+    def plan(self, engine, batches):
+        """Rollout, reward and experience of this step's prompts; the updates over that experience."""
+        from ..train import distributed, rlhf
+
+        cfg = self.cfg
+        chosen = [self.train_set[i] for i in batches[0]]
+        rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
+                                        self.sample_cfg, [p[2] for p in chosen])
+        raw = self.reward(rollout)
+        everyone = distributed.gather(self.dist, raw.to(self.device)).cpu()  # the statistics see every answer
+        scores = rlhf.normalized_scores(everyone, self.moments, cfg.reward_clip)
+        scores = scores[self.dist.rank * len(raw) : (self.dist.rank + 1) * len(raw)]
+        exp = rlhf.make_experience(self.policy, self.reference, rollout, scores, cfg, self.kl_ctl.value, self.device,
+                                   self.amp_dtype, batch_size=cfg.per_device_train_batch_size, dist=self.dist)
+        self.stats = self._statistics(exp, raw, everyone, rollout)
+        self.kl_ctl.update(self.stats["kl"], n_steps=len(everyone))
+        # The mini-batch order is fixed per step (and per process), so a resumed run shuffles alike.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + engine.step + 7919 * self.dist.rank)
+        self._update_start = time.perf_counter()
+        return exp, rlhf.minibatch_groups(exp.input_ids.size(0), cfg.per_device_train_batch_size,
+                                          cfg.gradient_accumulation_steps, cfg.ppo_epochs, generator)
+
+    def _statistics(self, exp, raw, everyone, rollout) -> dict:
+        """The step's rollout figures, averaged over the processes (the reward's over every answer)."""
+        from ..train import rlhf
+
+        local = rlhf.step_statistics(exp, raw, self.kl_ctl.value)
+        keys = [k for k in local if k not in ("reward", "reward_std", "kl_coef")]
+        summed = self.dist.sum([local[k] for k in keys], self.device)
+        stats = {"reward": float(everyone.mean()), "reward_std": float(everyone.std(unbiased=False)),
+                 **{k: v / self.dist.world for k, v in zip(keys, summed)}, "kl_coef": local["kl_coef"]}
+        self._rollout_tps = int(rollout.response_mask.sum()) / max(rollout.seconds, 1e-9)
+        return stats
+
+    def collate(self, exp, rows, device):
+        from ..train import rlhf
+
+        return rlhf.experience_batch(exp, rows)
+
+    def step(self, model, batch):
+        from ..train import rlhf
+
+        return rlhf.ppo_minibatch_loss(model, batch, self.cfg)
+
+    def after_step(self, engine) -> dict:
+        return {**{k: round(v, 5) for k, v in self.stats.items()},
+                "update_s": round(time.perf_counter() - self._update_start, 3),
+                "rollout_tokens_per_s": round(self._rollout_tps, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict:
+        """Greedy answers to the held-out prompts (shared out among the processes): mean raw reward and length."""
+        from ..train import rlhf
+
+        cfg, dist = self.cfg, self.dist
+        mine = self.val_set[dist.rank :: dist.world]
+        scores, lengths, example = 0.0, 0.0, None
+        for start in range(0, len(mine), cfg.rollout_batch_size):
+            chunk = mine[start : start + cfg.rollout_batch_size]
+            rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chunk],
+                                            [p[1] for p in chunk], self.greedy_cfg, [p[2] for p in chunk])
+            scores += float(self.reward(rollout).sum())
+            lengths += float(rollout.response_mask.sum())
+            example = example or (rollout.prompts[0], rollout.responses[0])
+        scores, lengths = dist.sum([scores, lengths], self.device)
+        record = {"eval_reward": round(scores / len(self.val_set), 5),
+                  "eval_response_length": round(lengths / len(self.val_set), 2)}
+        if example is not None:
+            prompt, answer = (text if len(text) <= 80 else text[:77] + "..." for text in example)  # one line
+            engine.log.write(f"step {engine.step}: held-out reward {record['eval_reward']:.4f}; "
+                             f"e.g. {prompt!r} -> {answer!r}")
+        return record
+
+    def state_dict(self) -> dict:
+        """The KL coefficient and the reward statistics, saved with the checkpoint's position."""
+        state = {"kl_controller": self.kl_ctl.state_dict()}
         if self.moments is not None:
             state["reward_moments"] = self.moments.state_dict()
         return state
 
-    def restore(self, checkpoints) -> None:
-        self.position = checkpoints.load(checkpoints.latest(), self.policy, self.optimizer, self.scheduler, self.scaler)
-        self.kl_ctl.load_state_dict(self.position["kl_controller"])
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.moments is not None:
-            self.moments.load_state_dict(self.position["reward_moments"])
-
-    def evaluate(self, step: int) -> None:
-        self.evals.append(_evaluate(self.lm, self.tokenizer, self.eval_prompts, self.reward, self.greedy_cfg,
-                                    self.cfg, self.log, step))
-
-
-def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
-    """Rollout, reward, experience and PPO epochs on the next batch of prompts; logs; returns the new step."""
-    from ..train import rlhf
-    from ..train.training import batch_order
-
-    cfg, position = run.cfg, run.position
-    batches = batch_order(len(run.train_prompts), cfg.rollout_batch_size, cfg.seed, position["epoch"])
-    chosen = [run.train_prompts[i] for i in batches[position["batch"]]]
-    rollout = rlhf.generate_rollout(run.lm, run.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
-                                    run.sample_cfg, [p[2] for p in chosen])
-    raw = run.reward(rollout)
-    scores = rlhf.normalized_scores(raw, run.moments, cfg.reward_clip)
-    exp = rlhf.make_experience(run.policy, run.reference, rollout, scores, cfg, run.kl_ctl.value, run.device,
-                               run.amp_dtype)
-    stats = rlhf.step_statistics(exp, raw, run.kl_ctl.value)
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # mini-batch order, fixed per step
-    metrics = rlhf.ppo_update(run.policy, exp, cfg, run.optimizer, run.scheduler, run.scaler, run.device,
-                              run.amp_dtype, generator)
-    update_s = time.perf_counter() - start
-    run.kl_ctl.update(stats["kl"], n_steps=len(chosen))
-    step += 1
-    position["batch"] += 1
-    if position["batch"] >= len(batches):
-        position["epoch"], position["batch"] = position["epoch"] + 1, 0
-    run.log.step(step, reward=stats["reward"], kl=stats["kl"])
-    if step % cfg.logging_steps == 0 or step == total_steps:
-        tokens = int(rollout.response_mask.sum())
-        run.log.log(step, **{k: round(v, 5) for k, v in {**stats, **metrics}.items()},
-                    lr=run.scheduler.get_last_lr()[0], update_s=round(update_s, 3),
-                    rollout_tokens_per_s=round(tokens / max(rollout.seconds, 1e-9), 1))
-    return step
+            self.moments.load_state_dict(state["reward_moments"])
 
 
 def _demo_argv(argv: list[str]) -> list[str]:
@@ -384,27 +399,6 @@ def _plain_prompts(path: str, max_samples: int) -> list:
 
 
 # ----------------------------------------------------------------------------- eval, save
-
-
-@torch.no_grad()
-def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -> dict:
-    """Greedy answers to the held-out prompts: mean raw reward and answer length."""
-    from ..train import rlhf
-
-    scores, lengths, example = [], [], None
-    for start in range(0, len(prompts), cfg.rollout_batch_size):
-        chunk = prompts[start : start + cfg.rollout_batch_size]
-        rollout = rlhf.generate_rollout(lm, tokenizer, [p[0] for p in chunk], [p[1] for p in chunk], greedy_cfg,
-                                        [p[2] for p in chunk])
-        scores += reward(rollout).tolist()
-        lengths += rollout.response_mask.sum(1).tolist()
-        example = example or (rollout.prompts[0], rollout.responses[0])
-    record = {"eval_reward": round(sum(scores) / len(scores), 5),
-              "eval_response_length": round(sum(lengths) / len(lengths), 2)}
-    log.log(step, **record)
-    prompt, answer = (text if len(text) <= 80 else text[:77] + "..." for text in example)  # one line, not a page
-    log.write(f"step {step}: held-out reward {record['eval_reward']:.4f}; e.g. {prompt!r} -> {answer!r}")
-    return {"step": step, **record}
 
 
 def _save(cfg, policy, tokenizer, out: Path) -> None:

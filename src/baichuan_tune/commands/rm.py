@@ -2,6 +2,7 @@
 
     baichuan-tune rm                                   # built-in demo: tiny default model, demo pairs, CPU
     baichuan-tune rm CONFIG.yaml --model DIR --dataset pairs.json --finetuning_type lora
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli rm CONFIG.yaml   # data-parallel on 4 GPUs of one node
     baichuan-tune rm score --reward_model outputs/rm-demo --prompt "What is the capital of Japan?" \
         --response "The capital of Japan is Tokyo."
     baichuan-tune rm score --reward_model outputs/rm-demo --input answers.jsonl     # {prompt, response} records
@@ -70,32 +71,40 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
+    from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.alignment import model_reference, write_demo_pairs
     from ..data.loading import load_pair_data
-    from ..train.pair_training import eval_results, start_pair_run, train_pairs
-    from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                            seed_everything, write_results)
+    from ..train.engine import Engine, schedule_for
+    from ..train.methods import PairMethod, eval_results
+    from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir,
+                                  resolve_device, seed_everything, write_results)
     from ..models.value_head import RewardModel, ValueHead, save_reward_model
 
     # ---- setup
-    out = prepare_output_dir(cfg)
+    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
+    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
+    files = cfg.dataset or [write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json")]
+    dist.barrier()
     seed_everything(cfg.seed)
-    device, amp_dtype = resolve_device(cfg.device), precision_dtype(cfg)
+    amp_dtype = precision_dtype(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
-    files = cfg.dataset or [write_demo_pairs(out)]
-    train_set, val_set, report = load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed))
+    train_set, val_set, report = distributed.main_first(  # rank 0 tokenises first and fills the cache
+        dist, lambda: load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))
     rm = RewardModel(lm, ValueHead(lm.config.hidden_size).to(device)).train()
     trainable, total = count_parameters(rm)
-    run = start_pair_run(cfg, rm, out, train_set, val_set, device, amp_dtype, "rm")
-    run.log.write(f"{report}; {run.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
-                  f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    schedule = schedule_for(cfg, len(train_set), dist.world)
+    engine = Engine(rm, PairMethod("rm", train_set, val_set, pairwise_loss), cfg, out, schedule, dist, device,
+                    amp_dtype)
 
-    # ---- loop
-    step = train_pairs(rm, lambda batch: pairwise_loss(rm, batch), run)
-    run.log.close()
+    # ---- train
+    results = engine.run(f"{report}; {schedule.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
+                         f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    distributed.shutdown(dist)
 
     # ---- save
+    if not dist.main:
+        return 0
     meta = {"adapter": cfg.finetuning_type in ("lora", "qlora"), "base_model": model_reference(cfg.model),
             "finetuning_type": cfg.finetuning_type, "template": cfg.template, "cutoff_len": cfg.cutoff_len}
     save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
@@ -103,9 +112,8 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
                     "pairwise accuracy")
-    results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
-    write_results(out, results)
+    write_results(out, {**results, "train_pairs": len(train_set), "eval_pairs": len(val_set),
+                        **eval_results(engine.evals)})
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0
 
@@ -113,7 +121,7 @@ def main(argv: list[str]) -> int:
 def pairwise_loss(rm, batch: dict) -> tuple[torch.Tensor, dict]:
     """InstructGPT's pairwise loss on one pair batch, with accuracy and margin for the log."""
     from ..train.losses import pairwise_accuracy, pairwise_rm_loss, reward_margin
-    from ..train.pair_training import split_pairs
+    from ..train.methods import split_pairs
 
     chosen, rejected = split_pairs(rm(batch["input_ids"], batch["attention_mask"]))  # [B], [B]
     c, r = chosen.detach(), rejected.detach()

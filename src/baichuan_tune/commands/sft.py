@@ -15,7 +15,6 @@ few prompts before and after training.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -58,9 +57,9 @@ def main(argv: list[str]) -> int:
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..data.collate import pack_examples
     from ..train import distributed
-    from ..train.training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything,
-                            total_optimizer_steps)
+    from ..train.engine import Engine, schedule_for
+    from ..train.methods import SFTMethod
+    from ..train.training import precision_dtype, prepare_output_dir, resolve_device, seed_everything
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -91,42 +90,26 @@ def main(argv: list[str]) -> int:
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     trainable, total = count_parameters(model)
-    per_epoch, total_steps = total_optimizer_steps(cfg, len(rows), dist.world)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    scaler = make_grad_scaler(device, amp_dtype)
-    checkpoints = Checkpoints(out, cfg.save_total_limit)
-    fresh = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
-    position = (cfg.resume and checkpoints.resume(model, optimizer, scheduler, scaler)) or fresh
-    if position.get("processes", 1) != dist.world:  # the saved batch position indexes that many shards
-        from ..train.training import TrainingError
+    schedule = schedule_for(cfg, len(rows), dist.world)
+    engine = Engine(model, SFTMethod(rows, val_set), cfg, out, schedule, dist, device, amp_dtype)
 
-        raise TrainingError(f"the checkpoint was written by a run of {position.get('processes', 1)} process(es); "
-                            f"resume it with as many (this run has {dist.world})")
-    model = distributed.wrap(model, dist, device)
-    log = SilentLog() if not dist.main else RunLog(out, total_steps, start_step=position.get("step", 0),
-                                                    tensorboard=cfg.report_to == "tensorboard", desc="sft")
-    log.write(f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; {total_steps} "
-              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})"
-              + (f"; {dist.world} processes, global batch {cfg.per_device_train_batch_size * dist.world}"
-                 if dist.world > 1 else ""))
-
-    # ---- loop
-    loop = _Loop(cfg, model, optimizer, scheduler, scaler, checkpoints, log, device, amp_dtype, rows, val_set,
-                 per_epoch, total_steps, position, dist)
-    while loop.step < total_steps:
-        loop.run_epoch()
-    log.close()
+    # ---- train
+    summary = (f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; "
+               f"{schedule.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
+               f"parameters ({cfg.finetuning_type})")
+    results = engine.run(summary)
+    distributed.shutdown(dist)
 
     # ---- save
-    from ..train.training import final_dtype, plot_curves, save_final
+    from ..train.training import final_dtype, plot_curves, read_log, save_final
 
-    results = loop.final_metrics()  # every process: the final evaluation is shared out among them
-    model = distributed.unwrap(model)
-    loop.model = None  # no DDP wrapper may outlive the process group
-    distributed.shutdown(dist)
     if not dist.main:
         return 0
+    losses = [r["loss"] for r in read_log(out / "trainer_log.jsonl") if "loss" in r]
+    results.update(train_loss_first=losses[0] if losses else None, train_loss_last=losses[-1] if losses else None)
+    if engine.evals:
+        results["eval_loss"] = engine.evals[-1]["eval_loss"]
+        results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
@@ -142,150 +125,6 @@ def _load_data(cfg, tokenizer):
     from ..data import loading as data
 
     return data.load_sft_data(list(cfg.dataset), tokenizer, **cfg.load_kwargs(cfg.seed))
-
-
-@dataclass
-class _Loop:
-    """The training loop's state: what one optimizer step, one epoch and one evaluation need."""
-
-    cfg: SFTConfig
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: object
-    checkpoints: object
-    log: object
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    rows: object  # training samples, or packed rows of them
-    val_set: object
-    per_epoch: int
-    total_steps: int
-    position: dict  # epoch, batch (index within the epoch), skipped_steps, tokens; + step once resumed
-    dist: object  # distributed.Dist: this process's rank among `world` data-parallel ones
-
-    def __post_init__(self):
-        self.step = self.position.get("step", 0)
-        self.start = time.time()
-        self.tokens_at_start = self.position["tokens"]
-        self.last_ckpt = self.checkpoints.latest()
-
-    def run_epoch(self) -> None:
-        """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
-        from ..train.training import batch_order
-
-        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
-        epoch = self.position["epoch"]
-        global_batch = cfg.per_device_train_batch_size * self.dist.world
-        order = batch_order(len(self.rows), global_batch, cfg.seed, epoch)
-        if self.dist.world > 1:  # every process needs its equal part of each batch
-            order = [self.dist.shard(b) for b in order if len(b) == global_batch]
-        usable = self.per_epoch * accum  # a trailing partial accumulation group is dropped, as in most trainers
-        self.model.train()
-        while self.position["batch"] < usable and self.step < self.total_steps:
-            i = self.position["batch"]
-            self.position["batch"] = i + accum
-            self.optimizer_step(order[i : i + accum], epoch + (i + accum) / usable)
-        if self.position["batch"] >= usable:
-            self.position["epoch"], self.position["batch"] = epoch + 1, 0
-            if self.val_set and not cfg.eval_steps:
-                self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
-
-    def optimizer_step(self, group: list[list[int]], epoch_progress: float) -> None:
-        """Forward/backward over one accumulation group, then step, log, evaluate and checkpoint."""
-        from ..data.collate import collate_padded
-        from ..train.distributed import no_sync
-        from ..train.training import autocast, loss_is_bad, optimizer_step
-
-        losses, tokens = [], 0
-        for n, indices in enumerate(group):
-            batch = {k: v.to(self.device) for k, v in collate_padded([self.rows[j] for j in indices]).items()}
-            with no_sync(self.model, sync=n == len(group) - 1):  # DDP: gradients are averaged once per step
-                with autocast(self.device, self.amp_dtype):
-                    loss = self.model(**batch).loss
-                if loss_is_bad(self.agreed(loss), self.step + 1, self.cfg.nan_policy, self.last_ckpt):
-                    return self.skip_step()
-                scaled = loss / len(group)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].ne(0).sum())
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.cfg.max_grad_norm)
-        loss_sum, tokens = self.dist.sum([sum(losses) / len(losses), tokens], self.device)
-        self.position["tokens"] += int(tokens)
-        self.step += 1
-        tps = (self.position["tokens"] - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
-        lr, loss_value = self.scheduler.get_last_lr()[0], loss_sum / self.dist.world
-        self.log.step(self.step, loss=loss_value, lr=lr, tok_s=round(tps))
-        if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-            self.log.log(self.step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
-                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1))
-        if self.val_set and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
-            self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
-        if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
-            self.save_checkpoint()
-
-    def agreed(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss, or NaN on every process when any process's loss is not finite: all skip or stop together."""
-        if self.dist.world == 1:
-            return loss
-        bad = self.dist.sum([float(not torch.isfinite(loss.detach()).all())], self.device)[0]
-        return loss.new_tensor(float("nan")) if bad else loss
-
-    def skip_step(self) -> None:
-        """`nan_policy: skip`: drop this step's gradients but keep the schedule and data position moving."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        self.position["skipped_steps"] += 1
-        self.log.write(f"step {self.step}: non-finite loss, step skipped ({self.position['skipped_steps']} so far)")
-        self.log.step(self.step, skipped=self.position["skipped_steps"])
-
-    def save_checkpoint(self) -> None:
-        position = dict(self.position)
-        if position["batch"] >= self.per_epoch * self.cfg.gradient_accumulation_steps:
-            position["epoch"], position["batch"] = position["epoch"] + 1, 0
-        from ..train.distributed import unwrap
-
-        if self.dist.main:  # the processes hold the same weights and optimizer state
-            self.last_ckpt = self.checkpoints.save(self.step, unwrap(self.model), self.optimizer, self.scheduler,
-                                                   self.scaler, position)
-        self.dist.barrier()
-
-    @torch.no_grad()
-    def eval_loss(self) -> float:
-        """Token-weighted mean loss over the eval split (shared out among the processes)."""
-        from ..data.collate import collate_padded
-        from ..train.distributed import unwrap
-        from ..train.training import autocast
-
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        mine = [self.val_set[i] for i in range(self.dist.rank, len(self.val_set), self.dist.world)]
-        total, count, size = 0.0, 0, self.cfg.per_device_train_batch_size
-        for k in range(0, len(mine), size):
-            batch = {key: v.to(self.device) for key, v in collate_padded(mine[k : k + size]).items()}
-            n = int(batch["labels"][:, 1:].ne(-100).sum())
-            with autocast(self.device, self.amp_dtype):
-                total += float(model(**batch).loss) * n
-            count += n
-        model.train(was_training)
-        total, count = self.dist.sum([total, count], self.device)
-        return total / max(count, 1)
-
-    def final_metrics(self) -> dict:
-        from ..train.training import read_log
-
-        log = Path(self.cfg.output_dir) / "trainer_log.jsonl"
-        records = [r for r in read_log(log) if "loss" in r] if self.dist.main else []  # rank 0 owns the log
-        results = {"global_step": self.step, "train_runtime_s": round(time.time() - self.start, 1),
-                   "train_loss_first": records[0]["loss"] if records else None,
-                   "train_loss_last": records[-1]["loss"] if records else None,
-                   "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"]}
-        if self.val_set:
-            results["eval_loss"] = round(self.eval_loss(), 5)
-            results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
-        return results
 
 
 @torch.no_grad()

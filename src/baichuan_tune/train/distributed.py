@@ -68,6 +68,28 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     return dist, device
 
 
+def main_first(dist: Dist, work):
+    """work() on rank 0, then on the other processes: rank 0 fills a cache (tokenised data, a table) that the
+    others then read instead of computing it again at the same time."""
+    if not dist.main:
+        dist.barrier()
+    result = work()
+    if dist.main:
+        dist.barrier()
+    return result
+
+
+def gather(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` (all of one shape), concatenated along dim 0 in rank order."""
+    if dist.world == 1:
+        return tensor
+    import torch.distributed as td
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.world)]
+    td.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def wrap(model, dist: Dist, device: torch.device):
     """The model in DistributedDataParallel when there are several processes, else as it is."""
     if dist.world == 1:

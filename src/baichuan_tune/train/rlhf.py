@@ -26,9 +26,30 @@ from collections.abc import Callable
 import torch
 
 from . import losses as L
-from ..config import ConfigError
+from ..config import ConfigError, opt
 from .training import autocast, optimizer_step
 from ..models.value_head import PolicyWithValue, adapter_active, causal_lm, hidden_states
+
+
+@dataclass
+class PPOOptions:
+    """The PPO algorithm's settings (rollout, advantages, losses, KL penalty); `ppo`'s config holds them too."""
+
+    rollout_batch_size: int = opt(16, "prompts (answers) per PPO step, over all processes")
+    max_new_tokens: int = opt(64, "answer length limit")
+    min_new_tokens: int = opt(0, "force at least this many answer tokens (= max_new_tokens: fixed length)")
+    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so PPO's log-probs match)")
+    ppo_epochs: int = opt(4, "optimisation epochs over each rollout batch")
+    gamma: float = opt(1.0, "discount factor")
+    lam: float = opt(0.95, "GAE lambda")
+    cliprange: float = opt(0.2, "policy ratio clip epsilon")
+    cliprange_value: float = opt(0.2, "value clip epsilon")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per batch")
+    kl_coef: float = opt(0.05, "KL penalty coefficient (initial value when adaptive)")
+    adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(6.0, "adaptive KL: target KL per answer (nats)")
+    kl_horizon: float = opt(10000.0, "adaptive KL: horizon in answers")
 
 
 @dataclass
@@ -252,87 +273,98 @@ def forward_logprobs(policy, input_ids, attention_mask, response_len: int, tempe
     return torch.cat(logps), torch.cat(values)
 
 
-def make_experience(policy, reference, rollout: Rollout, scores: torch.Tensor, cfg, kl_coef: float, device,
-                    amp_dtype) -> Experience:
-    """Policy/reference log-probs, values, KL-penalised rewards, GAE advantages and returns."""
+def make_experience(policy, reference, rollout: Rollout, scores: torch.Tensor, ppo: PPOOptions, kl_coef: float,
+                    device, amp_dtype, batch_size: int = 8, dist=None) -> Experience:
+    """Policy/reference log-probs, values, KL-penalised rewards, GAE advantages and returns. `batch_size`
+    rows per forward pass; with `dist` (several processes) advantages are whitened over all their rows."""
     policy.eval()
-    args = (rollout.input_ids, rollout.attention_mask, rollout.response_len, cfg.temperature,
-            cfg.per_device_train_batch_size, device, amp_dtype)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_len, ppo.temperature, batch_size, device,
+            amp_dtype)
     logprobs, values = forward_logprobs(policy, *args)
     with reference_mode(policy, reference) as ref:
         ref_logprobs, _ = forward_logprobs(ref, *args)
     mask = rollout.response_mask.float()
     scores = scores.to(device)
     rewards, kl = L.kl_penalty_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-    advantages, returns = L.gae_advantages(rewards, values * mask, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                           whiten=cfg.whiten_advantages)
+    across = ppo.whiten_advantages and dist is not None and dist.world > 1
+    advantages, returns = L.gae_advantages(rewards, values * mask, mask, gamma=ppo.gamma, lam=ppo.lam,
+                                           whiten=ppo.whiten_advantages and not across)
+    if across:
+        advantages = _whiten_across(advantages, mask, dist, device)
     return Experience(rollout.input_ids, rollout.attention_mask, mask, logprobs, ref_logprobs, values * mask,
                       scores, rewards, kl, advantages, returns)
+
+
+def _whiten_across(values: torch.Tensor, mask: torch.Tensor, dist, device) -> torch.Tensor:
+    """L.masked_whiten with the mean and population variance of every process's masked values."""
+    n, total, squares = dist.sum([float(mask.sum()), float((values * mask).sum()), float((values**2 * mask).sum())],
+                                 device)
+    mean = total / max(n, 1.0)
+    var = max(squares / max(n, 1.0) - mean**2, 0.0)
+    return ((values.float() - mean) * (var + 1e-8) ** -0.5 * mask).detach()
 
 
 # ----------------------------------------------------------------------------- update
 
 
-def ppo_update(policy, exp: Experience, cfg, optimizer, scheduler, scaler, device, amp_dtype,
-               generator: torch.Generator) -> dict:
-    """`cfg.ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches; mean metrics.
-
-    A non-finite loss stops training (`nan_policy` stop) or drops that optimizer step (`skip`, counted).
-    """
-    policy.train()
-    total = exp.input_ids.size(0)
-    size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    sums: dict[str, float] = {"skipped_updates": 0.0}
-    count = 0
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(total, generator=generator).tolist()
-        minibatches = [order[i : i + size] for i in range(0, total, size)]
-        for start in range(0, len(minibatches), accum):
-            group = minibatches[start : start + accum]
-            results = []
-            for rows in group:
-                metrics = _minibatch_backward(policy, exp, rows, cfg, scaler, device, amp_dtype, len(group))
-                if metrics is None:
-                    break
-                results.append(metrics)
-            if len(results) < len(group):  # a non-finite loss under nan_policy skip
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                sums["skipped_updates"] += 1
-                continue
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + optimizer_step(
-                policy, optimizer, scheduler, scaler, cfg.max_grad_norm) * len(group)
-            for metrics in results:
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-            count += len(group)
-    skipped = sums.pop("skipped_updates")
-    return {**{k: v / max(count, 1) for k, v in sums.items()}, "skipped_updates": skipped}
+EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
-def _minibatch_backward(policy, exp: Experience, rows: list[int], cfg, scaler, device, amp_dtype,
-                        group: int) -> dict | None:
-    """Loss and backward of one mini-batch; None when the loss is not finite and nan_policy is skip."""
+def experience_batch(exp: Experience, rows: list[int]) -> dict:
+    """The mini-batch `rows` of an experience batch, as the tensors `ppo_minibatch_loss` reads."""
     idx = torch.tensor(rows, device=exp.input_ids.device)
-    mask = exp.response_mask[idx]  # [b, R]
-    with autocast(device, amp_dtype):
-        logits, values = policy(exp.input_ids[idx], exp.attention_mask[idx], mask.size(1))  # [b, R, V], [b, R]
-    logits = logits.float() / cfg.temperature
-    logprobs = L.token_logps(logits, exp.input_ids[idx, -mask.size(1) :])  # [b, R]
-    pg = L.ppo_policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.cliprange)
-    vf_loss, vf_clip = L.ppo_value_loss(values.float(), exp.values[idx], exp.returns[idx], mask, cfg.cliprange_value)
-    loss = pg.loss + cfg.vf_coef * vf_loss
-    if not torch.isfinite(loss):
-        if getattr(cfg, "nan_policy", "stop") == "skip":
-            return None
-        raise _nonfinite(loss)
-    scaled = loss / group
-    (scaler.scale(scaled) if scaler else scaled).backward()
+    return {key: getattr(exp, key)[idx] for key in EXPERIENCE_KEYS}
+
+
+def ppo_minibatch_loss(policy, batch: dict, ppo: PPOOptions) -> tuple[torch.Tensor, dict]:
+    """Clipped policy loss + vf_coef x clipped value loss of one mini-batch, with metrics for the log."""
+    mask = batch["response_mask"]  # [b, R]
+    logits, values = policy(batch["input_ids"], batch["attention_mask"], mask.size(1))  # [b, R, V], [b, R]
+    logits = logits.float() / ppo.temperature
+    logprobs = L.token_logps(logits, batch["input_ids"][:, -mask.size(1) :])  # [b, R]
+    pg = L.ppo_policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, ppo.cliprange)
+    vf_loss, vf_clip = L.ppo_value_loss(values.float(), batch["values"], batch["returns"], mask, ppo.cliprange_value)
     with torch.no_grad():
         entropy = L.masked_mean(L.entropy_from_logits(logits.detach()), mask)
-    return {"policy_loss": float(pg.loss.detach()), "value_loss": float(vf_loss.detach()),
-            "clip_fraction": float(pg.clip_fraction), "value_clip_fraction": float(vf_clip),
-            "approx_kl": float(pg.approx_kl), "entropy": float(entropy)}
+    metrics = {"policy_loss": float(pg.loss.detach()), "value_loss": float(vf_loss.detach()),
+               "clip_fraction": float(pg.clip_fraction), "value_clip_fraction": float(vf_clip),
+               "approx_kl": float(pg.approx_kl), "entropy": float(entropy)}
+    return pg.loss + ppo.vf_coef * vf_loss, metrics
+
+
+def minibatch_groups(total: int, size: int, accum: int, epochs: int, generator: torch.Generator) -> list:
+    """The optimizer updates of one PPO step: `epochs` shuffled passes over `total` rows in mini-batches of
+    `size`, `accum` mini-batches per update."""
+    groups = []
+    for _ in range(epochs):
+        order = torch.randperm(total, generator=generator).tolist()
+        minibatches = [order[i : i + size] for i in range(0, total, size)]
+        groups += [minibatches[i : i + accum] for i in range(0, len(minibatches), accum)]
+    return groups
+
+
+def ppo_update(policy, exp: Experience, ppo: PPOOptions, optimizer, scheduler, scaler, device, amp_dtype,
+               generator: torch.Generator, minibatch_size: int, accum: int = 1, max_grad_norm: float = 1.0) -> dict:
+    """The PPO epochs of one experience batch outside the training engine (benchmarks/bench_ppo.py times this):
+    the same mini-batch step and updates as `baichuan-tune ppo`, without logs, checkpoints or a NaN policy
+    (a non-finite loss raises). Returns the mean metrics."""
+    sums: dict[str, float] = {}
+    groups = minibatch_groups(exp.input_ids.size(0), minibatch_size, accum, ppo.ppo_epochs, generator)
+    for group in groups:
+        policy.train()
+        for rows in group:
+            with autocast(device, amp_dtype):
+                loss, metrics = ppo_minibatch_loss(policy, experience_batch(exp, rows), ppo)
+            if not torch.isfinite(loss):
+                raise _nonfinite(loss)
+            scaled = loss / len(group)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + optimizer_step(
+            policy, optimizer, scheduler, scaler, max_grad_norm) * len(group)
+    count = sum(len(group) for group in groups)
+    return {k: v / max(count, 1) for k, v in sums.items()}
 
 
 def _nonfinite(loss: torch.Tensor):
@@ -362,7 +394,7 @@ def normalized_scores(raw: torch.Tensor, moments: L.RunningMoments | None, clip:
 
 
 __all__ = [
-    "Experience", "FunctionReward", "Rollout", "SeparateModelReward", "SharedAdapterReward", "causal_lm",
-    "generate_rollout", "left_pad", "load_function", "make_experience", "normalized_scores", "ppo_update",
-    "response_mask", "rollout_generation_config", "step_statistics",
+    "Experience", "FunctionReward", "PPOOptions", "Rollout", "SeparateModelReward", "SharedAdapterReward", "causal_lm",
+    "generate_rollout", "left_pad", "load_function", "make_experience", "minibatch_groups", "normalized_scores",
+    "ppo_minibatch_loss", "ppo_update", "response_mask", "rollout_generation_config", "step_statistics",
 ]

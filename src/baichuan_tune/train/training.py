@@ -1,8 +1,8 @@
 """Pieces every training command shares (sft, rm, dpo, ppo): options, optimizer and schedule, precision,
 the deterministic batch order, checkpoints that resume exactly, the NaN guard, logs, plots and TensorBoard.
 
-The loop itself stays in each command, so a command reads top to bottom; this module holds what would
-otherwise be written four times.
+The loop itself is engine.py's, the same for every command; this module holds the pieces it and the
+commands call.
 """
 
 from __future__ import annotations
