@@ -85,7 +85,7 @@ def start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, desc:
     run = PairRun(cfg, optimizer, scheduler, make_grad_scaler(device, amp_dtype), checkpoints, None, train_set,
                   val_set, device, amp_dtype, total_steps, per_epoch, eval_loss_fn=eval_loss_fn)
     if cfg.resume and checkpoints.latest() is not None:
-        run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
+        run.position = checkpoints.resume(model, optimizer, scheduler, run.scaler)
     run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
                      tensorboard=cfg.report_to == "tensorboard", desc=desc)
     if run.position.get("step", 0):

@@ -101,6 +101,9 @@ def run(session: ChatSession, read=input, write=_write) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
+    from ..extras import check_extras
+
+    check_extras("chat", cfg)
     from ..generation import ChatFormatError, chat_format, chat_generation_config, context_length, input_budget
 
     model, tokenizer = cfg.load()

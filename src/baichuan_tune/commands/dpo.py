@@ -68,12 +68,15 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
+    from ..extras import check_extras
+
+    check_extras("dpo", cfg)
     from ..adapters import count_parameters
     from ..alignment import write_demo_pairs
     from ..data import load_pair_data
     from ..pair_training import eval_results, start_pair_run, train_pairs
-    from ..training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                            final_dtype, save_final, seed_everything, write_results)
+    from ..training import (end_state_kept, load_trainable, plot_curves, precision_dtype, prepare_output_dir,
+                            resolve_device, final_dtype, save_final, seed_everything, write_results)
 
     # ---- setup
     out = prepare_output_dir(cfg)
@@ -94,16 +97,19 @@ def main(argv: list[str]) -> int:
     run.log.close()
 
     # ---- save
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
-                    f"{cfg.loss_type} loss")
-        plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
-                    ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
-        plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
-    results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
-    write_results(out, results)
+    with end_state_kept(run.checkpoints, step, model, run.optimizer, run.scheduler, run.scaler, run.position):
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
+                        f"{cfg.loss_type} loss")
+            plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
+                        ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
+            plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"),
+                        "reward margin")
+        results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
+                   "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"],
+                   **eval_results(run.evals)}
+        write_results(out, results)
     print(f"Done: policy in {out}")
     return 0
 

@@ -101,11 +101,15 @@ def main(argv: list[str]) -> int:
 
     argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
+    from ..extras import check_extras
+
+    check_extras("ppo", cfg)
     from .. import losses as L
     from .. import rlhf
     from ..adapters import count_parameters
-    from ..training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
+    from ..training import (Checkpoints, RunLog, end_state_kept, load_trainable, logged_evals, make_grad_scaler,
+                            make_optimizer, make_scheduler, precision_dtype, prepare_output_dir, resolve_device,
+                            seed_everything, write_results)
     from ..value_head import PolicyWithValue, ValueHead
 
     # ---- setup
@@ -158,8 +162,9 @@ def main(argv: list[str]) -> int:
     run.log.close()
 
     # ---- save
-    _save(cfg, run.policy, tokenizer, out)
-    write_results(out, _results(out, step, run.evals, run.kl_ctl))
+    with end_state_kept(checkpoints, step, run.policy, run.optimizer, run.scheduler, run.scaler, run.state()):
+        _save(cfg, run.policy, tokenizer, out)
+        write_results(out, _results(out, step, run.evals, run.kl_ctl))
     print(f"Done: policy in {out}")
     return 0
 
@@ -197,7 +202,7 @@ class PPORun:
         return state
 
     def restore(self, checkpoints) -> None:
-        self.position = checkpoints.load(checkpoints.latest(), self.policy, self.optimizer, self.scheduler, self.scaler)
+        self.position = checkpoints.resume(self.policy, self.optimizer, self.scheduler, self.scaler)
         self.kl_ctl.load_state_dict(self.position["kl_controller"])
         if self.moments is not None:
             self.moments.load_state_dict(self.position["reward_moments"])
@@ -410,14 +415,14 @@ def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -
 def _save(cfg, policy, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from ..io_utils import atomic_dir
+    from ..io_utils import atomic_dir, clear_write_errors
     from ..training import final_dtype, plot_curves, save_final
     from ..value_head import HEAD_FILE
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
     save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
-    with atomic_dir(out / "critic") as tmp:
+    with clear_write_errors(out / "critic", "the critic head"), atomic_dir(out / "critic") as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
                   str(tmp / HEAD_FILE))
     if cfg.plot_loss:

@@ -67,12 +67,15 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
+    from ..extras import check_extras
+
+    check_extras("rm", cfg)
     from ..adapters import count_parameters
     from ..alignment import model_reference, write_demo_pairs
     from ..data import load_pair_data
     from ..pair_training import eval_results, start_pair_run, train_pairs
-    from ..training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                            seed_everything, write_results)
+    from ..training import (end_state_kept, final_dtype, load_trainable, plot_curves, precision_dtype,
+                            prepare_output_dir, resolve_device, seed_everything, write_results)
     from ..value_head import RewardModel, ValueHead, save_reward_model
 
     # ---- setup
@@ -95,14 +98,16 @@ def main(argv: list[str]) -> int:
     # ---- save
     meta = {"adapter": cfg.finetuning_type in ("lora", "qlora"), "base_model": model_reference(cfg.model),
             "finetuning_type": cfg.finetuning_type, "template": cfg.template, "cutoff_len": cfg.cutoff_len}
-    save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
-        plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
-                    "pairwise accuracy")
-    results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
-    write_results(out, results)
+    with end_state_kept(run.checkpoints, step, rm, run.optimizer, run.scheduler, run.scaler, run.position):
+        save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
+                        "reward model loss")
+            plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
+                        "pairwise accuracy")
+        results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
+                   "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
+        write_results(out, results)
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0
 
@@ -127,6 +132,9 @@ def score(argv: list[str]) -> int:
     import json
 
     cfg = parse_config(ScoreConfig, argv, prog="baichuan-tune rm score")
+    from ..extras import check_extras
+
+    check_extras("rm score", cfg)
     from ..training import resolve_device
     from ..value_head import RewardScorer, load_reward_model, read_reward_meta
 

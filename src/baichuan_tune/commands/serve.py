@@ -40,6 +40,9 @@ class ServeConfig(LoadOptions):
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ServeConfig, argv, prog="baichuan-tune serve")
+    from ..extras import check_extras
+
+    check_extras("serve", cfg)  # fastapi, uvicorn (and bitsandbytes for --quantize) before anything loads
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..checkpoint import resolve_model_path
 

@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
     # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
+    from ..extras import check_extras
+
+    check_extras("sft", cfg)  # a missing matplotlib must not wait for the end of the run
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..collate import pack_examples
@@ -119,7 +122,7 @@ def main(argv: list[str]) -> int:
     log.close()
 
     # ---- save
-    from ..training import final_dtype, plot_curves, save_final
+    from ..training import end_state_kept, final_dtype, plot_curves, save_final
 
     results = loop.final_metrics()  # every process: the final evaluation is shared out among them
     model = distributed.unwrap(model)
@@ -127,10 +130,11 @@ def main(argv: list[str]) -> int:
     distributed.shutdown(dist)
     if not dist.main:
         return 0
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    write_results(out, {**results, **data_report.counts})
+    with end_state_kept(checkpoints, loop.step, model, optimizer, scheduler, scaler, loop.position):
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
+        write_results(out, {**results, **data_report.counts})
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
