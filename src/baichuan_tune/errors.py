@@ -18,6 +18,14 @@ class DataError(BaichuanTuneError):
     """A data file or record is malformed; the message names the file, record number and field."""
 
 
+class WriteError(BaichuanTuneError):
+    """A file could not be written (a full disk above all); the message names it and what is still safe."""
+
+
+class MissingDependencyError(BaichuanTuneError):
+    """An optional dependency the command needs is not installed; the message gives the pip command."""
+
+
 def run_with_clear_errors(func, argv) -> int:
     """Run a command; turn the project's own errors into one line on stderr and exit code 2.
 

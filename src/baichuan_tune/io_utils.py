@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import BaichuanTuneError, WriteError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,3 +69,46 @@ def atomic_dir(final: Path):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- failed writes
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when `exc` is a failed write in one of the forms it takes, else None.
+
+    The OS raises OSError with an errno; safetensors raises SafetensorError("... (os error 28)"); torch.save
+    raises RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), which does
+    not say why: a file cut short, as a full disk leaves it.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _errno_text(exc.errno)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        code = re.search(r"os error (\d+)", text)
+        return _errno_text(int(code.group(1))) if code else None
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        first = text.strip().splitlines()[0][:160]
+        return f"the file was cut short ({first}), as a full disk does"
+    return None
+
+
+def _errno_text(code: int) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the disk" if code == errno.ENOSPC else "disk quota exceeded"
+    return os.strerror(code).lower()
+
+
+@contextmanager
+def clear_write_errors(target, what: str, advice: str = ""):
+    """Turn a failed write inside the block into one WriteError line naming `target` and saying what to do;
+    any other error passes through as it is."""
+    try:
+        yield
+    except BaichuanTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - write_failure picks the write failures out
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise WriteError(f"{target}: could not write {what}: {reason}" + (f"; {advice}" if advice else "")) from exc

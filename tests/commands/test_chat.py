@@ -135,3 +135,21 @@ def test_a_badly_encoded_line_is_refused_and_the_conversation_goes_on(tiny_chat)
     run(session, read=lambda prompt: next(lines), write=out.append)
     assert "not valid UTF-8" in "".join(out)
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]
+
+
+def test_a_truncated_adapter_is_one_error_naming_it(tiny_chat, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan_tune.models.checkpoint import load_model
+
+    _, _, folder = tiny_chat
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["W_pack"])
+    torch.manual_seed(3)
+    get_peft_model(load_model(folder, dtype="fp32"), lora).save_pretrained(str(tmp_path / "adapter"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["chat", "--model", str(folder), "--adapter", str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {weights}: corrupt or truncated safetensors file") and len(err.splitlines()) == 1

@@ -135,3 +135,27 @@ def test_bad_requests_get_one_clear_error(base_and_adapter, tmp_path, capsys):
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "busy")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+class Pickled:
+    """Any Python object: unpickling one can run code, which weights_only loading refuses."""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled-bin"])
+def test_a_broken_adapter_file_is_one_error_naming_it(base_and_adapter, tmp_path, capsys, damage):
+    base, adapter, _, _ = base_and_adapter
+    weights = adapter / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        expected = f"error: {weights}: corrupt or truncated safetensors file"
+    else:  # an adapter_model.bin (PEFT's older format) that carries a pickled object besides its tensors
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(weights)) | {"payload": Pickled()}, adapter / "adapter_model.bin")
+        weights.unlink()
+        expected = (f"error: {adapter / 'adapter_model.bin'}: holds pickled objects other than tensors "
+                    f"({Pickled.__module__}.Pickled); refused: unpickling them could run code from the file")
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expected) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "merged").exists()

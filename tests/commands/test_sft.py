@@ -381,3 +381,38 @@ def test_two_gpus_under_torchrun_qlora_bf16(tmp_path):
         runs[name] = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
     assert len(runs["two"]) == 20 and runs["two"][-1] < 0.7 * runs["two"][0]
     assert runs["two"] == pytest.approx(runs["one"], rel=0.05)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_training_for_resume(tmp_path, monkeypatch, capsys):
+    """With --save_steps 0 nothing else holds the trained weights while the adapter is written: a full disk
+    there (safetensors' real error) is one line, the state stays in checkpoint-N, and --resume writes exactly
+    the weights that were trained."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    from baichuan_tune import cli
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out, common = tmp_path / "full", ("--max_steps", "2", "--save_steps", "0", "--learning_rate", "1e-3")
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    args = ["--model", "default", "--dataset", "demo", "--max_samples", "48", "--cutoff_len", "64",
+            "--per_device_train_batch_size", "8", "--logging_steps", "1", "--output_dir", str(out),
+            "--device", "cpu", "--cache_dir", "none", "--preprocessing_num_workers", "1", *common]
+    assert cli.main(["sft", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out}: could not write the adapter: no space left on the disk. The trained state is kept "
+                   f"in {out / 'checkpoint-2'}: free some space, then run the same command again with --resume true "
+                   "to write the result")
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "train_results.json").exists()
+    trained = load_file(str(out / "checkpoint-2" / "trainable.safetensors"))  # PEFT names: ...lora_A.default.weight
+    monkeypatch.undo()
+
+    results = run_sft(out, *common, "--resume", "true")
+    assert results["global_step"] == 2 and [r["step"] for r in read_log(out) if "loss" in r] == [1, 2]
+    assert not list(out.glob("checkpoint-*"))  # kept only until the result was written
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert {k.replace(".default.", "."): v for k, v in trained.items()}.keys() == adapter.keys()
+    assert all(torch.equal(v, adapter[k.replace(".default.", ".")]) for k, v in trained.items())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # trained, not the init

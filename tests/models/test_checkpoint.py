@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -212,6 +213,70 @@ def test_config_sizes_that_cannot_build_a_model(good_ckpt, field, value):
     with pytest.raises(CheckpointError) as exc:
         validate_checkpoint(good_ckpt)
     assert_error(exc, good_ckpt / "config.json", field, repr(value))
+
+
+@contextmanager
+def fails_fast(seconds: int = 30):
+    """Turn a hang (a model of 10,000,000 layers being built) into a test failure."""
+    import signal
+
+    def hung(signum, frame):
+        raise AssertionError(f"still running after {seconds}s: the size was not bounded before building")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("field,value,limit", [
+    ("num_hidden_layers", 10_000_000, "1,024"),  # hung the load while memory grew
+    ("hidden_size", 1_000_000_000, "65,536"),  # RuntimeError: Storage size calculation overflowed
+    ("max_position_embeddings", 10**12, "1,048,576"),  # was accepted
+    ("vocab_size", 10**8, "1,048,576"),
+])
+def test_absurd_config_sizes_are_one_error_naming_config_json(good_ckpt, field, value, limit):
+    cfg = json.loads((good_ckpt / "config.json").read_text())
+    (good_ckpt / "config.json").write_text(json.dumps(cfg | {field: value}))
+    with fails_fast(), pytest.raises(CheckpointError) as exc:
+        load_model_and_tokenizer(good_ckpt)
+    assert_error(exc, f"{good_ckpt / 'config.json'}: {field} is {value:,}; at most {limit} is supported")
+    from baichuan_tune.models import BaichuanConfig
+
+    with fails_fast(), pytest.raises(ValueError, match=f"{field} is {value:,}; at most {limit}"):
+        BaichuanConfig.from_pretrained(good_ckpt)  # transformers' own path reads the same bounds
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(hidden_size=30, num_attention_heads=4), "hidden_size 30 is not divisible by num_attention_heads 4"),
+    (dict(hidden_size=36, num_attention_heads=4), "RoPE needs an even head_dim"),
+])
+def test_head_sizes_that_cannot_work_name_config_json(good_ckpt, fields, message):
+    cfg = json.loads((good_ckpt / "config.json").read_text())
+    (good_ckpt / "config.json").write_text(json.dumps(cfg | fields))
+    with pytest.raises(CheckpointError) as exc:
+        load_model_and_tokenizer(good_ckpt)
+    assert_error(exc, good_ckpt / "config.json", message)
+
+
+def test_resized_baichuan2_folder_saved_by_the_authors_code_loads_with_normhead(shared_reference, tmp_path):
+    """Tokens added and saved by the authors' code (their config class writes z_loss_weight; no norm_head): the
+    logits are those of the normalised head (FACTS.md, NormHead), not of a plain one."""
+    from baichuan_tune.models.modeling_baichuan import NormHead
+
+    cfg = shrunk_published_config(shared_reference, "baichuan2-7b-chat")
+    cfg |= {"vocab_size": 130, "z_loss_weight": 0, "transformers_version": "4.33.3", "torch_dtype": "float32"}
+    tensors = write_published_bin(tmp_path / "resized", cfg, dtype=torch.float32)
+    model = load_model(tmp_path / "resized")
+    assert isinstance(model.lm_head, NormHead)
+    ids = torch.tensor([[1, 5, 99, 129]])
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        expected = hidden @ torch.nn.functional.normalize(tensors["lm_head.weight"], dim=-1).T
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("shard", [5, "", "../elsewhere/pytorch_model-00001-of-00003.bin"])

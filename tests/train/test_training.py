@@ -178,3 +178,195 @@ def test_bench_sft_smoke_runs_ours_and_the_llama_baseline(tmp_path):
     assert [r["model"] for r in rows] == ["baichuan", "llama"]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
     assert "RATIO lora tiny-baichuan2-7b" in done.stdout
+
+
+# ----------------------------------------------------------------------------- failed writes and broken checkpoints
+# The forms a full disk really takes (seen on a 64 KB tmpfs): the OS raises OSError(ENOSPC); safetensors'
+# save_file raises SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)");
+# torch.save raises RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534").
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from baichuan_tune.errors import CheckpointError, WriteError  # noqa: E402
+
+
+def enospc(path="x"):
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def safetensors_full():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def torch_save_full():
+    return RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def _raise(exc):
+    def writer(*args, **kwargs):
+        raise exc
+    return writer
+
+
+@pytest.mark.parametrize("target,error,reason", [
+    ("baichuan_tune.train.training.atomic_write_json", enospc(), "no space left on the disk"),
+    ("safetensors.torch.save_file", safetensors_full(), "no space left on the disk"),
+    ("torch.save", torch_save_full(), "the file was cut short ([enforce fail at inline_container.cc:672]"),
+], ids=["oserror", "safetensors", "torch.save"])
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error(tmp_path, monkeypatch, target, error, reason):
+    model = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(model)
+    store = Checkpoints(tmp_path, keep=2)
+    store.save(6, model, optimizer, scheduler, None, {"epoch": 0, "batch": 6})
+    monkeypatch.setattr(target, _raise(error))
+    with pytest.raises(WriteError) as exc:
+        store.save(8, model, optimizer, scheduler, None, {"epoch": 0, "batch": 8})
+    text = str(exc.value)
+    assert text.startswith(f"{tmp_path / 'checkpoint-8'}: could not write the checkpoint: {reason}")
+    assert f"the latest complete checkpoint is still {tmp_path / 'checkpoint-6'}" in text and "--resume true" in text
+    monkeypatch.undo()
+    assert [p.name for p in store.all()] == ["checkpoint-6"] and not list(tmp_path.glob(".checkpoint-8*"))
+
+
+def test_a_checkpoint_records_its_own_step_after_a_resume(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(model)
+    store = Checkpoints(tmp_path, keep=0)
+    resumed_position = {"step": 4, "epoch": 0, "batch": 4}  # what resume() returned at step 4
+    store.save(6, model, optimizer, scheduler, None, resumed_position)
+    assert json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_a_full_disk_while_logging_names_trainer_log_jsonl(tmp_path, monkeypatch):
+    from baichuan_tune.train.training import RunLog
+
+    log = RunLog(tmp_path, total_steps=4, tensorboard=False)
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise enospc(tmp_path / "trainer_log.jsonl")
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullDisk(real_open(self, *a, **k))
+                        if self.name == "trainer_log.jsonl" else real_open(self, *a, **k))
+    with pytest.raises(WriteError) as exc:
+        log.log(3, loss=1.0)
+    log.close()
+    assert str(exc.value).startswith(f"{tmp_path / 'trainer_log.jsonl'}: could not write the training log: no space "
+                                     "left on the disk; the run stopped at step 3")
+    assert "--resume true" in str(exc.value)
+
+
+def test_a_full_disk_while_peft_writes_the_model_card_is_one_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from baichuan_tune.builtin import DEFAULT_TOKENIZER
+    from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
+    from baichuan_tune.train.training import save_final
+
+    model = prepare_for_training(tiny_model(), "lora", lora_rank=2)
+    monkeypatch.setattr(ModelCard, "save", lambda self, path: (_ for _ in ()).throw(enospc(path)))
+    with pytest.raises(WriteError) as exc:
+        save_final(model, BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER)), tmp_path, "lora")
+    assert str(exc.value) == f"{tmp_path}: could not write the adapter: no space left on the disk"
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # nothing half-written under the final names
+
+
+def _two_checkpoints(tmp_path):
+    """checkpoint-2 and checkpoint-4 of a Linear model; returns (store, weights at step 2)."""
+    model = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(model)
+    store = Checkpoints(tmp_path, keep=0)
+    store.save(2, model, optimizer, scheduler, None, {"epoch": 0, "batch": 2})
+    at_two = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    store.save(4, model, optimizer, scheduler, None, {"epoch": 0, "batch": 4})
+    return store, at_two
+
+
+class Pickled:
+    """Any Python object: unpickling one can run code, which weights_only loading refuses."""
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "checkpoint-4/trainable.safetensors: corrupt or truncated safetensors file"),
+    ("pickle", f"checkpoint-4/training_state.pt: holds pickled objects other than tensors ({__name__}.Pickled); "
+               "refused: unpickling them could run code from the file, and files are loaded with weights_only=True"),
+    ("truncate-state", "checkpoint-4/training_state.pt: corrupt or truncated PyTorch file"),
+])
+def test_resume_skips_a_broken_checkpoint_with_a_warning(tmp_path, caplog, damage, message):
+    store, at_two = _two_checkpoints(tmp_path)
+    latest = tmp_path / "checkpoint-4"
+    if damage == "truncate":
+        data = (latest / "trainable.safetensors").read_bytes()
+        (latest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "pickle":
+        state = torch.load(latest / "training_state.pt", weights_only=True)
+        torch.save(state | {"extra": Pickled()}, latest / "training_state.pt")
+    else:
+        data = (latest / "training_state.pt").read_bytes()
+        (latest / "training_state.pt").write_bytes(data[:-100])
+    fresh = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(fresh)
+    with caplog.at_level(logging.WARNING, logger="baichuan_tune.train.training"):
+        position = store.resume(fresh, optimizer, scheduler, None)
+    assert position == {"step": 2, "epoch": 0, "batch": 2}
+    assert torch.equal(fresh.weight, at_two)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "baichuan_tune.train.training"]
+    assert message in warning and warning.endswith("; resuming from checkpoint-2 instead")
+
+
+def test_resume_with_no_readable_checkpoint_names_each(tmp_path):
+    store, _ = _two_checkpoints(tmp_path)
+    for step in (2, 4):
+        file = tmp_path / f"checkpoint-{step}" / "trainable.safetensors"
+        file.write_bytes(file.read_bytes()[:40])
+    fresh = torch.nn.Linear(3, 3)
+    with pytest.raises(CheckpointError) as exc:
+        store.resume(fresh, *_optim_state(fresh), None)
+    text = str(exc.value)
+    assert text.startswith(f"no checkpoint in {tmp_path} can be resumed from: ")
+    assert "checkpoint-4/trainable.safetensors: corrupt" in text and "checkpoint-2/trainable.safetensors: corrupt" in text
+
+
+def test_the_end_state_is_kept_until_the_result_is_written(tmp_path):
+    from baichuan_tune.train.training import end_state_kept
+
+    model = torch.nn.Linear(3, 3)
+    optimizer, scheduler = _optim_state(model)
+    store = Checkpoints(tmp_path, keep=1)
+    store.save(2, model, optimizer, scheduler, None, {"epoch": 0, "batch": 2})
+    with end_state_kept(store, 5, model, optimizer, scheduler, None, {"epoch": 1, "batch": 0}) as kept:
+        assert json.loads((kept / "trainer_state.json").read_text()) == {"epoch": 1, "batch": 0, "step": 5,
+                                                                          "end_of_run": True}
+        assert [p.name for p in store.all()] == ["checkpoint-2", "checkpoint-5"]  # no rotation for it
+    assert [p.name for p in store.all()] == ["checkpoint-2"]
+
+    with pytest.raises(WriteError) as exc:
+        with end_state_kept(store, 5, model, optimizer, scheduler, None, {"epoch": 1, "batch": 0}):
+            raise WriteError(f"{tmp_path}: could not write the model: no space left on the disk")
+    assert str(exc.value) == (f"{tmp_path}: could not write the model: no space left on the disk. The trained state "
+                              f"is kept in {tmp_path / 'checkpoint-5'}: free some space, then run the same command "
+                              "again with --resume true to write the result")
+    assert store.latest().name == "checkpoint-5"
+
+    # A resumed run that ends on a regular checkpoint's step leaves that checkpoint as it was.
+    store.save(7, model, optimizer, scheduler, None, {"epoch": 2, "batch": 0})
+    before = (tmp_path / "checkpoint-7" / "trainer_state.json").read_text()
+    with end_state_kept(store, 7, model, optimizer, scheduler, None, {"epoch": 2, "batch": 0}):
+        pass
+    assert (tmp_path / "checkpoint-7" / "trainer_state.json").read_text() == before

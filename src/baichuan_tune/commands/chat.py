@@ -105,6 +105,9 @@ def run(session: ChatSession, read=input, write=_write) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ChatConfig, argv, prog="baichuan-tune chat")
+    from ..extras import check_extras
+
+    check_extras("chat", cfg)
     from ..serve.generation import ChatFormatError, chat_generation_config, context_length, input_budget, prompt_format
 
     model, tokenizer = cfg.load()

@@ -69,6 +69,9 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
+    from ..extras import check_extras
+
+    check_extras("dpo", cfg)
     from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.alignment import write_demo_pairs
@@ -105,15 +108,16 @@ def main(argv: list[str]) -> int:
     # ---- save
     if not dist.main:
         return 0
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
-                    f"{cfg.loss_type} loss")
-        plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
-                    ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
-        plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
-    write_results(out, {**results, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-                        "eval_pairs": len(val_set), **eval_results(engine.evals)})
+    with engine.keep_state():  # the trained state stays on disk until the result is written
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
+                        f"{cfg.loss_type} loss")
+            plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
+                        ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
+            plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
+        write_results(out, {**results, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
+                            "eval_pairs": len(val_set), **eval_results(engine.evals)})
     print(f"Done: policy in {out}")
     return 0
 

@@ -87,6 +87,9 @@ def _device(name: str) -> str:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, _join_list_values(argv), prog="baichuan-tune eval")
+    from ..extras import check_extras
+
+    check_extras("eval", cfg)
     from ..eval import evaluation as ev
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..io_utils import atomic_write_json

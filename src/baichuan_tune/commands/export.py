@@ -83,6 +83,9 @@ def copy_remote_code(base: Path, out: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ExportConfig, argv, prog="baichuan-tune export")
+    from ..extras import check_extras
+
+    check_extras("export", cfg)  # nothing optional today (a quantised merge is refused), checked all the same
     from ..models.checkpoint import check_output_dir, find_weight_files, resolve_model_path, save_pretrained_atomic
 
     base = resolve_model_path(cfg.model)

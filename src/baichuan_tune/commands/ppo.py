@@ -87,6 +87,9 @@ def main(argv: list[str]) -> int:
 
     argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
+    from ..extras import check_extras
+
+    check_extras("ppo", cfg)
     from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.engine import Engine
@@ -119,8 +122,9 @@ def main(argv: list[str]) -> int:
     # ---- save
     if not dist.main:
         return 0
-    _save(cfg, policy, tokenizer, out)
-    write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl)})
+    with engine.keep_state():  # the trained state stays on disk until the result is written
+        _save(cfg, policy, tokenizer, out)
+        write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl)})
     print(f"Done: policy in {out}")
     return 0
 
@@ -404,14 +408,14 @@ def _plain_prompts(path: str, max_samples: int) -> list:
 def _save(cfg, policy, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from ..io_utils import atomic_dir
+    from ..io_utils import atomic_dir, clear_write_errors
     from ..train.training import final_dtype, plot_curves, save_final
     from ..models.value_head import HEAD_FILE
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
     save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
-    with atomic_dir(out / "critic") as tmp:
+    with clear_write_errors(out / "critic", "the critic head"), atomic_dir(out / "critic") as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
                   str(tmp / HEAD_FILE))
     if cfg.plot_loss:

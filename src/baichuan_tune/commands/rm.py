@@ -71,6 +71,9 @@ def main(argv: list[str]) -> int:
 
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
+    from ..extras import check_extras
+
+    check_extras("rm", cfg)
     from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.alignment import model_reference, write_demo_pairs
@@ -107,13 +110,14 @@ def main(argv: list[str]) -> int:
         return 0
     meta = {"adapter": cfg.finetuning_type in ("lora", "qlora"), "base_model": model_reference(cfg.model),
             "finetuning_type": cfg.finetuning_type, "template": cfg.template, "cutoff_len": cfg.cutoff_len}
-    save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
-        plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
-                    "pairwise accuracy")
-    write_results(out, {**results, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-                        **eval_results(engine.evals)})
+    with engine.keep_state():  # the trained state stays on disk until the result is written
+        save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
+            plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
+                        "pairwise accuracy")
+        write_results(out, {**results, "train_pairs": len(train_set), "eval_pairs": len(val_set),
+                            **eval_results(engine.evals)})
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0
 
@@ -138,6 +142,9 @@ def score(argv: list[str]) -> int:
     import json
 
     cfg = parse_config(ScoreConfig, argv, prog="baichuan-tune rm score")
+    from ..extras import check_extras
+
+    check_extras("rm score", cfg)
     from ..data.templates import choose_template, read_template_record
     from ..train.training import resolve_device
     from ..models.value_head import RewardScorer, load_reward_model, read_reward_meta

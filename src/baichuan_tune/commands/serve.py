@@ -58,6 +58,9 @@ def main(argv: list[str]) -> int:
 
 def serve(cfg: ServeConfig, command: str) -> int:
     """Load the model and serve it (with the UI when `cfg.ui`) until Ctrl-C; `command` names the extra to install."""
+    from ..extras import check_extras
+
+    check_extras(command, cfg)  # fastapi, uvicorn (and bitsandbytes for --quantize) before anything loads
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..models.checkpoint import resolve_model_path
 

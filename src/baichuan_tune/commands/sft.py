@@ -53,6 +53,9 @@ def main(argv: list[str]) -> int:
     # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
     argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
+    from ..extras import check_extras
+
+    check_extras("sft", cfg)  # a missing matplotlib must not wait for the end of the run
     from ..train.adapters import count_parameters, prepare_for_training
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..data.collate import pack_examples
@@ -110,10 +113,11 @@ def main(argv: list[str]) -> int:
     if engine.evals:
         results["eval_loss"] = engine.evals[-1]["eval_loss"]
         results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
-    save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
-    if cfg.plot_loss:
-        plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    write_results(out, {**results, **data_report.counts})
+    with engine.keep_state():  # the trained state stays on disk until the result is written
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+        if cfg.plot_loss:
+            plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
+        write_results(out, {**results, **data_report.counts})
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")

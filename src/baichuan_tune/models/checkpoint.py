@@ -124,6 +124,10 @@ def read_config(path: Path):
         if data.get(key) is not None and str(data[key]).removeprefix("torch.") not in DTYPES:
             raise CheckpointError(f"{config_file}: unknown {key} {data[key]!r}; valid: {', '.join(DTYPE_NAMES.values())}")
     _check_sizes(data, config_file)
+    if data.get("norm_head") is None:  # the published configs: settle it with the tokenizer files beside it too
+        from .configuration_baichuan import norm_head_of
+
+        data = {**data, "norm_head": norm_head_of(data, Path(path), str(config_file))}
     try:
         return BaichuanConfig.from_dict(data)
     except (TypeError, ValueError, KeyError) as exc:
@@ -137,6 +141,10 @@ _POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
 
 
 def _check_sizes(data: dict, config_file: Path) -> None:
+    """Types and bounds of the sizes, before anything is built: an absurd size would otherwise hang the
+    load while memory grows (10,000,000 layers) or overflow a storage size."""
+    from .configuration_baichuan import size_problem
+
     for key in _POSITIVE_INTS + _POSITIVE_NUMBERS:
         value = data.get(key)
         if key not in data or (value is None and key in ("max_position_embeddings", "model_max_length")):
@@ -145,6 +153,9 @@ def _check_sizes(data: dict, config_file: Path) -> None:
         if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
             what = "a positive integer" if key in _POSITIVE_INTS else "a positive number"
             raise CheckpointError(f"{config_file}: {key} must be {what}, got {value!r}")
+    problem = size_problem(data)
+    if problem:
+        raise CheckpointError(f"{config_file}: {problem}")
 
 
 def find_weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
@@ -190,17 +201,49 @@ def read_shard_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
 
 
 def _load_bin(file: Path):
+    # mmap maps the storages instead of reading them, so checking a 10 GB shard costs milliseconds.
+    return load_torch_file(file, mmap=True)
+
+
+def load_torch_file(file: Path, mmap: bool = False):
+    """`torch.load(file, weights_only=True)` on the CPU, or CheckpointError naming the file: truncated or corrupt,
+    or holding pickled objects that weights_only refuses (which one, and why)."""
+    import re
+
     is_zip = zipfile.is_zipfile(file)  # a truncated file loses the zip directory at its end
     try:
-        # mmap maps the storages instead of reading them, so checking a 10 GB shard costs milliseconds.
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
     except Exception as exc:  # noqa: BLE001 - torch raises OSError/RuntimeError/UnpicklingError/EOFError here
-        if is_zip and "Weights only load failed" in str(exc):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
             raise CheckpointError(
-                f"{file}: holds pickled objects other than tensors; refused (checkpoints are loaded with "
-                f"weights_only=True, never executing code from a file)"
+                f"{file}: holds pickled objects other than tensors ({refused.group(1)}); refused: unpickling them "
+                "could run code from the file, and files are loaded with weights_only=True, never executing code"
             ) from None
-        raise CheckpointError(f"{file}: corrupt or truncated PyTorch weights file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{file}: corrupt or truncated PyTorch file ({_torch_reason(exc)})") from None
+
+
+def load_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` on the CPU, or CheckpointError naming a missing, truncated or corrupt file."""
+    from safetensors.torch import load_file
+
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for any bad file
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The useful line of torch's load error (its first line is often only "Weights only load failed.")."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return rest.splitlines()[0][:200] if rest else type(exc).__name__
+    return _first_line(exc)
 
 
 def _first_line(exc: Exception) -> str:
@@ -306,12 +349,13 @@ def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
     adapter: a PEFT adapter folder loaded on top (the result is a `PeftModel`).
     """
     path = resolve_model_path(path)
-    validate_checkpoint(path)
-    return _load_validated(path, dtype, device, quantize, adapter)
+    info = validate_checkpoint(path)
+    return _load_validated(path, dtype, device, quantize, adapter, info.config)
 
 
-def _load_validated(path: Path, dtype, device, quantize, adapter):
-    # Importing this package registered model_type baichuan with the Auto classes.
+def _load_validated(path: Path, dtype, device, quantize, adapter, config):
+    # Importing this package registered model_type baichuan with the Auto classes. The config is the one
+    # validation read (its variant settled with the folder's tokenizer files too), not a second reading.
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=parse_dtype(dtype), device_map=_device_map(device))
@@ -321,13 +365,12 @@ def _load_validated(path: Path, dtype, device, quantize, adapter):
         device_map = kwargs["device_map"]
         on_cpu = device_map[""].type == "cpu" if isinstance(device_map, dict) else not torch.cuda.is_available()
         if quantization.load_in_4bit and on_cpu:
-            from . import BaichuanConfig
             from .quantize import check_cpu_4bit_config
 
-            check_cpu_4bit_config(BaichuanConfig.from_pretrained(str(path)))
-    adapter_dir = _check_adapter(adapter) if adapter else None
+            check_cpu_4bit_config(config)
+    adapter_dir = check_adapter(adapter) if adapter else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: could not load the model ({_first_line(exc)})") from exc
     if adapter_dir is not None:
@@ -348,11 +391,20 @@ def _attach_template(model, path: Path, adapter_dir: Path | None) -> None:
     set_model_template(model, recorded)
 
 
-def _check_adapter(adapter) -> Path:
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, in the order it prefers
+
+
+def check_adapter(adapter) -> Path:
+    """The adapter folder, its config and weights read and checked; CheckpointError names a missing, truncated,
+    corrupt or pickled-code file before the base model loads."""
     adapter_dir = Path(adapter).expanduser()
     if not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: missing; {adapter_dir} is not a PEFT adapter folder")
     _read_json(adapter_dir / "adapter_config.json", "the PEFT adapter config")
+    weights = next((adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{adapter_dir}: no adapter weights (looked for {', '.join(ADAPTER_WEIGHTS)})")
+    read_shard_header(weights)  # the header and the size it promises (.bin: every pickled object)
     return adapter_dir
 
 
@@ -361,7 +413,9 @@ def _load_adapter(model, adapter_dir: Path):
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PEFT passes on safetensors', torch's and its own errors alike
+        if isinstance(exc, BaichuanTuneError):
+            raise
         raise CheckpointError(f"{adapter_dir}: could not load the adapter ({_first_line(exc)})") from exc
 
 
@@ -382,11 +436,11 @@ def load_tokenizer(path):
 def load_model_and_tokenizer(path, **kwargs):
     """(model, tokenizer) from one folder; the tokenizer and the checkpoint are checked before the weights load."""
     path = resolve_model_path(path)
-    validate_checkpoint(path)
+    info = validate_checkpoint(path)
     tokenizer = load_tokenizer(path)
     model = _load_validated(
         path, kwargs.pop("dtype", "auto"), kwargs.pop("device", "cpu"), kwargs.pop("quantize", None),
-        kwargs.pop("adapter", None),
+        kwargs.pop("adapter", None), info.config,
     )
     if kwargs:
         raise TypeError(f"load_model_and_tokenizer() got unexpected arguments {sorted(kwargs)}")
@@ -572,7 +626,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5G
 
 
 __all__ = [
-    "CheckpointInfo", "expected_weights", "find_weight_files", "load_model", "load_model_and_tokenizer",
+    "CheckpointInfo", "check_adapter", "load_safetensors_file", "load_torch_file", "expected_weights", "find_weight_files", "load_model", "load_model_and_tokenizer",
     "load_tokenizer", "parse_dtype", "read_config", "resolve_model_path", "save_pretrained_atomic",
     "save_state_dict", "validate_checkpoint", "check_output_dir", "check_shard_size", "write_config", "write_shards",
 ]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io_utils import atomic_dir, atomic_write_json
+from ..io_utils import atomic_dir, atomic_write_json, clear_write_errors
 from ..train.losses import last_token_index
 
 HEAD_FILE = "value_head.safetensors"
@@ -116,12 +116,13 @@ def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict, dtype: 
 
     out = Path(out)
     save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype, meta.get("template"))
-    with atomic_dir(out / ".head") as tmp:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in rm.head.state_dict().items()}
-        save_file(state, str(tmp / HEAD_FILE))
-    os.replace(out / ".head" / HEAD_FILE, out / HEAD_FILE)
-    (out / ".head").rmdir()
-    atomic_write_json(out / META_FILE, {**meta, "hidden_size": int(rm.head.summary.in_features)})
+    with clear_write_errors(out / HEAD_FILE, "the value head"):
+        with atomic_dir(out / ".head") as tmp:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in rm.head.state_dict().items()}
+            save_file(state, str(tmp / HEAD_FILE))
+        os.replace(out / ".head" / HEAD_FILE, out / HEAD_FILE)
+        (out / ".head").rmdir()
+        atomic_write_json(out / META_FILE, {**meta, "hidden_size": int(rm.head.summary.in_features)})
 
 
 def read_reward_meta(path: Path) -> dict:
@@ -139,13 +140,13 @@ def read_reward_meta(path: Path) -> dict:
 
 
 def load_head(path: Path, hidden_size: int) -> ValueHead:
-    from safetensors.torch import load_file
+    from .checkpoint import load_safetensors_file
 
     file = Path(path) / HEAD_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: value head file is missing")
     head = ValueHead(hidden_size)
-    state = load_file(str(file))
+    state = load_safetensors_file(file)  # a truncated file: CheckpointError naming it
     if set(state) != set(head.state_dict()) or state["summary.weight"].shape != head.summary.weight.shape:
         raise CheckpointError(f"{file}: expected a head for hidden size {hidden_size}, found "
                               f"{ {k: tuple(v.shape) for k, v in state.items()} }")

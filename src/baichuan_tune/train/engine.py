@@ -247,11 +247,21 @@ class Engine:
         summed = self.dist.sum([totals.get(k, 0.0) for k in keys] + [count], self.device)
         return {f"eval_{k}": round(v / max(summed[-1], 1), 5) for k, v in zip(keys, summed)}
 
-    def save_checkpoint(self) -> None:
+    def _saved_position(self) -> dict:
         position = dict(self.position)
         if position["batch"] >= self.schedule.per_epoch * self.schedule.batches_per_step:
             position["epoch"], position["batch"] = position["epoch"] + 1, 0
         position.update(self.method.state_dict())
+        return position
+
+    def keep_state(self):
+        """A context for writing the run's result (rank 0): the finished state is kept as a checkpoint until the
+        block succeeds, so a failed final save (a full disk) loses nothing and --resume true finishes it."""
+        return training.end_state_kept(self.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
+                                       self.scaler, self._saved_position())
+
+    def save_checkpoint(self) -> None:
+        position = self._saved_position()
         if self.dist.main:  # the processes hold the same weights and optimizer state
             self.last_ckpt = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                                                    position)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -20,8 +21,11 @@ from typing import Literal
 import torch
 
 from ..config import opt, save_config, split_argv
-from ..errors import BaichuanTuneError
-from ..io_utils import atomic_dir, atomic_write_json, atomic_write_text
+from ..errors import BaichuanTuneError, CheckpointError, WriteError
+from ..io_utils import atomic_dir, atomic_write_json, atomic_write_text, clear_write_errors
+
+logger = logging.getLogger(__name__)
+RESUME_ADVICE = "free some space, then run the same command again with --resume true"
 
 
 class TrainingError(BaichuanTuneError):
@@ -312,7 +316,8 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def write_results(out: Path, results: dict) -> None:
-    atomic_write_json(Path(out) / "train_results.json", results)
+    with clear_write_errors(Path(out) / "train_results.json", "the results"):
+        atomic_write_json(Path(out) / "train_results.json", results)
     print(json.dumps(results, ensure_ascii=False))
 
 
@@ -391,41 +396,62 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, step: int, model, optimizer, scheduler, scaler, position: dict) -> Path:
-        """Write checkpoint-<step>, then delete the oldest ones beyond `keep` (never the one just written)."""
+    def save(self, step: int, model, optimizer, scheduler, scaler, position: dict, end_of_run: bool = False) -> Path:
+        """Write checkpoint-<step>, then delete the oldest ones beyond `keep` (never the one just written; none
+        for the `end_of_run` one of `end_state_kept`). A failed write (a full disk) is one WriteError naming the
+        checkpoint; the earlier ones stay."""
         from safetensors.torch import save_file
 
         from .adapters import trainable_state_dict
 
         final = self.output_dir / f"checkpoint-{step}"
-        with atomic_dir(final) as tmp:
+        latest = self.latest()
+        advice = (f"the latest complete checkpoint is still {latest}; {RESUME_ADVICE}" if latest else
+                  "no checkpoint was written before; free some space, then start again with --overwrite_output_dir true")
+        with clear_write_errors(final, "the checkpoint", advice), atomic_dir(final) as tmp:
             save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
             extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
             if scaler is not None:
                 extra["scaler"] = scaler.state_dict()
             torch.save(extra, tmp / "training_state.pt")
-            atomic_write_json(tmp / "trainer_state.json", {"step": step, **position})
-        for old in self.all()[: -self.keep] if self.keep > 0 else []:
+            state = {**position, "step": step}  # after the position: a resumed position holds an older step
+            state.pop("end_of_run", None)
+            atomic_write_json(tmp / "trainer_state.json", {**state, "end_of_run": True} if end_of_run else state)
+        for old in self.all()[: -self.keep] if self.keep > 0 and not end_of_run else []:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def resume(self, model, optimizer, scheduler, scaler) -> dict | None:
-        """Restore the latest checkpoint and return its position; None (and a note) when there is none yet."""
-        latest = self.latest()
-        if latest is None:
+        """Restore the latest readable checkpoint and return its position; None (and a note) when there is none
+        yet. A checkpoint whose files are truncated, corrupt or refused is named in a warning and the one before
+        it is used; when none can be read, CheckpointError names every one."""
+        found = self.all()
+        if not found:
             print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
             return None
-        return self.load(latest, model, optimizer, scheduler, scaler)
+        problems = []
+        for path in reversed(found):
+            try:
+                saved = read_checkpoint(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            if problems:
+                logger.warning("%s; resuming from %s instead", "; ".join(problems), path.name)
+            return self.restore(path, saved, model, optimizer, scheduler, scaler)
+        raise CheckpointError(f"no checkpoint in {self.output_dir} can be resumed from: {'; '.join(problems)}. "
+                              "Delete the broken checkpoint folders, or start again with --overwrite_output_dir true")
 
     def load(self, path: Path, model, optimizer, scheduler, scaler) -> dict:
         """Restore everything saved by `save`; returns the position dict (step, epoch, batch)."""
-        from safetensors.torch import load_file
+        return self.restore(path, read_checkpoint(path), model, optimizer, scheduler, scaler)
 
-        weights = load_file(str(path / "trainable.safetensors"))
+    def restore(self, path: Path, saved: tuple, model, optimizer, scheduler, scaler) -> dict:
+        """Put what `read_checkpoint(path)` read into the model, optimizer, scheduler, scaler and RNGs."""
+        weights, extra, position = saved
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         _check_same_trainables(path, set(weights), trainable & set(model.state_dict()))  # as trainable_state_dict
         model.load_state_dict(weights, strict=False)
-        extra = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
         try:
             optimizer.load_state_dict(extra["optimizer"])
         except ValueError as exc:  # e.g. another optimizer or parameter grouping than the run that saved it
@@ -434,7 +460,49 @@ class Checkpoints:
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"])
-        return json.loads((path / "trainer_state.json").read_text())
+        return position
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(trainable weights, training state, position) of checkpoint-N, every file read completely first, so a
+    truncated or refused one (CheckpointError naming it) leaves the model and optimizer untouched."""
+    from ..models.checkpoint import load_safetensors_file, load_torch_file
+
+    weights = load_safetensors_file(path / "trainable.safetensors")
+    extra = load_torch_file(path / "training_state.pt")
+    missing = [k for k in ("optimizer", "scheduler", "rng") if not isinstance(extra, dict) or k not in extra]
+    if missing:
+        raise CheckpointError(f"{path / 'training_state.pt'}: not a training state (no {', '.join(missing)})")
+    try:
+        position = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
+    if not isinstance(position, dict) or not isinstance(position.get("step"), int):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: has no step")
+    return weights, extra, position
+
+
+@contextlib.contextmanager
+def end_state_kept(checkpoints: Checkpoints, step: int, model, optimizer, scheduler, scaler, position: dict):
+    """Keep the finished run's state as checkpoint-<step> while its result is written, then remove it.
+
+    Nothing else holds the trained weights while the final save runs (with --save_steps 0, nothing at all):
+    when that save fails (a full disk), the run is not lost; `--resume true` restores this checkpoint, trains
+    no further step and writes the result again. Older checkpoints are not rotated out by it, and a regular
+    checkpoint of that step (an earlier run's) is kept as it is.
+    """
+    path = checkpoints.output_dir / f"checkpoint-{step}"
+    try:
+        regular = not json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("end_of_run")
+    except (OSError, ValueError, AttributeError):
+        regular = False
+    kept = path if regular else checkpoints.save(step, model, optimizer, scheduler, scaler, position, end_of_run=True)
+    try:
+        yield kept
+    except WriteError as exc:
+        raise WriteError(f"{exc}. The trained state is kept in {kept}: {RESUME_ADVICE} to write the result") from None
+    if not regular:
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> None:
@@ -497,7 +565,8 @@ class RunLog:
         if not self.path.is_file():
             return
         kept = [r for r in read_log(self.path) if step > 0 and r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        with clear_write_errors(self.path, "the training log", RESUME_ADVICE):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def step(self, step: int, **postfix) -> None:
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
@@ -508,8 +577,10 @@ class RunLog:
         if not any(key.startswith("eval_") for key in values):
             values.update(gpu_memory())
         record = {"step": step, **values, "elapsed": round(time.time() - self.start, 2)}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with clear_write_errors(self.path, "the training log", f"the run stopped at step {step}; {RESUME_ADVICE} "
+                                "(it continues from the latest checkpoint; with none yet, --overwrite_output_dir true)"):
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -565,7 +636,8 @@ def plot_curves(log_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss",
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png_path, dpi=110)
+        with clear_write_errors(png_path, "the plot"):
+            fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return plotted
 
@@ -596,17 +668,19 @@ def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | N
     out = Path(out)
     staging = out / ".final"
     set_model_template(model, template)  # a full save writes it into generation_config.json and template.json
-    if finetuning_type in ("lora", "qlora"):
-        with atomic_dir(staging) as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            if template is not None:
-                write_template_record(tmp, template)
-    else:
-        from ..models.checkpoint import save_pretrained_atomic
+    what = "the adapter" if finetuning_type in ("lora", "qlora") else "the model"
+    with clear_write_errors(out, what):  # weights, tokenizer files and PEFT's model card (README.md)
+        if finetuning_type in ("lora", "qlora"):
+            with atomic_dir(staging) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                if template is not None:
+                    write_template_record(tmp, template)
+        else:
+            from ..models.checkpoint import save_pretrained_atomic
 
-        save_pretrained_atomic(model, tokenizer, staging, dtype=dtype)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
+            save_pretrained_atomic(model, tokenizer, staging, dtype=dtype)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+        staging.rmdir()
     return out
