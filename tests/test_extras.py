@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from baichuan_tune import checkpoint, cli
+from baichuan_tune import cli
+from baichuan_tune.models import checkpoint
 
 TRAIN = "pip install 'baichuan-tune[train]'"
 QUANT = "pip install 'baichuan-tune[quant]'"
