@@ -178,3 +178,30 @@ def test_bench_sft_smoke_runs_ours_and_the_llama_baseline(tmp_path):
     assert [r["model"] for r in rows] == ["baichuan", "llama"]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
     assert "RATIO lora tiny-baichuan2-7b" in done.stdout
+
+
+def test_group_by_length_batches_similar_lengths_deterministically():
+    """group_by_length: the same samples once each, batches of near-equal length (far less padding than
+    the plain order), and the same order for the same (seed, epoch), another for the next epoch."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (1000,), generator=gen).tolist()
+    grouped = batch_order(1000, 4, seed=3, epoch=0, lengths=lengths)
+    plain = batch_order(1000, 4, seed=3, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert grouped == batch_order(1000, 4, seed=3, epoch=0, lengths=lengths)
+    assert grouped != batch_order(1000, 4, seed=3, epoch=1, lengths=lengths)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < 0.1 * padding(plain)
+
+
+def test_peak_memory_is_reported_on_cuda_only():
+    from baichuan_tune.train.training import peak_memory_gib
+
+    assert peak_memory_gib(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+        assert peak_memory_gib(torch.device("cuda"), reset=True) >= 0.25
+        del x

@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size,
+        qlora_keep_dtype=torch.bfloat16 if cfg.qlora_bf16_frozen and amp_dtype == torch.bfloat16 else None,
     )
     trainable, total = count_parameters(model)
     per_epoch, total_steps = total_optimizer_steps(cfg, len(rows), dist.world)
@@ -169,6 +170,7 @@ class _Loop:
         self.start = time.time()
         self.tokens_at_start = self.position["tokens"]
         self.last_ckpt = self.checkpoints.latest()
+        self.peak_gib = 0.0  # the run's peak GPU memory over the logged steps
 
     def run_epoch(self) -> None:
         """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
@@ -177,7 +179,10 @@ class _Loop:
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         epoch = self.position["epoch"]
         global_batch = cfg.per_device_train_batch_size * self.dist.world
-        order = batch_order(len(self.rows), global_batch, cfg.seed, epoch)
+        lengths = None
+        if cfg.group_by_length:
+            lengths = self.rows.lengths() if hasattr(self.rows, "lengths") else [len(r["input_ids"]) for r in self.rows]
+        order = batch_order(len(self.rows), global_batch, cfg.seed, epoch, lengths)
         if self.dist.world > 1:  # every process needs its equal part of each batch
             order = [self.dist.shard(b) for b in order if len(b) == global_batch]
         usable = self.per_epoch * accum  # a trailing partial accumulation group is dropped, as in most trainers
@@ -195,7 +200,7 @@ class _Loop:
         """Forward/backward over one accumulation group, then step, log, evaluate and checkpoint."""
         from ..data.collate import collate_padded
         from ..train.distributed import no_sync
-        from ..train.training import autocast, loss_is_bad, optimizer_step
+        from ..train.training import autocast, loss_is_bad, optimizer_step, peak_memory_gib
 
         losses, tokens = [], 0
         for n, indices in enumerate(group):
@@ -215,10 +220,14 @@ class _Loop:
         self.step += 1
         tps = (self.position["tokens"] - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
         lr, loss_value = self.scheduler.get_last_lr()[0], loss_sum / self.dist.world
-        self.log.step(self.step, loss=loss_value, lr=lr, tok_s=round(tps))
+        peak_now = peak_memory_gib(self.device)
+        self.log.step(self.step, loss=loss_value, lr=lr, tok_s=round(tps), **({"mem_gib": peak_now} if peak_now else {}))
         if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+            peak = peak_memory_gib(self.device, reset=True)  # since the last logged step
+            self.peak_gib = max(self.peak_gib, peak or 0.0)
             self.log.log(self.step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
-                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1))
+                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1),
+                         **({"peak_mem_gib": peak} if peak is not None else {}))
         if self.val_set and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
             self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
         if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
@@ -274,14 +283,18 @@ class _Loop:
         return total / max(count, 1)
 
     def final_metrics(self) -> dict:
-        from ..train.training import read_log
+        from ..train.training import peak_memory_gib, read_log
 
         log = Path(self.cfg.output_dir) / "trainer_log.jsonl"
         records = [r for r in read_log(log) if "loss" in r] if self.dist.main else []  # rank 0 owns the log
         results = {"global_step": self.step, "train_runtime_s": round(time.time() - self.start, 1),
                    "train_loss_first": records[0]["loss"] if records else None,
                    "train_loss_last": records[-1]["loss"] if records else None,
-                   "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"]}
+                   "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"],
+                   "train_tokens_per_s": round((self.position["tokens"] - self.tokens_at_start)
+                                               / max(time.time() - self.start, 1e-9), 1)}
+        if self.device.type == "cuda":
+            results["peak_mem_gib"] = round(max(self.peak_gib, peak_memory_gib(self.device) or 0.0), 3)
         if self.val_set:
             results["eval_loss"] = round(self.eval_loss(), 5)
             results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
