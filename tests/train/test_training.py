@@ -205,3 +205,23 @@ def test_peak_memory_is_reported_on_cuda_only():
         x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
         assert peak_memory_gib(torch.device("cuda"), reset=True) >= 0.25
         del x
+
+
+def test_bench_recipes_smoke_runs_the_recipe_through_sft_and_the_trainer_baseline(tmp_path, shared_data):
+    """benchmarks/bench_recipes.py --smoke: the 7B recipe on a tiny published-config checkpoint and the real
+    BELLE file, through sft and through transformers' Trainer + PEFT on the converted Llama; rows and ratio."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_recipes.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(script), "--shared", str(shared_data.parent), "--smoke",
+                           "--recipes", "7b-qlora-belle", "--no-packing", "--steps", "2", "--warmup", "1",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["run"] for r in rows] == ["ours", "baseline"]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"]) for r in rows)
+    assert "RATIO 7b-qlora-belle ours/baseline" in done.stdout

@@ -171,6 +171,9 @@ class _Loop:
         self.tokens_at_start = self.position["tokens"]
         self.last_ckpt = self.checkpoints.latest()
         self.peak_gib = 0.0  # the run's peak GPU memory over the logged steps
+        from ..train.training import peak_memory_gib
+
+        peak_memory_gib(self.device, reset=True)  # the logged peaks are training's, not loading's
 
     def run_epoch(self) -> None:
         """Optimizer steps from the saved position to the end of the epoch (or of the run)."""
@@ -226,7 +229,7 @@ class _Loop:
             peak = peak_memory_gib(self.device, reset=True)  # since the last logged step
             self.peak_gib = max(self.peak_gib, peak or 0.0)
             self.log.log(self.step, loss=round(loss_value, 5), lr=lr, grad_norm=round(grad_norm, 4),
-                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1),
+                         epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1), tokens=self.position["tokens"],
                          **({"peak_mem_gib": peak} if peak is not None else {}))
         if self.val_set and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
             self.log.log(self.step, eval_loss=round(self.eval_loss(), 5))
