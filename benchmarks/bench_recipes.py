@@ -135,7 +135,8 @@ class _Profile:
         sft._Loop.optimizer_step = self.original
         events = self.prof.key_averages()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+        kernels = sum(e.self_device_time_total for e in events  # kernels only, not the step ranges
+                      if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")) / 1e6
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
         head = (f"profiled {self.active} steps: wall {self.wall:.3f} s, GPU kernel time {kernels:.3f} s "
                 f"({100 * kernels / max(self.wall, 1e-9):.0f}% busy), {launches / self.active:.0f} kernel launches/step\n")
