@@ -162,6 +162,7 @@ def test_qlora_on_cpu_trains_lora_over_nf4_weights(tmp_path):
     (["--packing", "true", "--cutoff_len", "0"], "cutoff_len must be at least 1"),
     (["--max_source_length", "-2"], "max_source_length must not be negative"),
     (["--max_samples", "-5"], "max_samples must not be negative"),
+    (["--loss_chunk_size", "-1"], "loss_chunk_size must not be negative"),
     (["--val_size", "2.5"], "val_size must be a fraction below 1 or a whole number"),
     (["--dataset", "no/such/file.json"], "no/such/file.json: data file not found"),
     (["--finetuning_type", "freeze", "--freeze_trainable_layers", "10"],

@@ -58,8 +58,8 @@ def main(argv: list[str]) -> int:
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..data.collate import pack_examples
     from ..train import distributed
-    from ..train.training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything,
+    from ..train.training import (Checkpoints, RunLog, SilentLog, fast_path_kwargs, make_grad_scaler, make_optimizer,
+                            make_scheduler, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
                             total_optimizer_steps)
 
     # ---- setup
@@ -88,8 +88,7 @@ def main(argv: list[str]) -> int:
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size,
-        qlora_keep_dtype=torch.bfloat16 if cfg.qlora_bf16_frozen and amp_dtype == torch.bfloat16 else None,
+        gradient_checkpointing=cfg.gradient_checkpointing, **fast_path_kwargs(cfg, amp_dtype),
     )
     trainable, total = count_parameters(model)
     per_epoch, total_steps = total_optimizer_steps(cfg, len(rows), dist.world)

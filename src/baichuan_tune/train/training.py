@@ -92,7 +92,8 @@ def check_options(cfg) -> None:
                 "freeze_trainable_layers")
     for name in (n for n in positive if getattr(cfg, n, 1) < 1):
         raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
+    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm",
+                 "loss_chunk_size"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if not cfg.learning_rate > 0:
@@ -333,9 +334,15 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing, **fast_path_kwargs(cfg, amp_dtype),
     )
     return model, tokenizer
+
+
+def fast_path_kwargs(cfg, amp_dtype: torch.dtype | None) -> dict:
+    """The fast-path arguments of `adapters.prepare_for_training` from a command's ModelOptions."""
+    keep = torch.bfloat16 if cfg.qlora_bf16_frozen and amp_dtype == torch.bfloat16 else None
+    return dict(attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size, qlora_keep_dtype=keep)
 
 
 def write_results(out: Path, results: dict) -> None:
