@@ -478,6 +478,12 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0):
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if loss_chunk_size < 0:
         raise ValueError(f"loss_chunk_size must be >= 0, got {loss_chunk_size}")
+    if attention == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ValueError(f"attention 'flex' needs torch >= 2.5 (this is {torch.__version__}): "
+                             "pip install -U torch, or use attention 'sdpa'") from None
     for module in model.modules():
         if isinstance(module, BaichuanModel):
             module.attention_backend = attention
