@@ -33,7 +33,7 @@ from baichuan_tune.models.presets import preset_config  # noqa: E402
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(kind: str, preset: str, device: str, method: str):
+def build(kind: str, preset: str, device: str, method: str, fast: dict | None = None):
     """The model ready to train. Ours goes through `adapters.prepare_for_training`, the code `sft` runs;
     the Llama baseline through PEFT's own calls. QLoRA quantises both with the same bitsandbytes NF4 layers
     (`baichuan_tune.models.quantize`, the layers `--finetuning_type qlora` loads into) from the bf16 weights."""
@@ -57,7 +57,7 @@ def build(kind: str, preset: str, device: str, method: str):
         model.is_loaded_in_4bit = True  # as transformers marks a model loaded with BitsAndBytesConfig
     if kind != "llama":
         model = prepare_for_training(model, method, lora_target=["all"], lora_rank=8, lora_alpha=16,
-                                     lora_dropout=0.05, gradient_checkpointing=True)
+                                     lora_dropout=0.05, gradient_checkpointing=True, **(fast or {}))
         return model, cfg.vocab_size
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -70,12 +70,12 @@ def build(kind: str, preset: str, device: str, method: str):
     return model, cfg.vocab_size
 
 
-def run_case(kind, preset, method, device, batch, seq, steps, warmup):
+def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None):
     torch.manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, vocab = build(kind, preset, device, method)
+    model, vocab = build(kind, preset, device, method, fast)
     if device.startswith("cuda"):
         # Measure the training peak only: the bf16 copy that `qlora` quantises from is gone by now,
         # as it is when a real QLoRA run quantises shard by shard while loading.
@@ -102,12 +102,19 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup):
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    result = dict(model=kind, preset=preset, method=method, step_s=round(step, 4),
+    result = dict(model=kind, preset=preset, method=method, fast=_describe(fast) if kind != "llama" else None,
+                  step_s=round(step, 4),
                   tokens_per_s=round(batch * seq / step, 1), weights_gib=round(resident, 2), peak_gib=round(peak, 2),
                   loss=round(float(loss.detach()), 4))
     del model, opt, loss
     gc.collect()
     return result
+
+
+def _describe(fast: dict | None) -> dict | None:
+    if not fast:
+        return None
+    return {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for k, v in fast.items()}
 
 
 def main() -> None:
@@ -120,14 +127,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="")
+    # The fast paths of our model (the `sft` options of the same names); defaults are sft's.
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"])
+    ap.add_argument("--loss-chunk-size", type=int, default=0)
+    ap.add_argument("--qlora-bf16-frozen", default="true", choices=["true", "false"])
     args = ap.parse_args()
+    fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size,
+                qlora_keep_dtype=torch.bfloat16 if args.qlora_bf16_frozen == "true" else None)
     presets, methods = args.presets.split(","), args.methods.split(",")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     results = []
     for method in methods:
         for preset in presets:
-            results.append(run_case("baichuan", preset, method, args.device, args.batch, args.seq, args.steps, args.warmup))
+            results.append(run_case("baichuan", preset, method, args.device, args.batch, args.seq, args.steps,
+                                    args.warmup, fast))
             print(json.dumps(results[-1]), flush=True)
         base = run_case("llama", presets[0], method, args.device, args.batch, args.seq, args.steps, args.warmup)
         results.append(base)

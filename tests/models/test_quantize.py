@@ -250,3 +250,34 @@ def test_qlora_on_cpu_keeps_the_gradient_through_nf4_layers_after_an_eval_pass()
     assert first_layer and never_evaluated.keys() == evaluated.keys()
     for name in never_evaluated:
         torch.testing.assert_close(evaluated[name], never_evaluated[name], rtol=0, atol=0)
+
+
+def test_qlora_bf16_keeps_embeddings_and_head_in_bf16_and_follows_the_fp32_upcast():
+    """qlora_keep_dtype=bf16 undoes PEFT's fp32 upcast of the frozen embeddings, norms and head (half
+    their bytes) and the loss and LoRA gradients stay those of the upcast model within bf16 rounding."""
+    from baichuan_tune.train.adapters import prepare_for_training
+
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for keep in (None, torch.bfloat16):
+        model = tiny_model("tiny-baichuan2-7b", **SHAPE).to(torch.bfloat16).quantize(4)
+        torch.manual_seed(5)
+        peft_model = prepare_for_training(model, "qlora", lora_rank=4, lora_dropout=0.0, qlora_keep_dtype=keep)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+        base = peft_model.get_base_model()
+        dtypes = {base.model.embed_tokens.weight.dtype, base.lm_head.weight.dtype, base.model.norm.weight.dtype}
+        lora = {p.dtype for n, p in peft_model.named_parameters() if p.requires_grad}
+        peft_model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        runs[keep] = (dtypes, lora, float(loss), grads)
+    assert runs[None][0] == {torch.float32} and runs[torch.bfloat16][0] == {torch.bfloat16}
+    assert runs[None][1] == runs[torch.bfloat16][1] == {torch.float32}  # the adapters train in fp32 either way
+    assert abs(runs[None][2] - runs[torch.bfloat16][2]) < 0.02 * abs(runs[None][2])
+    for name, grad in runs[None][3].items():
+        cos = torch.nn.functional.cosine_similarity(runs[torch.bfloat16][3][name].flatten(), grad.flatten(), 0)
+        assert cos > 0.98, (name, float(cos))

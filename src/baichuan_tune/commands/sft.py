@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     from ..train import distributed
     from ..train.engine import Engine, schedule_for
     from ..train.methods import SFTMethod
-    from ..train.training import precision_dtype, prepare_output_dir, resolve_device, seed_everything
+    from ..train.training import fast_path_kwargs, precision_dtype, prepare_output_dir, resolve_device, seed_everything
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing, **fast_path_kwargs(cfg, amp_dtype),
     )
     trainable, total = count_parameters(model)
     schedule = schedule_for(cfg, len(rows), dist.world)

@@ -85,6 +85,11 @@ class PackedDataset:
         self.dataset, self.cutoff_len = dataset, cutoff_len
         lengths = dataset.lengths() if hasattr(dataset, "lengths") else [len(f["input_ids"]) for f in dataset]
         self.rows = pack_lengths(lengths, cutoff_len)
+        self._row_lengths = [sum(min(int(lengths[j]), cutoff_len) for j in row) for row in self.rows]
+
+    def lengths(self) -> list[int]:
+        """Tokens in each packed row."""
+        return self._row_lengths
 
     def __len__(self) -> int:
         return len(self.rows)

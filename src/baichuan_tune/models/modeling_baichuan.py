@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_baichuan import BaichuanConfig
+from .flex_attention import ATTENTION_BACKENDS, FlexMask, flex_attend, flex_mask, flex_usable
 
 try:  # transformers' init helpers skip weights that were loaded from a checkpoint
     from transformers import initialization as hf_init
@@ -161,7 +162,10 @@ class BaichuanAttention(nn.Module):
             q, k = apply_rotary(q, k, *rotary, in_fp32=self.config.rotary_fp32)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, H, past+T, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        if isinstance(attn_bias, FlexMask):
+            out = flex_attend(q, k, v, attn_bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, q_len, -1)  # [B, H, T, D] -> [B, T, hidden]
         return self.o_proj(out)
 
@@ -237,6 +241,10 @@ class BaichuanPreTrainedModel(PreTrainedModel):
 
 
 class BaichuanModel(BaichuanPreTrainedModel):
+    # "sdpa": a dense bias for padded/packed rows and ALiBi (the reference); "flex": FlexAttention block
+    # masks and an ALiBi score_mod (set by `set_fast_paths`; a runtime choice, not saved in config.json).
+    attention_backend = "sdpa"
+
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -267,6 +275,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
             # No padding and no packing: SDPA's own causal masking (the flash path on GPU). SDPA aligns
             # is_causal to the top left, so several new tokens after a cache need the explicit bias below.
             return rotary, None, q_len > 1
+        if self.attention_backend == "flex" and past_len == 0 and flex_usable(device):
+            return rotary, flex_mask(segments, self.alibi_slopes if self.rotary_emb is None else None), False
         key_pos = torch.arange(total, device=device)
         query_pos = key_pos[past_len:]
         seg_q = segments[:, past_len:, None]  # [B, T, 1]
@@ -321,6 +331,39 @@ class BaichuanModel(BaichuanPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
 
+def _chunk_loss_sums(hidden, weight, labels, ignore_index: int):
+    """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens."""
+    logits = F.linear(hidden, weight).float()  # [n, V], only this chunk's
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return ce, logits.max(dim=-1).values.pow(2).sum()
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, chunk_size: int = 1024,
+                           ignore_index: int = -100):
+    """`causal_lm_loss(hidden @ weight.T, labels)` without materialising the [B, T, V] logits.
+
+    Tokens go through the head `chunk_size` at a time, each chunk under activation checkpointing, so only
+    one chunk's fp32 logits exist at once (forward and backward), as in Liger's fused linear cross-entropy.
+    Without z-loss only labelled positions pass through the head at all.
+    """
+    shift_hidden = hidden[..., :-1, :].reshape(-1, hidden.size(-1))  # [N, hidden]
+    shift_labels = labels[..., 1:].to(hidden.device).reshape(-1)  # [N]
+    positions = shift_labels.numel()
+    if not z_loss_weight:  # rows without a label add nothing: skip them
+        keep = shift_labels.ne(ignore_index).nonzero().squeeze(-1)
+        shift_hidden, shift_labels = shift_hidden.index_select(0, keep), shift_labels.index_select(0, keep)
+    ce = z = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, shift_labels.numel(), chunk_size):
+        part = slice(start, start + chunk_size)
+        ce_part, z_part = torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, use_reentrant=False)
+        ce, z = ce + ce_part, z + z_part
+    loss = ce / shift_labels.ne(ignore_index).sum()  # the mean over labelled tokens, as cross_entropy takes it
+    if z_loss_weight:
+        loss = loss + z_loss_weight * z / positions
+    return loss
+
+
 def causal_lm_loss(logits, labels, z_loss_weight: float = 0.0, ignore_index: int = -100):
     """Next-token cross-entropy in fp32, plus Baichuan2's z-loss `z_loss_weight * mean(max_logit**2)`.
 
@@ -338,6 +381,10 @@ def causal_lm_loss(logits, labels, z_loss_weight: float = 0.0, ignore_index: int
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    # Training forwards with labels compute the loss this many tokens at a time through the head and return
+    # logits=None (0: full logits, the reference). Set by `set_fast_paths`; not saved in config.json.
+    loss_chunk_size = 0
+
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
         self.model = BaichuanModel(config)
@@ -381,6 +428,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             resync_int8_state(self)
         return self
 
+    def chunkable_head_weight(self):
+        """The head's (normalised) weight when the chunked loss applies to this head, else None."""
+        if not self.loss_chunk_size:
+            return None
+        if isinstance(self.lm_head, NormHead):
+            return self.lm_head.normalized_weight()  # once per forward; the gradient flows through it
+        return self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not a quantised/wrapped head
+
     def forward(
         self,
         input_ids=None,
@@ -405,8 +460,33 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
+        head_weight = self.chunkable_head_weight() if labels is not None and self.training else None
+        if head_weight is not None:
+            loss = chunked_causal_lm_loss(hidden_states, head_weight, labels, self.config.z_loss_weight,
+                                          self.loss_chunk_size)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, self.config.z_loss_weight)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+
+def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0):
+    """Choose the attention backend and the chunked loss of a BaichuanForCausalLM (or a PEFT model around one)."""
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    if loss_chunk_size < 0:
+        raise ValueError(f"loss_chunk_size must be >= 0, got {loss_chunk_size}")
+    if attention == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ValueError(f"attention 'flex' needs torch >= 2.5 (this is {torch.__version__}): "
+                             "pip install -U torch, or use attention 'sdpa'") from None
+    for module in model.modules():
+        if isinstance(module, BaichuanModel):
+            module.attention_backend = attention
+        elif isinstance(module, BaichuanForCausalLM):
+            module.loss_chunk_size = loss_chunk_size
+    return model

@@ -25,8 +25,14 @@ def lora_targets(names: list[str]) -> list[str]:
     return list(names)
 
 
-def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: float, quantized: bool, grad_ckpt: bool):
-    """Wrap `model` in a PEFT LoRA model (after PEFT's k-bit preparation for a quantised base)."""
+def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: float, quantized: bool, grad_ckpt: bool,
+                keep_dtype: torch.dtype | None = None):
+    """Wrap `model` in a PEFT LoRA model (after PEFT's k-bit preparation for a quantised base).
+
+    PEFT's preparation casts every non-4-bit weight (embeddings, norms, head) to fp32. With `keep_dtype`
+    (bf16 training) the frozen weights that were in that dtype go back to it: the QLoRA model then holds
+    and computes them as the LoRA path does, and the fp32 copies (2 GiB for Baichuan2-7B's embeddings and
+    head) and the fp32 residual stream they cause are gone."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -35,8 +41,13 @@ def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: floa
         keep_4bit_trainable(model)
         # PEFT enables checkpointing again here, with empty kwargs unless given ours: keep the non-reentrant
         # variant that prepare_for_training chose, as the lora/freeze/full paths use.
+        before = {n: p.dtype for n, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if keep_dtype is not None:
+            for name, param in model.named_parameters():
+                if before.get(name) == keep_dtype and param.dtype == torch.float32 and not param.requires_grad:
+                    param.data = param.data.to(keep_dtype)
     config = LoraConfig(
         task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(target)
     )
@@ -54,8 +65,12 @@ def freeze_all_but_last(model, num_layers: int) -> None:
 
 
 def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
-                         lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False):
-    """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora)."""
+                         lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False,
+                         attention="sdpa", loss_chunk_size=0, qlora_keep_dtype: torch.dtype | None = None):
+    """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora).
+
+    `attention` and `loss_chunk_size` choose the fast paths (`modeling_baichuan.set_fast_paths`);
+    `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in that dtype (see `attach_lora`)."""
     if finetuning_type not in FINETUNING_TYPES:
         raise BaichuanTuneError(f"finetuning_type must be one of {FINETUNING_TYPES}, got {finetuning_type!r}")
     if gradient_checkpointing:
@@ -63,7 +78,8 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
         model.config.use_cache = False
     if finetuning_type in ("lora", "qlora"):
         model = attach_lora(model, list(lora_target), lora_rank, lora_alpha, lora_dropout,
-                            quantized=finetuning_type == "qlora", grad_ckpt=gradient_checkpointing)
+                            quantized=finetuning_type == "qlora", grad_ckpt=gradient_checkpointing,
+                            keep_dtype=qlora_keep_dtype)
         if gradient_checkpointing:
             # Inputs to the first checkpointed layer must require grad when the embeddings are frozen.
             model.enable_input_require_grads()
@@ -71,7 +87,9 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
         freeze_all_but_last(model, freeze_trainable_layers)
     else:
         model.requires_grad_(True)
-    return model
+    from ..models.modeling_baichuan import set_fast_paths
+
+    return set_fast_paths(model, attention=attention, loss_chunk_size=loss_chunk_size)
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:

@@ -122,7 +122,8 @@ class Engine:
         """Steps from the saved position to the end of the epoch (or of the run)."""
         s, position = self.schedule, self.position
         epoch, world = position["epoch"], self.dist.world
-        order = training.batch_order(len(self.method.train_set), s.batch_size * world, self.opts.seed, epoch)
+        order = training.batch_order(len(self.method.train_set), s.batch_size * world, self.opts.seed, epoch,
+                                     self._lengths())
         if world > 1:  # every process needs its equal part of each batch
             order = [self.dist.shard(b) for b in order if len(b) == s.batch_size * world]
         usable = s.per_epoch * s.batches_per_step  # a trailing partial accumulation group is dropped
@@ -134,6 +135,15 @@ class Engine:
             position["epoch"], position["batch"] = epoch + 1, 0
             if len(self.method.val_set) and not self.opts.eval_steps and self.method.eval_each_epoch:
                 self.evaluate()
+
+    def _lengths(self) -> list[int] | None:
+        """Each training sample's length for group_by_length (packed rows and token-id records alike)."""
+        data = self.method.train_set
+        if not getattr(self.opts, "group_by_length", False):
+            return None
+        if hasattr(data, "lengths"):
+            return data.lengths()
+        return [len(data[i]["input_ids"]) for i in range(len(data))]
 
     def _step(self, batches: list[list[int]], epoch_progress: float) -> None:
         """One step: the method's updates, then log, evaluate and checkpoint."""
@@ -207,7 +217,7 @@ class Engine:
         if self.step % self.opts.logging_steps == 0 or self.step == self.schedule.total_steps:
             self.log.log(self.step, **{k: round(v, 5) for k, v in metrics.items()}, **extra, lr=lr,
                          grad_norm=round(grad_norm, 4), epoch=round(epoch_progress, 4), tokens_per_s=round(tps, 1),
-                         **self._peak_memory())
+                         tokens=self.position["tokens"])  # RunLog adds memory_gib / max_memory_gib on a GPU
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 

@@ -42,6 +42,11 @@ class ModelOptions:
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     quantization_bit: Literal[4, 8] = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
     freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
+    attention: Literal["sdpa", "flex"] = opt(
+        "sdpa", "attention of padded/packed rows and ALiBi: sdpa (dense bias) or flex (FlexAttention, compiled on GPU)")
+    loss_chunk_size: int = opt(
+        0, "training loss through the head this many tokens at a time, no full logits (0: full logits)")
+    qlora_bf16_frozen: bool = opt(True, "qlora + bf16: keep embeddings, norms and head in bf16 (not PEFT's fp32)")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class TrainOptions:
     fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     seed: int = opt(42, "random seed (data order, dropout, adapter init)")
+    group_by_length: bool = opt(False, "batch samples of similar length together (less padding; deterministic)")
     logging_steps: int = opt(10, "log every N optimizer steps")
     eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
     save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
@@ -90,7 +96,8 @@ def check_options(cfg) -> None:
                 "freeze_trainable_layers")
     for name in (n for n in positive if getattr(cfg, n, 1) < 1):
         raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
+    for name in ("save_steps", "save_total_limit", "eval_steps", "warmup_steps", "weight_decay", "max_grad_norm",
+                 "loss_chunk_size"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if not cfg.learning_rate > 0:
@@ -252,11 +259,22 @@ def total_optimizer_steps(cfg, num_samples: int, world: int = 1) -> tuple[int, i
     return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
 
 
-def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int, lengths=None) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    With `lengths` (group_by_length), the permutation is cut into groups of 64 batches, each group sorted
+    by length (longest first) before it is cut into batches, and the batches are shuffled again: batches
+    hold samples of similar length, so little padding, and the order is still fixed by (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_samples, generator=gen).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    if lengths is not None:
+        group = 64 * batch_size
+        order = [i for g in range(0, num_samples, group)
+                 for i in sorted(order[g : g + group], key=lambda j: (-lengths[j], j))]
+    batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    if lengths is not None:
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+    return batches
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> float:
@@ -310,9 +328,15 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing, **fast_path_kwargs(cfg, amp_dtype),
     )
     return model, tokenizer
+
+
+def fast_path_kwargs(cfg, amp_dtype: torch.dtype | None) -> dict:
+    """The fast-path arguments of `adapters.prepare_for_training` from a command's ModelOptions."""
+    keep = torch.bfloat16 if cfg.qlora_bf16_frozen and amp_dtype == torch.bfloat16 else None
+    return dict(attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size, qlora_keep_dtype=keep)
 
 
 def write_results(out: Path, results: dict) -> None:

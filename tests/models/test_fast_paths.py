@@ -1,0 +1,135 @@
+"""The fast paths against the plain ones on tiny models of all four architectures: FlexAttention against
+the dense SDPA bias, the chunked head loss against full logits, packed rows against samples alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baichuan_tune.models.modeling_baichuan import set_fast_paths
+from conftest import tiny_model
+
+PRESETS = ["tiny-baichuan-7b", "tiny-baichuan-13b", "tiny-baichuan2-7b", "tiny-baichuan2-13b"]
+
+
+def _samples(vocab: int, lengths=(7, 5, 9), seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+
+
+def _packed_and_padded(samples):
+    """Row 0 packs the first two samples (segments 1, 2) and pads; row 1 holds the third sample alone."""
+    length = max(len(samples[0]) + len(samples[1]), len(samples[2])) + 2
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    a, b = len(samples[0]), len(samples[1])
+    ids[0, :a], ids[0, a : a + b] = samples[0], samples[1]
+    mask[0, :a], mask[0, a : a + b] = 1, 2
+    ids[1, : len(samples[2])], mask[1, : len(samples[2])] = samples[2], 1
+    return ids, mask, [(0, 0, a), (0, a, a + b), (1, 0, len(samples[2]))]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flex_attention_logits_equal_dense_bias_and_each_sample_alone(preset):
+    """FlexAttention (block mask + ALiBi score_mod) gives the dense path's logits on a packed, padded
+    batch, and each packed sample's logits equal that sample run alone (CPU: forward only)."""
+    model = tiny_model(preset)
+    samples = _samples(model.config.vocab_size)
+    ids, mask, spans = _packed_and_padded(samples)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        set_fast_paths(model, attention="flex")
+        flex = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in samples]
+        set_fast_paths(model, attention="sdpa")
+        alone_dense = [model(input_ids=s[None], use_cache=False).logits[0] for s in samples]
+    real = mask.ne(0)
+    torch.testing.assert_close(flex[real], dense[real], rtol=1e-4, atol=1e-4)
+    for (row, start, end), one, one_dense in zip(spans, alone, alone_dense):
+        torch.testing.assert_close(flex[row, start:end], one, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(one, one_dense, rtol=1e-4, atol=1e-4)
+
+
+def _loss_and_grads(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("z_loss", [0.0, 0.05])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(preset, z_loss):
+    """The chunked head loss (chunks of 4 tokens, not dividing the row) gives the full-logits loss and the
+    same gradient for every parameter, with prompt labels -100 and padding; with z-loss too (Baichuan2)."""
+    model = tiny_model(preset, z_loss_weight=z_loss).train()
+    ids, mask, _ = _packed_and_padded(_samples(model.config.vocab_size))
+    labels = ids.masked_fill(mask.eq(0), -100)
+    labels[:, :3] = -100  # a prompt
+    plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+    set_fast_paths(model, loss_chunk_size=4)
+    fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    assert fast.logits is None and plain.logits is not None
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys() and "lm_head.weight" in fast_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_keeps_the_z_loss():
+    """With z-loss on, the chunked loss exceeds the plain cross-entropy by exactly weight * mean(max_logit^2)."""
+    model = tiny_model("tiny-baichuan2-7b", z_loss_weight=0.1).train()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), labels[:, 1:].reshape(-1))
+        z = logits.max(-1).values.pow(2).mean()
+        set_fast_paths(model, loss_chunk_size=5)
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(loss, ce + 0.1 * z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_packed_loss_and_gradients_equal_the_same_samples_padded(preset):
+    """A packed row's loss and gradients equal those of the same samples as one right-padded batch: the
+    mean over every labelled token of the step, whichever layout carries them."""
+    model = tiny_model(preset).train()
+    samples = _samples(model.config.vocab_size)
+    packed_ids = torch.cat(samples)[None]
+    packed_mask = torch.cat([torch.full((len(s),), i + 1) for i, s in enumerate(samples)])[None]
+    packed_labels = packed_ids.clone()
+    starts = torch.cumsum(torch.tensor([0] + [len(s) for s in samples[:-1]]), 0)
+    packed_labels[0, starts] = -100  # as pack_row does: no sample is the target of the one before
+    length = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    labels = ids.masked_fill(mask.eq(0), -100)
+    labels[:, 0] = -100
+    padded, padded_grads = _loss_and_grads(model, ids, mask, labels)
+    packed, packed_grads = _loss_and_grads(model, packed_ids, packed_mask, packed_labels)
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flex_and_chunked_loss_on_gpu_bf16_follow_the_plain_path(preset):
+    """On a GPU in bf16: FlexAttention (compiled) + chunked loss give the dense path's loss and gradients."""
+    model = tiny_model(preset, z_loss_weight=0.01).cuda().train()
+    ids, mask, _ = _packed_and_padded(_samples(model.config.vocab_size))
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = ids.masked_fill(mask.eq(0), -100)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+        set_fast_paths(model, attention="flex", loss_chunk_size=4)
+        fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=2e-2, atol=2e-2)
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.99, (name, float(cos))
