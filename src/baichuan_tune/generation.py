@@ -21,8 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import GenerationConfig
 
 from .errors import BaichuanTuneError
 
@@ -277,29 +276,6 @@ class IncrementalDecoder:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
-class _CallbackStreamer(BaseStreamer):
-    """Feeds generated ids (not the prompt, not eos) to an IncrementalDecoder and its text to `on_text`."""
-
-    def __init__(self, decoder: IncrementalDecoder, on_text: Callable[[str], None], eos_ids: list[int]):
-        self.decoder = decoder
-        self.on_text = on_text
-        self.eos_ids = set(eos_ids)
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() first pushes the whole prompt
-            self.prompt_seen = True
-            return
-        text = self.decoder.push([i for i in value.reshape(-1).tolist() if i not in self.eos_ids])
-        if text:
-            self.on_text(text)
-
-    def end(self):
-        text = self.decoder.flush()
-        if text:
-            self.on_text(text)
-
-
 class StopText:
     """Cuts the output at the first stop string and holds back text that may begin one."""
 
@@ -327,15 +303,6 @@ class StopText:
         return out
 
 
-class _StopWhen(StoppingCriteria):
-    def __init__(self, predicate: Callable[[], bool]):
-        self.predicate = predicate
-
-    def __call__(self, input_ids, scores, **kwargs):
-        stop = bool(self.predicate())
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
 class GenerationResult:
     def __init__(self, text: str, token_ids: list[int], prompt_tokens: int, finish_reason: str):
         self.text = text
@@ -358,34 +325,47 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     stop: list[str] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    fast: bool | None = None,
 ) -> GenerationResult:
-    """Generate one reply for `prompt_ids` with transformers' `generate`, passing text deltas to `on_text`.
+    """Generate one reply for `prompt_ids` through `fast_decode.decode`, passing text deltas to `on_text`.
 
     Stops at eos, at `config.max_new_tokens`, at the first of the `stop` strings (cut from the text) or
-    when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text.
+    when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text. `fast`: see
+    `decode` (None: the fast path on CUDA, transformers' generate otherwise).
     """
+    from .fast_decode import decode
+
     stop_text = StopText(stop)
-    eos = _as_list(config.eos_token_id)
+    eos = set(_as_list(config.eos_token_id))
+    decoder = IncrementalDecoder(tokenizer)
+    kept: list[int] = []
 
     def deliver(delta: str) -> None:
         out = stop_text.feed(delta)
         if out and on_text is not None:
             on_text(out)
 
-    streamer = _CallbackStreamer(IncrementalDecoder(tokenizer), deliver, eos)
-    criteria = StoppingCriteriaList([_StopWhen(lambda: stop_text.stopped or (cancelled is not None and cancelled()))])
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(model))
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        generation_config=config,
-        streamer=streamer,
-        stopping_criteria=criteria,
-    )
+    def on_tokens(rows: list[list[int]]) -> bool:
+        # Token by token, so that a stop string or a cancellation ends the reply where it happened.
+        for token in rows[0]:
+            kept.append(token)
+            if token in eos:
+                return True
+            text = decoder.push([token])
+            if text:
+                deliver(text)
+            if stop_text.stopped or (cancelled is not None and cancelled()):
+                return True
+        return False
+
+    decode(model, [list(prompt_ids)], config, on_tokens, fast=fast)
+    tail = decoder.flush()
+    if tail:
+        deliver(tail)
     tail = stop_text.feed("", final=True)
     if tail and on_text is not None:
         on_text(tail)
-    new_ids = output[0, len(prompt_ids) :].tolist()
+    new_ids = kept
     ended = stop_text.stopped or (new_ids and new_ids[-1] in eos) or len(new_ids) < config.max_new_tokens
     if new_ids and new_ids[-1] in eos:
         new_ids = new_ids[:-1]
