@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-sizes", default="1,16", help="batch sizes of the fast path")
+    p.add_argument("--quant-batch-sizes", default="1", help="batch sizes of the fast path in 4bit/8bit")
     p.add_argument("--ttft-tokens", type=int, default=2048, help="prompt length for time to first token (0: skip)")
     p.add_argument("--baselines", default=",".join(BASELINES[:2]), help=f"comma list of {', '.join(BASELINES)}")
     p.add_argument("--baseline-modes", default=None, help="modes the baselines run in (default: the first mode)")
@@ -202,7 +203,8 @@ def bench_ours(args, mode, bandwidth, tokenizer, baselines) -> list[dict]:
     model = build("baichuan", args.preset, mode, args.device)
     vocab, nbytes = model.config.vocab_size, weight_bytes_per_token(model)
     rows = []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    sizes = args.quant_batch_sizes if mode in ("4bit", "8bit") else args.batch_sizes
+    for batch in [int(b) for b in sizes.split(",")]:
         prompts = random_prompts(batch, args.prompt_tokens, vocab).tolist()
         rate = decode_rate(fast_generate(model, prompts), args.device, args.new_tokens, args.repeats)
         extra = {}
@@ -228,14 +230,27 @@ def bench_ours(args, mode, bandwidth, tokenizer, baselines) -> list[dict]:
     return rows
 
 
-def agreement(model, prompt, device, n: int = 32) -> int:
-    """Leading greedy tokens on which the fast path and generate agree (bf16 rounding differs between the
-    compiled and the eager kernels, and random weights give near-ties, so a late split is expected)."""
-    plain = plain_generate(model, prompt)(n)[0, prompt.shape[1]:].tolist()
+def agreement(model, prompt, device, n: int = 32) -> dict:
+    """Leading greedy tokens on which the fast path and generate agree, and at the first split how far apart
+    generate's own logits put the two choices (bf16 rounding differs between the compiled and the eager
+    kernels, and random weights give near-ties, so a split at a near-tie is expected; a bug splits anywhere)."""
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=2, output_logits=True,
+                         return_dict_in_generate=True)
+    plain = out.sequences[0, prompt.shape[1]:].tolist()
     fast = decode(model, prompt.tolist(), greedy_config(n), fast=True)[0]
     same = next((i for i, (a, b) in enumerate(zip(plain, fast)) if a != b), n)
-    print(f"{'':>20} fast and generate agree on the first {same} of {n} greedy tokens", flush=True)
-    return same
+    result = {"agree": same, "of": n}
+    note = ""
+    if same < n:
+        logits = out.logits[same][0].float()
+        top2 = logits.topk(2).values
+        result |= {"gap": float(logits[plain[same]] - logits[fast[same]]), "top2_gap": float(top2[0] - top2[1]),
+                   "logit_std": float(logits.std())}
+        note = (f"; there generate's logits put the two choices {result['gap']:.4f} apart (its top two "
+                f"{result['top2_gap']:.4f}; logits' std {result['logit_std']:.3f})")
+    print(f"{'':>20} fast and generate agree on the first {same} of {n} greedy tokens{note}", flush=True)
+    return result
 
 
 def bench_llama(args, mode, bandwidth, baselines) -> list[dict]:

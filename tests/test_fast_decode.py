@@ -278,3 +278,57 @@ def test_cuda_graph_decoding_equals_generate(preset):
     first = decode(model, prompts_of(7, 12, 3), sample)
     torch.manual_seed(3)
     assert decode(model, prompts_of(7, 12, 3), sample) == first
+    # serve's worker thread: generate_text on the fast path from another thread, streamed
+    from pathlib import Path
+
+    import baichuan_tune
+    from baichuan_tune.generation import generate_text, stream_in_thread
+    from baichuan_tune.tokenization_baichuan import BaichuanTokenizer
+
+    tok = BaichuanTokenizer(vocab_file=str(Path(baichuan_tune.__file__).parent / "assets/default/tokenizer.model"))
+    prompt = prompts_of(9)[0]
+    reference = generate_text(model, tok, prompt, config, fast=False)
+    streamed = "".join(stream_in_thread(lambda on_text: generate_text(model, tok, prompt, config, on_text)))
+    assert streamed == reference.text and generate_text(model, tok, prompt, config).token_ids == reference.token_ids
+
+
+def test_lora_policy_decodes_like_generate_and_adapter_switches_rebuild():
+    """PPO's policy: a PEFT LoRA model. The fast path gives generate's tokens, and a change of adapter state
+    (what a captured graph would otherwise keep replaying) builds a new decoder."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["W_pack", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model("tiny-baichuan2-7b"), lora).eval()
+    prompts = prompts_of(6, 3)
+    assert decode(model, prompts, greedy(10), fast=True) == decode(model, prompts, greedy(10), fast=False)
+    decoder = causal_lm_of(model).__dict__["_fast_decoder"]
+    with model.disable_adapter():
+        plain = decode(model, prompts, greedy(10), fast=False)
+        assert decode(model, prompts, greedy(10), fast=True) == plain
+        assert causal_lm_of(model).__dict__["_fast_decoder"] is not decoder
+
+
+def causal_lm_of(model):
+    return model.get_base_model()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_of_a_lora_policy_equals_generate():
+    """PPO's rollouts on a GPU: a PEFT LoRA policy through the compiled, graph-captured step, before and after
+    an in-place update of its LoRA weights (an optimizer step), gives generate's greedy tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["W_pack", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model("tiny-baichuan2-7b"), lora).cuda().eval()
+    prompts = prompts_of(6, 11, 4)
+    config = greedy(16, eos_token_id=[2])
+    assert decode(model, prompts, config) == decode(model, prompts, config, fast=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3)
+    assert decode(model, prompts, config) == decode(model, prompts, config, fast=False)
+    assert all(graph is not False for graph in causal_lm_of(model).__dict__["_fast_decoder"]._graphs.values())

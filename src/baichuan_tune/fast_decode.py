@@ -383,7 +383,11 @@ class Decoder:
 
     @staticmethod
     def _fingerprint(model) -> tuple:
-        return tuple(p.data_ptr() for p in model.parameters())
+        """What a captured graph bakes in: the weights' addresses (in-place updates are seen, new tensors are
+        not) and the host-side switches of adapter layers (PEFT's active adapter, disabled, merged)."""
+        switches = tuple((getattr(m, "active_adapters", None), getattr(m, "disable_adapters", None), m.merged)
+                         for m in model.modules() if hasattr(m, "merged") and hasattr(m, "disable_adapters"))
+        return tuple(p.data_ptr() for p in model.parameters()), repr(switches)
 
     def fits(self, model, batch: int, needed: int) -> bool:
         return (model is self.model and batch == self.batch
@@ -436,12 +440,14 @@ class Decoder:
         Where compiling or capturing fails, say so once and decode without it (False: no graph)."""
         state = (self.cache.lengths, self.step, self.finished, self.seen, self.tokens)
         saved = [t.clone() for t in state]
+        rng = torch.cuda.get_rng_state(self.device)  # the warm-up draws too: a seeded request must not see it
         try:
             graph = self._warm_and_capture(kind)
         except Exception as exc:  # noqa: BLE001 - a slower path still decodes correctly
             graph = self._fallback(kind, exc)
         for target, value in zip(state, saved):
             target.copy_(value)
+        torch.cuda.set_rng_state(rng, self.device)
         return graph
 
     def _warm_and_capture(self, kind: tuple) -> torch.cuda.CUDAGraph:
