@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import baichuan_tune  # noqa: F401  (registers the Auto classes)
 from baichuan_tune.models import BaichuanConfig, BaichuanForCausalLM, NormHead, alibi_slopes
@@ -398,6 +398,71 @@ def test_generate_with_and_without_cache_agree(preset):
         cached, uncached = model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs)
     assert cached.shape == (2, 18)
     assert torch.equal(cached, uncached)
+
+
+# ----------------------------------------------------------------------------- fixed-size caches
+
+
+def generate_with_logits(model, ids, mask, **extra):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              eos_token_id=None, output_logits=True, return_dict_in_generate=True, **extra)
+
+
+def max_logit_gap(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("preset", VARIANTS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generate_equals_dynamic(preset, padded):
+    """generate(cache_implementation="static") (transformers' StaticCache, the 2-D mask padded to its length
+    by create_masks_for_generate) gives the dynamic cache's tokens and logits."""
+    model = tiny_model(preset)
+    ids, mask = left_padded_batch(seed=8)
+    if not padded:
+        ids = random_ids(2, 10, seed=8)
+        mask = torch.ones_like(ids)
+    dynamic = generate_with_logits(model, ids, mask)
+    static = generate_with_logits(model, ids, mask, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences) and static.sequences.shape == (2, 18)
+    assert max_logit_gap(static, dynamic) <= 1e-5
+
+
+@pytest.mark.parametrize("preset", VARIANTS)
+def test_static_cache_incremental_decoding_equals_full_forward(preset):
+    """A StaticCache passed by hand, fed the growing 2-D mask as with a dynamic cache."""
+    model = tiny_model(preset)
+    ids, mask = left_padded_batch(seed=4)
+    full = logits_of(model, ids, mask)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache, use_cache=True).logits]
+        for t in range(5, 10):
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True).logits)
+    real = mask.bool()
+    assert (torch.cat(steps, 1)[real] - full[real]).abs().max() <= ATOL
+    too_long = torch.ones(2, 17, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, at most 16\]"):
+        model(ids[:, :1], attention_mask=too_long, cache=StaticCache(config=model.config, max_cache_len=16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan-13b"])
+def test_compiled_static_generate_equals_eager(preset):
+    """generate's auto-compiled static path (torch.compile with fullgraph=True, so no graph break; asked for
+    on the CPU, where transformers compiles only on request) gives the eager static path's tokens and logits."""
+    from transformers import CompileConfig
+
+    model = tiny_model(preset, num_hidden_layers=1)
+    ids, mask = left_padded_batch(seed=9)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers' switch for compiling on a CPU
+    eager = generate_with_logits(model, ids, mask, cache_implementation="static", disable_compile=True)
+    compiled = generate_with_logits(model, ids, mask, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")  # the decoding steps ran compiled
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert max_logit_gap(compiled, eager) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- training paths

@@ -257,7 +257,8 @@ def test_stop_strings_end_generation(b2_tok):
 
 
 def test_decode_benchmark_smoke():
-    """benchmarks/bench_decode.py on a CPU: both models decode; bytes per token = non-embedding weights."""
+    """benchmarks/bench_decode.py on a CPU: the fast path (batch 1 and 2), generate and Llama's static path
+    decode; bytes per token = non-embedding weights; time to first token is reported."""
     import importlib.util
     from pathlib import Path
 
@@ -266,9 +267,13 @@ def test_decode_benchmark_smoke():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--preset", "tiny-baichuan2-7b", "--device", "cpu", "--modes", "fp32", "--new-tokens", "4",
-                       "--prompt-tokens", "4", "--repeats", "1"])
+                       "--prompt-tokens", "4", "--repeats", "1", "--batch-sizes", "1,2", "--ttft-tokens", "16"])
     h, i, v, layers = 64, 176, 512, 2
     per_token = 4 * (layers * (4 * h * h + 3 * i * h + 2 * h) + h + v * h)  # fp32 layers, final norm, lm_head
-    assert [r["model"] for r in rows] == ["baichuan", "llama"]
+    assert [(r["model"], r["batch"]) for r in rows] == [
+        ("baichuan fast", 1), ("baichuan fast", 2), ("baichuan generate", 1), ("llama static", 1)]
     for row in rows:
         assert row["weight_gb_per_token"] * 1e9 == pytest.approx(per_token) and row["tokens_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["steps_per_s"] * row["batch"])
+    assert rows[0]["ttft_s"] > 0 and rows[3]["ttft_s"] > 0
+    assert rows[2]["agreement"]["agree"] == 32  # fp32 on a CPU: the fast path gives generate's greedy tokens

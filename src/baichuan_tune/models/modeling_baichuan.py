@@ -12,6 +12,13 @@ Attention masks: a 2-D `attention_mask` is read as segment ids. 0 is padding; to
 only to earlier tokens with the same non-zero id. A 0/1 padding mask is the one-segment case, and values
 1, 2, 3, ... pack several samples into one row with no attention across them. RoPE positions restart
 at each segment (so left padding and packing give every sample the positions it would have alone).
+
+KV caches: transformers' `DynamicCache` (grows by the new tokens) and `StaticCache` (a fixed buffer of
+`max_cache_len` slots, for `generate(..., cache_implementation="static")` and `torch.compile`), or any
+object with their `update` / `get_seq_length` / `get_mask_sizes` / `is_compileable` methods. A cache whose
+`get_seq_length()` is a [B] tensor writes each row at its own position (`baichuan_tune.serve.fast_decode`'s
+`SlotCache`). With a fixed-size cache the 2-D mask covers every slot (`create_masks_for_generate` pads it
+with 0 for the slots not yet written), so each decoding step has the same shapes and no host sync.
 """
 
 from __future__ import annotations
@@ -115,6 +122,14 @@ class BaichuanRotaryEmbedding(nn.Module):
         self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(bf16) would round the frequencies (the phase error grows with position); recomputing them at
+        # every forward instead would copy host memory to the device at each decoding step (no CUDA graphs).
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
@@ -202,6 +217,12 @@ class NormHead(nn.Module):
     def normalized_weight(self) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
             return F.normalize(self.weight, dim=-1)
+        if torch.compiler.is_compiling():
+            # Compiled decoding steps (generate's static-cache path) follow an eager prefill, which refreshed
+            # the cache below; the key is host-side bookkeeping that a traced graph cannot read.
+            if self._cached is not None:
+                return self._cached
+            return F.normalize(self.weight.float(), dim=-1).to(self.weight.dtype)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
         if self._cached_key != key:
             self._cached = F.normalize(self.weight.detach().float(), dim=-1).to(self.weight.dtype)
@@ -216,6 +237,42 @@ class NormHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.normalized_weight())
+
+
+# ----------------------------------------------------------------------------- cache slots and masks
+
+
+def cache_slots(cache, q_len: int, device) -> tuple[torch.Tensor, int, bool]:
+    """Where the new tokens go: (slot index [1 or B, T], keys SDPA sees K, whether the cache is fixed-size).
+
+    A growing cache holds past + T keys after the update; a fixed-size one (StaticCache) always returns
+    its whole buffer, with the write position a device tensor, so that nothing here syncs with the host.
+    """
+    if cache is None:
+        return torch.arange(q_len, device=device)[None], q_len, False
+    past = cache.get_seq_length()
+    fixed = bool(getattr(cache, "is_compileable", False))
+    key_len = cache.get_mask_sizes(q_len, 0)[0] if fixed else int(past) + q_len
+    if isinstance(past, torch.Tensor):
+        past = past.to(device).reshape(-1, 1)  # [1, 1] (StaticCache) or [B, 1] (a cache with a position per row)
+    return past + torch.arange(q_len, device=device)[None], key_len, fixed
+
+
+def key_segments(attention_mask, batch: int, key_len: int, fixed: bool, device) -> torch.Tensor:
+    """The segment id of every key slot, [B, K]: the 2-D mask, for a fixed-size cache padded with 0 (slots
+    not yet written) to K; no mask is one segment over every slot (causality hides the slots not yet written)."""
+    if attention_mask is None:
+        return torch.ones(batch, key_len, dtype=torch.long, device=device)
+    length = attention_mask.shape[-1]
+    if attention_mask.dim() != 2 or length > key_len or (length < key_len and not fixed):
+        expected = f"at most {key_len}" if fixed else f"{key_len} (past + new tokens)"
+        raise ValueError(
+            f"attention_mask must be [batch, {expected}] segment ids (0 = padding), got {list(attention_mask.shape)}"
+        )
+    segments = attention_mask.long()
+    if segments.shape[1] < key_len:
+        segments = F.pad(segments, (0, key_len - segments.shape[1]))
+    return segments
 
 
 # ----------------------------------------------------------------------------- model
@@ -262,35 +319,39 @@ class BaichuanModel(BaichuanPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def attention_inputs(self, attention_mask, batch, q_len, past_len, device, dtype):
+    def attention_inputs(self, attention_mask, position_ids, batch, q_len, cache, device, dtype):
         """(rotary cos/sin, additive attention bias or None, is_causal) for SDPA."""
-        total = past_len + q_len
-        plain = attention_mask is None or bool((attention_mask == 1).all())
-        segments = torch.ones(batch, total, dtype=torch.long, device=device) if plain else attention_mask.long()
-        rotary = None
-        if self.rotary_emb is not None:
-            positions = segment_positions(segments)[:, past_len:]  # [B, T]
-            rotary = self.rotary_emb(positions)
-        if plain and self.rotary_emb is not None and (past_len == 0 or q_len == 1):
+        query_index, key_len, fixed = cache_slots(cache, q_len, device)
+        plain = attention_mask is None or (not fixed and bool((attention_mask == 1).all()))
+        if plain and not fixed and self.rotary_emb is not None and (key_len == q_len or q_len == 1):
             # No padding and no packing: SDPA's own causal masking (the flash path on GPU). SDPA aligns
             # is_causal to the top left, so several new tokens after a cache need the explicit bias below.
-            return rotary, None, q_len > 1
-        if self.attention_backend == "flex" and past_len == 0 and flex_usable(device):
+            positions = query_index if position_ids is None else position_ids
+            return self.rotary_emb(positions.expand(batch, q_len)), None, q_len > 1
+        segments = key_segments(None if plain else attention_mask, batch, key_len, fixed, device)  # [B, K]
+        query_index = query_index.expand(batch, q_len)  # [B, T]
+        rotary = None
+        if self.rotary_emb is not None:
+            if position_ids is None:
+                position_ids = query_index if plain else segment_positions(segments).gather(1, query_index)
+            rotary = self.rotary_emb(position_ids)
+        if self.attention_backend == "flex" and not fixed and key_len == q_len and flex_usable(device):
+            # a fresh forward (training, prefill): a block mask instead of the dense bias below
             return rotary, flex_mask(segments, self.alibi_slopes if self.rotary_emb is None else None), False
-        key_pos = torch.arange(total, device=device)
-        query_pos = key_pos[past_len:]
-        seg_q = segments[:, past_len:, None]  # [B, T, 1]
-        seg_k = segments[:, None, :]  # [B, 1, total]
-        allowed = (key_pos[None, None] <= query_pos[None, :, None]) & (seg_q == seg_k) & (seg_k != 0)
+        key_pos = torch.arange(key_len, device=device)[None, None]  # [1, 1, K]
+        query_pos = query_index[:, :, None]  # [B, T, 1]
+        seg_q = segments.gather(1, query_index)[:, :, None]  # [B, T, 1]
+        seg_k = segments[:, None, :]  # [B, 1, K]
+        allowed = (key_pos <= query_pos) & (seg_q == seg_k) & (seg_k != 0)  # [B, T, K]
         # A padding query attends to itself only, so no row of the softmax is empty.
-        allowed |= key_pos[None, None] == query_pos[None, :, None]
+        allowed |= key_pos == query_pos
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, total]
+        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, T, K]
         if self.rotary_emb is None:
             # Baichuan2-13B's form slope * (key - query); Baichuan-13B's slope * key is the same after softmax.
-            distance = (key_pos[None, :] - query_pos[:, None]).to(torch.float32)  # [T, total]
-            alibi = self.alibi_slopes.to(device)[:, None, None] * distance  # [H, T, total]
-            bias = bias + alibi[None].to(dtype)  # [B, H, T, total]
+            distance = (key_pos - query_pos).to(torch.float32)  # [B, T, K]
+            alibi = self.alibi_slopes.to(device)[None, :, None, None] * distance[:, None]  # [B, H, T, K]
+            bias = bias + alibi.to(dtype)
         return rotary, bias, False
 
     def forward(
@@ -314,12 +375,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         batch, q_len, _ = hidden_states.shape
-        past_len = cache.get_seq_length() if cache is not None else 0
         rotary, bias, is_causal = self.attention_inputs(
-            attention_mask, batch, q_len, past_len, hidden_states.device, hidden_states.dtype
+            attention_mask, position_ids, batch, q_len, cache if use_cache else None, hidden_states.device,
+            hidden_states.dtype,
         )
-        if position_ids is not None and self.rotary_emb is not None:
-            rotary = self.rotary_emb(position_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = self._gradient_checkpointing_func(
@@ -405,6 +464,18 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def create_masks_for_generate(self, attention_mask=None, cache=None, past_key_values=None, inputs_embeds=None,
+                                  **kwargs):
+        """generate()'s mask hook for fixed-size caches (transformers would build a 4-D causal mask, which
+        loses the segment ids): the 2-D mask padded with 0 to the cache's length, the same shape at every step."""
+        cache = cache if cache is not None else past_key_values
+        if attention_mask is None or cache is None or attention_mask.dim() != 2:
+            return attention_mask
+        key_len = cache.get_mask_sizes(inputs_embeds.shape[1] if inputs_embeds is not None else 1, 0)[0]
+        if attention_mask.shape[1] >= key_len:
+            return attention_mask
+        return F.pad(attention_mask, (0, key_len - attention_mask.shape[1]))
 
     def chat(self, tokenizer, messages, stream=False, generation_config=None, **overrides):
         """The authors' chat API (see `baichuan_tune.serve.generation.chat`)."""

@@ -403,29 +403,6 @@ class IncrementalDecoder:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
-class _CallbackStreamer(BaseStreamer):
-    """Feeds generated ids (not the prompt, not eos) to an IncrementalDecoder and its text to `on_text`."""
-
-    def __init__(self, decoder: IncrementalDecoder, on_text: Callable[[str], None], eos_ids: list[int]):
-        self.decoder = decoder
-        self.on_text = on_text
-        self.eos_ids = set(eos_ids)
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() first pushes the whole prompt
-            self.prompt_seen = True
-            return
-        text = self.decoder.push([i for i in value.reshape(-1).tolist() if i not in self.eos_ids])
-        if text:
-            self.on_text(text)
-
-    def end(self):
-        text = self.decoder.flush()
-        if text:
-            self.on_text(text)
-
-
 class StopText:
     """Cuts the output at the first stop string and holds back text that may begin one."""
 
@@ -496,15 +473,61 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     stop: list[str] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    fast: bool | None = None,
 ) -> GenerationResult:
-    """Generate one reply for `prompt_ids` with transformers' `generate`, passing text deltas to `on_text`.
+    """Generate one reply for `prompt_ids` through `fast_decode.decode`, passing text deltas to `on_text`.
 
     `config` is a GenerationConfig or GenerationSettings (which adds stop strings, OpenAI's penalties and
     log-probabilities). Stops at eos, at `max_new_tokens`, at the first stop string (cut from the text)
-    or when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text.
+    or when `cancelled()` turns true. Deltas passed to `on_text` add up to the returned text. Plain
+    settings decode through `fast_decode.decode` (`fast`: None takes the fast path on CUDA, transformers'
+    generate otherwise); OpenAI's penalties and log-probabilities go through transformers' generate.
     """
     settings = config if isinstance(config, GenerationSettings) else GenerationSettings(config)
     stop_text = StopText(list(settings.stop) + list(stop or []))
+    if settings.logprobs is not None or len(settings.logits_processors(len(prompt_ids))):
+        return _generate_with_processors(model, tokenizer, prompt_ids, settings, stop_text, on_text, cancelled)
+    from .fast_decode import decode
+
+    config = settings.config
+    eos = set(_as_list(config.eos_token_id))
+    decoder = IncrementalDecoder(tokenizer)
+    kept: list[int] = []
+
+    def deliver(delta: str) -> None:
+        out = stop_text.feed(delta)
+        if out and on_text is not None:
+            on_text(out)
+
+    def on_tokens(rows: list[list[int]]) -> bool:
+        # Token by token, so that a stop string or a cancellation ends the reply where it happened.
+        for token in rows[0]:
+            kept.append(token)
+            if token in eos:
+                return True
+            text = decoder.push([token])
+            if text:
+                deliver(text)
+            if stop_text.stopped or (cancelled is not None and cancelled()):
+                return True
+        return False
+
+    decode(model, [list(prompt_ids)], config, on_tokens, fast=fast)
+    tail = decoder.flush()
+    if tail:
+        deliver(tail)
+    tail = stop_text.feed("", final=True)
+    if tail and on_text is not None:
+        on_text(tail)
+    new_ids = kept
+    ended = stop_text.stopped or (new_ids and new_ids[-1] in eos) or len(new_ids) < config.max_new_tokens
+    if new_ids and new_ids[-1] in eos:
+        new_ids = new_ids[:-1]
+    return GenerationResult(stop_text.text, new_ids, len(prompt_ids), "stop" if ended else "length")
+
+
+def _generate_with_processors(model, tokenizer, prompt_ids, settings, stop_text, on_text, cancelled) -> GenerationResult:
+    """generate_text through transformers' generate: custom logits processors and per-step raw logits."""
     eos = _as_list(settings.config.eos_token_id)
 
     def deliver(delta: str) -> None:

@@ -103,17 +103,24 @@ def rollout_generation_config(tokenizer, max_new_tokens: int, min_new_tokens: in
 
 @torch.no_grad()
 def generate_rollout(lm, tokenizer, prompt_ids: list[list[int]], prompts: list[str], generation_config,
-                     prompt_turns: list | None = None) -> Rollout:
-    """Sample one answer per prompt with the KV cache; `lm` is the policy (a PEFT model or a plain LM)."""
+                     prompt_turns: list | None = None, fast: bool | None = None) -> Rollout:
+    """Sample one answer per prompt with the KV cache; `lm` is the policy (a PEFT model or a plain LM).
+    `fast`: `fast_decode.decode`'s choice (None: the fast path on CUDA, transformers' generate otherwise)."""
+    from ..serve.fast_decode import decode
+
     device = next(lm.parameters()).device
     query, query_mask = left_pad(prompt_ids, generation_config.pad_token_id, device)  # [B, P]
     was_training = lm.training
     lm.eval()
     start = time.perf_counter()
-    sequences = lm.generate(input_ids=query, attention_mask=query_mask, generation_config=generation_config)
+    answers = decode(lm, [list(p) for p in prompt_ids], generation_config, fast=fast)
     seconds = time.perf_counter() - start
     lm.train(was_training)
-    response = sequences[:, query.size(1) :]  # [B, R]
+    response = torch.full((len(answers), max(len(a) for a in answers)), generation_config.pad_token_id,
+                          dtype=torch.long)
+    for row, answer in enumerate(answers):
+        response[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+    response = response.to(device)  # [B, R]: after eos, padding, as generate() returns it
     mask = response_mask(response, generation_config.eos_token_id)  # [B, R]
     texts = tokenizer.batch_decode(response.masked_fill(mask == 0, generation_config.pad_token_id),
                                    skip_special_tokens=True)
