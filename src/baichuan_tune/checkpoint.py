@@ -22,9 +22,10 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, opt
+from .config import ConfigError
 from .errors import BaichuanTuneError, CheckpointError
 from .io_utils import atomic_dir
+from .options import LoadOptions  # noqa: F401  (chat and serve read it from here)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -383,25 +384,6 @@ def load_model_and_tokenizer(path, **kwargs):
 # ----------------------------------------------------------------------------- saving
 
 
-
-@dataclass
-class LoadOptions:
-    """The options of the commands that load a model to run it (chat, serve): what to load and how."""
-
-    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
-    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
-    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
-
-    def validate(self) -> None:
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
-
-    def load(self, path=None):
-        """(model, tokenizer) from `path` (default: the `model` option) with these options."""
-        return load_model_and_tokenizer(path or self.model, dtype=self.dtype, device=self.device,
-                                        quantize=self.quantize, adapter=self.adapter)
 
 def _split_shards(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pattern: str, shard_size):
     """huggingface_hub's shard plan, computed on meta tensors of the output dtype so sizes are exact."""

@@ -267,3 +267,5 @@ def register_tokenizer() -> None:
 
 __all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "check_sentencepiece_file", "compression", "register_tokenizer",
            "train_sentencepiece"]
+
+register_tokenizer()  # importing this module makes AutoTokenizer resolve the Baichuan classes

@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ..config import opt, parse_config
 
 
@@ -29,6 +27,8 @@ class DemoConfig:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(DemoConfig, argv, prog="baichuan-tune demo")
+    import torch
+
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
 from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: DPO with LoRA on the tiny default model, scored on held-out pairs before and after.
 DEMO_OVERRIDES = [
@@ -64,9 +66,9 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import with_demo
+    from ..options import with_demo
 
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)", DPOConfig)
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
     from ..adapters import count_parameters
     from ..alignment import write_demo_pairs
@@ -162,7 +164,7 @@ class Reference:
             return "none (reference-free)"
         return "the base with the adapter off" if self.adapter_off else "log-probs precomputed before training"
 
-    @torch.no_grad()
+    @no_grad
     def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
         from ..losses import sequence_logps
@@ -178,6 +180,8 @@ class Reference:
         return split_pairs(sequence_logps(logits, batch["labels"], average=average))
 
     def _precomputed(self, path: Path, datasets: dict, fingerprint: str, batch_size: int, device, amp_dtype) -> dict:
+        import torch
+
         from ..io_utils import atomic_write_bytes
 
         if path.is_file():
@@ -215,9 +219,11 @@ def _fingerprint(cfg, datasets: dict) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
+@no_grad
 def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
     """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
+    import torch
+
     from ..losses import sequence_logps
     from ..pair_training import pair_batch, split_pairs
     from ..training import autocast

@@ -25,13 +25,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
-from ..training import ModelOptions, TrainOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: LoRA, rewarded for answering in Chinese (a dense rule), 30 steps on CPU. It starts from
 # the sft demo's model (outputs/sft-demo) when there is one: RLHF starts from a fine-tuned model.
@@ -97,9 +99,9 @@ class PPOConfig(ModelOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import with_demo
+    from ..options import with_demo
 
-    argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
+    argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)", PPOConfig)
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
     from .. import losses as L
     from .. import rlhf
@@ -210,6 +212,8 @@ class PPORun:
 def _ppo_step(run: PPORun, step: int, total_steps: int) -> int:
     """Rollout, reward, experience and PPO epochs on the next batch of prompts; logs; returns the new step."""
     from .. import rlhf
+    import torch
+
     from ..training import batch_order
 
     cfg, position = run.cfg, run.position
@@ -274,6 +278,8 @@ def _make_reward(cfg, lm, device, amp_dtype):
     """The configured reward: a rule function, the reward model as a second adapter, or a separate model."""
     from .. import rlhf
     from ..alignment import model_reference
+    import torch
+
     from ..value_head import RewardScorer, load_head, load_reward_model, read_reward_meta
 
     if bool(cfg.reward_model) == bool(cfg.reward_function):
@@ -386,7 +392,7 @@ def _plain_prompts(path: str, max_samples: int) -> list:
 # ----------------------------------------------------------------------------- eval, save
 
 
-@torch.no_grad()
+@no_grad
 def _evaluate(lm, tokenizer, prompts, reward, greedy_cfg, cfg, log, step: int) -> dict:
     """Greedy answers to the held-out prompts: mean raw reward and answer length."""
     from .. import rlhf

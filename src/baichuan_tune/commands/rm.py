@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, opt, parse_config
 from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: LoRA on the tiny default model, scored on held-out pairs before and after training.
 DEMO_OVERRIDES = [
@@ -63,9 +65,9 @@ class ScoreConfig:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "score":
         return score(argv[1:])
-    from ..training import with_demo
+    from ..options import with_demo
 
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)", RMConfig)
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
     from ..adapters import count_parameters
     from ..alignment import model_reference, write_demo_pairs

@@ -18,12 +18,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-import torch
+from typing import TYPE_CHECKING
 
 from ..builtin import DEMO_PROMPTS
 from ..config import opt, parse_config
 from ..data import DataOptions
-from ..training import ModelOptions, TrainOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [
@@ -49,11 +53,13 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..training import base_dtype, with_demo, write_results
+    from ..options import with_demo
 
     # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", SFTConfig,
+                           own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
+    from ..training import base_dtype, write_results
     from ..adapters import count_parameters, prepare_for_training
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..collate import pack_examples
@@ -226,6 +232,8 @@ class _Loop:
 
     def agreed(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss, or NaN on every process when any process's loss is not finite: all skip or stop together."""
+        import torch
+
         if self.dist.world == 1:
             return loss
         bad = self.dist.sum([float(not torch.isfinite(loss.detach()).all())], self.device)[0]
@@ -251,7 +259,7 @@ class _Loop:
                                                    self.scaler, position)
         self.dist.barrier()
 
-    @torch.no_grad()
+    @no_grad
     def eval_loss(self) -> float:
         """Token-weighted mean loss over the eval split (shared out among the processes)."""
         from ..collate import collate_padded
@@ -288,9 +296,11 @@ class _Loop:
         return results
 
 
-@torch.no_grad()
+@no_grad
 def _answers(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy answers to `prompts` in the training template's chat format."""
+    import torch
+
     from ..templates import get_template
 
     if not prompts:
