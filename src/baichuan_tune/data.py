@@ -769,7 +769,7 @@ def _save_cache(path: Path, dataset: TokenizedDataset, replace: bool) -> None:
 
     import numpy as np
 
-    from .io_utils import atomic_write_json
+    from .io_utils import apply_umask, atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -778,6 +778,7 @@ def _save_cache(path: Path, dataset: TokenizedDataset, replace: bool) -> None:
             np.save(tmp / f"{c}.npy", dataset.flat[c], allow_pickle=False)
             np.save(tmp / f"{c}.offsets.npy", dataset.offsets[c], allow_pickle=False)
         atomic_write_json(tmp / "meta.json", {"format": CACHE_FORMAT, "columns": list(dataset.columns), "stats": dataset.stats})
+        apply_umask(tmp)  # mkdtemp makes an owner-only folder
         if replace and path.exists():
             shutil.rmtree(path, ignore_errors=True)  # overwrite_cache, or a broken copy
         os.rename(tmp, path)
