@@ -14,6 +14,11 @@ Record forms, told apart by their fields:
   `instruction` + `input`, with optional `system`/`history`), plus `chosen` and `rejected`, each a
   string or a `{from|role, value|content}` object.
 
+Instruction data (sft) must carry no preference fields: a pair (`chosen`/`rejected`) or a boolean
+`label`/`kto_tag` (KTO-style data: one answer judged good or bad) is refused, since sft would learn every
+answer, the rejected and bad ones too. Pair data (rm, dpo) must have both answers; an unpaired labelled
+record is named as such.
+
 `dataset` entries are file paths (`.json` = a JSON list, `.jsonl` = one object per line), optionally
 with a sample count `a.json:500` (draws 500 records, repeating the file when it holds fewer) or a ratio
 `a.json:0.5` (half of it; `:2.0` = twice); `demo` is the built-in demo set. A bad record is a
@@ -40,6 +45,7 @@ CACHE_FORMAT = 2  # bump when the cached arrays or the encoding rules change (2:
 DEMO_DATASET = "demo"
 MAX_PROBLEMS = 20  # skipped-record messages kept for the log
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+PREFERENCE_LABELS = ("label", "kto_tag")  # a boolean: this record's answer is good (true) or bad (false)
 FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
@@ -308,10 +314,27 @@ def _listed_turns(obj: dict) -> list[tuple[str, str, str]] | None:
     return None
 
 
-def sft_turns(obj: Any, input_join: str = "\n") -> list[Turn]:
-    """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem)."""
+def _refuse_preference_fields(obj: dict) -> None:
+    """Instruction data with preference fields: sft learns every answer it is given, whatever the label."""
+    for key in ("chosen", "rejected"):
+        if key in obj:
+            raise _Bad(key, "a preference pair (chosen/rejected answers): sft would learn the rejected answer too; "
+                            "train on pairs with `baichuan-tune rm` or `baichuan-tune dpo`")
+    for key in PREFERENCE_LABELS:
+        if isinstance(obj.get(key), bool):
+            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training (planned as "
+                            "`baichuan-tune kto`); sft would learn every answer, the bad ones too. Use rm/dpo with "
+                            "paired chosen/rejected data, or drop the field to train on every answer")
+
+
+def sft_turns(obj: Any, input_join: str = "\n", preference_fields: bool = False) -> list[Turn]:
+    """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem).
+
+    `preference_fields`: allow chosen/rejected or a preference label (ppo reads prompts and drops the answers)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
+    if not preference_fields:
+        _refuse_preference_fields(obj)
     if (turns := _listed_turns(obj)) is not None:
         pass
     elif "instruction" in obj or "output" in obj:
@@ -336,10 +359,24 @@ def _answer(obj: dict, key: str) -> str:
     return _string(obj, key, nonempty=True)
 
 
+def _require_a_pair(obj: dict) -> None:
+    """A record with neither answer is no pair: say so (not that its conversation ends with an answer)."""
+    if "chosen" in obj or "rejected" in obj:
+        return
+    label = next((key for key in PREFERENCE_LABELS if key in obj), None)
+    if label is not None:
+        raise _Bad(label, "an unpaired preference record (one answer labelled good or bad, KTO-style data for KTO "
+                          "training, planned as `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
+                          "'chosen' and a 'rejected' answer")
+    raise _Bad("chosen", "missing: rm and dpo learn from preference pairs, a prompt with a 'chosen' and a 'rejected' "
+                         "answer (instruction data with one answer is for `baichuan-tune sft`)")
+
+
 def pair_fields(obj: Any, input_join: str = "\n") -> tuple[list[Turn], str, str]:
     """Normalise one preference record to (prompt turns, chosen, rejected); raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
+    _require_a_pair(obj)
     if (turns := _listed_turns(obj)) is not None:
         pass
     elif "prompt" in obj:
@@ -437,7 +474,7 @@ def _make_record(obj: Any, where: str, kind: str, fill: _Filler, input_join: str
     if kind == "pair":
         prompt, chosen, rejected = pair_fields(obj, input_join)
         return PairExample(fill.turns(prompt), fill(chosen), fill(rejected), where)
-    return Example(fill.turns(sft_turns(obj, input_join)), where)
+    return Example(fill.turns(sft_turns(obj, input_join, preference_fields=kind == "prompt")), where)
 
 
 def _resample(records: list, n: int, rng: random.Random) -> list:
@@ -472,12 +509,14 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sft", max_samples: int = 0,
+def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt"] = "sft", max_samples: int = 0,
                  val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False,
                  input_join: str = "\n") -> LoadedData:
     """Read and check every file of `dataset`, split off the eval set, then apply per-file counts/ratios.
 
     `input_join` goes between an alpaca record's instruction and input (the template's `input_join`).
+    `kind`: "sft" (Examples), "pair" (PairExamples) or "prompt" (Examples whose answers ppo drops, so
+    preference fields are allowed).
 
     The eval split is drawn (seeded) from all records read, before any resampling, so a repeated
     record never lands on both sides; per-file counts and ratios then apply to each file's training

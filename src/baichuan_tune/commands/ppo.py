@@ -366,7 +366,7 @@ def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
     if isinstance(obj, dict) and "chosen" in obj:
         pairs = data.load_dataset([path], kind="pair", max_samples=max_samples, input_join=input_join).train
         return [r.prompt for r in pairs]
-    records = data.load_dataset([path], kind="sft", max_samples=max_samples, input_join=input_join).train
+    records = data.load_dataset([path], kind="prompt", max_samples=max_samples, input_join=input_join).train
     turns = [r.turns[:-1] for r in records if r.turns[-1][0] == "assistant"]
     if not turns:
         raise DataError(f"{path}: no prompts found (plain-text records have no prompt to answer)")
