@@ -95,3 +95,20 @@ def test_a_mistyped_option_is_an_error_not_the_demo(command, tmp_path, capsys, m
     captured = capsys.readouterr()
     assert "'max_steps' must be an integer" in captured.err and "demo" not in captured.out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_pair_commands_offer_no_sft_only_options(command, capsys):
+    """Packing and train_on do not apply to preference pairs: not listed, and an unknown option if given."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    listed = capsys.readouterr().out
+    assert "--dataset" in listed and "--cutoff_len" in listed
+    assert "--packing" not in listed and "--train_on" not in listed
+    for option in ("--packing", "--train_on"):
+        assert cli.main([command, option, "true", "--dataset", "pairs.json"]) == 2
+        assert f"unknown option '{option[2:]}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sft", "--help"])
+    listed = capsys.readouterr().out
+    assert "--packing" in listed and "--train_on" in listed

@@ -54,15 +54,13 @@ Turn = tuple[str, str]
 
 @dataclass
 class DataOptions:
-    """Data options of sft, rm, dpo and ppo; a command's config inherits them (see `load_kwargs`)."""
+    """Data options of sft, rm and dpo; a command's config inherits them (see `load_kwargs`)."""
 
     dataset: list[str] = opt(factory=list, help="data files (.json/.jsonl), each optionally path:COUNT or path:RATIO")
     template: Literal["baichuan2", "baichuan", "human_assistant", "base"] = opt("baichuan2", "chat format of the samples")
     cutoff_len: int = opt(1024, "maximum tokens per sample (and per packed row)")
     max_source_length: int = opt(0, "per-part truncation: maximum prompt tokens per round (0: off)")
     max_target_length: int = opt(0, "per-part truncation: maximum answer tokens per round (0: off)")
-    train_on: Literal["all", "last"] = opt("all", "multi-turn: learn every assistant answer, or only the last")
-    packing: bool = opt(False, "pack short samples into rows of cutoff_len tokens (no attention across samples)")
     max_samples: int = opt(0, "read at most this many records from each file (0: all)")
     val_size: float = opt(0.0, "eval split: a fraction (< 1) or a number of records (>= 1); 0: none")
     skip_bad_records: bool = opt(False, "skip malformed records (and count them) instead of stopping")
@@ -90,12 +88,24 @@ class DataOptions:
                 raise ConfigError(f"{source.path}: data file not found")
 
     def load_kwargs(self, seed: int) -> dict:
-        """Keyword arguments of `load_sft_data` / `load_pair_data` (minus train_on for pairs)."""
+        """Keyword arguments of `load_pair_data` (and, with SFTDataOptions' own, of `load_sft_data`)."""
         return dict(template=self.template, cutoff_len=self.cutoff_len, max_source_length=self.max_source_length,
-                    max_target_length=self.max_target_length, train_on=self.train_on, max_samples=self.max_samples,
+                    max_target_length=self.max_target_length, max_samples=self.max_samples,
                     val_size=self.val_size, seed=seed, skip_bad_records=self.skip_bad_records,
                     num_workers=self.preprocessing_num_workers, cache_dir=self.cache_dir or None,
                     placeholders={"name": self.name, "author": self.author}, overwrite_cache=self.overwrite_cache)
+
+
+@dataclass
+class SFTDataOptions(DataOptions):
+    """DataOptions plus what only instruction data takes (preference pairs always learn just their two answers,
+    and a batch of pairs holds whole pairs, so rm and dpo offer neither)."""
+
+    train_on: Literal["all", "last"] = opt("all", "multi-turn: learn every assistant answer, or only the last")
+    packing: bool = opt(False, "pack short samples into rows of cutoff_len tokens (no attention across samples)")
+
+    def load_kwargs(self, seed: int) -> dict:
+        return {**super().load_kwargs(seed), "train_on": self.train_on}
 
 
 @dataclass(slots=True)

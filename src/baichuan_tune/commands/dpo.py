@@ -61,8 +61,6 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
-        if self.packing:
-            raise ConfigError("packing does not apply to preference pairs (each batch holds whole pairs)")
 
 
 def main(argv: list[str]) -> int:

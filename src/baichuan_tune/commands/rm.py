@@ -45,10 +45,6 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     learning_rate: float = opt(1e-4, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
 
-    def validate(self) -> None:
-        if self.packing:
-            raise ConfigError("packing does not apply to preference pairs (each batch holds whole pairs)")
-
 
 @dataclass
 class ScoreConfig:

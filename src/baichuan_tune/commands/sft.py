@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..builtin import DEMO_PROMPTS
 from ..config import opt, parse_config
-from ..data import DataOptions
+from ..data import SFTDataOptions
 from ..lazy import no_grad
 from ..options import ModelOptions, TrainOptions
 
@@ -39,7 +39,7 @@ DEMO_OVERRIDES = [
 
 
 @dataclass
-class SFTConfig(ModelOptions, DataOptions, TrainOptions):
+class SFTConfig(ModelOptions, SFTDataOptions, TrainOptions):
     demo_prompts: list[str] = opt(factory=list, help="prompts answered before and after training (chat format)")
 
     def validate(self) -> None:
