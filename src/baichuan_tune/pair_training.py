@@ -69,13 +69,14 @@ class PairRun:
     per_epoch: int
     position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "skipped_steps": 0, "pairs": 0})
     evals: list = field(default_factory=list)
+    resumed: dict = field(default_factory=dict)  # {"resumed_from": checkpoint path or None}
     eval_loss_fn: LossFn | None = None  # for the eval split, when it differs from the training loss_fn
 
 
 def start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, desc: str,
                    eval_loss_fn: LossFn | None = None) -> PairRun:
     """Optimiser, schedule, checkpoints (the latest restored under --resume) and run log of an rm/dpo run."""
-    from .training import (Checkpoints, RunLog, make_grad_scaler, make_optimizer, make_scheduler,
+    from .training import (Checkpoints, RunLog, log_resume, make_grad_scaler, make_optimizer, make_scheduler,
                            total_optimizer_steps)
 
     per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
@@ -88,6 +89,7 @@ def start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, desc:
         run.position = checkpoints.load(checkpoints.latest(), model, optimizer, scheduler, run.scaler)
     run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
                      tensorboard=cfg.report_to == "tensorboard", desc=desc)
+    run.resumed = log_resume(run.log, checkpoints, run.position.get("step", 0))
     if run.position.get("step", 0):
         run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
     return run

@@ -306,6 +306,7 @@ class Checkpoints:
     def __init__(self, output_dir: Path, keep: int):
         self.output_dir = Path(output_dir)
         self.keep = keep
+        self.resumed_from: Path | None = None  # the checkpoint `load` restored, for the log and the results
 
     def all(self) -> list[Path]:
         found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
@@ -358,7 +359,17 @@ class Checkpoints:
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"])
+        self.resumed_from = Path(path)
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def log_resume(log, checkpoints: Checkpoints, step: int) -> dict:
+    """Say which checkpoint a resumed run continues from, in the run's output; returns {"resumed_from": its path,
+    or None for a fresh run} for train_results.json. (trainer_log.jsonl stays as a straight run writes it.)"""
+    path = checkpoints.resumed_from
+    if path is not None:
+        log.write(f"resumed from {path} (step {step})")
+    return {"resumed_from": None if path is None else str(path)}
 
 
 def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> None:

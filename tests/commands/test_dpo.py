@@ -112,6 +112,7 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
                      "--output_dir", str(out), "--resume", "true"]) == 0
     assert (out / dpo.REFERENCE_FILE).stat().st_mtime_ns == before
     assert results_of(out)["global_step"] == 3
+    assert results_of(out)["resumed_from"] == str(out / "checkpoint-1")  # the first run saved step 1 of 2
 
 
 def test_a_reference_table_of_other_pairs_is_not_reused(tmp_path):

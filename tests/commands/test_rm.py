@@ -131,7 +131,7 @@ def test_full_reward_model_on_flat_jsonl(tmp_path, capsys):
     assert isinstance(json.loads(capsys.readouterr().out)["score"], float)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(24))
     args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3",
             "--val_size", "4", "--eval_steps", "2"]
@@ -142,7 +142,9 @@ def test_resume_continues_exactly(tmp_path):
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         (resumed / name).unlink()
     assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-2"]
+    capsys.readouterr()
     assert rm.main([*args, "--output_dir", str(resumed), "--resume", "true"]) == 0
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys()
@@ -151,6 +153,7 @@ def test_resume_continues_exactly(tmp_path):
     # The held-out numbers before training come from the step-0 evaluation the first run logged.
     results = [json.loads((folder / "train_results.json").read_text()) for folder in (straight, resumed)]
     assert "eval_accuracy_before" in results[0]
+    assert [r["resumed_from"] for r in results] == [None, str(resumed / "checkpoint-2")]
     assert {k: v for k, v in results[0].items() if k.startswith("eval_")} == \
         {k: v for k, v in results[1].items() if k.startswith("eval_")}
 

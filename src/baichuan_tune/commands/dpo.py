@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
                     ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
         plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
     results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
+               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals),
+               **run.resumed}
     write_results(out, results)
     print(f"Done: policy in {out}")
     return 0

@@ -106,8 +106,9 @@ def main(argv: list[str]) -> int:
     from .. import losses as L
     from .. import rlhf
     from ..adapters import count_parameters
-    from ..training import (Checkpoints, RunLog, load_trainable, logged_evals, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything, write_results)
+    from ..training import (Checkpoints, RunLog, load_trainable, log_resume, logged_evals, make_grad_scaler, make_optimizer,
+                            make_scheduler, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
+                            write_results)
     from ..value_head import PolicyWithValue, ValueHead
 
     # ---- setup
@@ -136,6 +137,7 @@ def main(argv: list[str]) -> int:
     trainable, total = count_parameters(run.policy)
     run.log = RunLog(out, total_steps, start_step=run.position.get("step", 0),
                      tensorboard=cfg.report_to == "tensorboard", desc="ppo")
+    resumed = log_resume(run.log, checkpoints, run.position.get("step", 0))
     if run.position.get("step", 0):
         run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
     run.log.write(f"prompts: {len(run.train_prompts)} train / {len(run.eval_prompts)} held out; reward: "
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> int:
 
     # ---- save
     _save(cfg, run.policy, tokenizer, out)
-    write_results(out, _results(out, step, run.evals, run.kl_ctl))
+    write_results(out, {**_results(out, step, run.evals, run.kl_ctl), **resumed})
     print(f"Done: policy in {out}")
     return 0
 

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
                     "pairwise accuracy")
     results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals)}
+               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals), **run.resumed}
     write_results(out, results)
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0

@@ -64,8 +64,8 @@ def main(argv: list[str]) -> int:
     from ..checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..collate import pack_examples
     from .. import distributed
-    from ..training import (Checkpoints, RunLog, SilentLog, make_grad_scaler, make_optimizer, make_scheduler,
-                            precision_dtype, prepare_output_dir, resolve_device, seed_everything,
+    from ..training import (Checkpoints, RunLog, SilentLog, log_resume, make_grad_scaler, make_optimizer,
+                            make_scheduler, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
                             total_optimizer_steps)
 
     # ---- setup
@@ -112,6 +112,7 @@ def main(argv: list[str]) -> int:
     model = distributed.wrap(model, dist, device)
     log = SilentLog() if not dist.main else RunLog(out, total_steps, start_step=position.get("step", 0),
                                                     tensorboard=cfg.report_to == "tensorboard", desc="sft")
+    resumed = log_resume(log, checkpoints, position.get("step", 0))
     log.write(f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; {total_steps} "
               f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})"
               + (f"; {dist.world} processes, global batch {cfg.per_device_train_batch_size * dist.world}"
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> int:
     save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
-    write_results(out, {**results, **data_report.counts})
+    write_results(out, {**results, **data_report.counts, **resumed})
     after = _answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
