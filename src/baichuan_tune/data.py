@@ -139,8 +139,10 @@ class LoadedData:
     eval: RecordList
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # per file: training records (after counts/ratios)
     unfilled_placeholders: list[str] = field(default_factory=list)
+    read: dict[str, int] = field(default_factory=dict)  # per file: good records read (both splits)
+    drawn: dict[str, int] = field(default_factory=dict)  # per file with a count or ratio: its training records
 
 
 class _Bad(Exception):
@@ -541,7 +543,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prom
     total = sum(len(f.records) for f in files)
     eval_ids = _eval_indices(total, val_size, seed)
     rng = random.Random(seed)
-    train, eval_, counts, start = RecordList(), RecordList(), {}, 0
+    train, eval_, counts, read, drawn, start = RecordList(), RecordList(), {}, {}, {}, 0
     for f in files:
         ids = range(start, start + len(f.records))
         start += len(f.records)
@@ -551,6 +553,9 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prom
             kept = _resample(kept, f.source.count or max(1, round(f.source.ratio * len(kept))), rng)
         train += kept
         counts[f.source.path] = counts.get(f.source.path, 0) + len(kept)
+        read[f.source.path] = read.get(f.source.path, 0) + len(f.records)
+        if f.source.count or f.source.ratio:
+            drawn[f.source.path] = drawn.get(f.source.path, 0) + len(kept)
     state = [CACHE_FORMAT, kind, [_source_state(s) for s in sources], max_samples, val_size, seed,
              sorted(fill.values.items()), skip_bad_records, input_join]
     train.kind = eval_.kind = kind
@@ -558,7 +563,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prom
     eval_.fingerprint = _hash_json(state + ["eval"])
     return LoadedData(train, eval_, skipped=sum(f.skipped for f in files),
                       problems=[p for f in files for p in f.problems][:MAX_PROBLEMS], counts=counts,
-                      unfilled_placeholders=sorted(fill.unfilled))
+                      unfilled_placeholders=sorted(fill.unfilled), read=read, drawn=drawn)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -906,27 +911,41 @@ class DataReport(str):
     counts: dict
 
 
-def _report(loaded: LoadedData, sets: list[TokenizedDataset]) -> DataReport:
-    """One log line: what was read, skipped, truncated and dropped, and where the tokens came from."""
-    files = ", ".join(f"{Path(p).name}: {n}" for p, n in loaded.counts.items())
-    parts = [f"data: {files} (train {len(sets[0])}, eval {len(sets[1])})"]
-    bad = loaded.skipped + sum(s.stats.get("bad_records", 0) for s in sets)
-    if bad:
-        problems = loaded.problems + [p for s in sets for p in s.stats.get("problems", [])]
-        parts.append(f"{bad} bad records skipped (first: {problems[0]})")
-    truncated = sum(s.stats.get("truncated", 0) for s in sets)
-    dropped = sum(s.stats.get("no_target", 0) for s in sets)
+def data_report(read: dict[str, int], train: int, eval_: int, unit: str, *, drawn: dict[str, int] | None = None,
+                skipped: int = 0, problems: list[str] = (), truncated: int = 0, dropped: int = 0,
+                notes: list[str] = ()) -> DataReport:
+    """The data line of every training command, counted the same way in each: the good records read from each
+    file (and how many a path:COUNT or path:RATIO drew for training), then the train / eval split in `unit`
+    (samples, pairs or prompts, as used: after dropping what truncation left with nothing to learn), then
+    what was skipped, truncated or dropped; `notes` follow. Its `counts` go into train_results.json."""
+    drawn = drawn or {}
+    files = ", ".join(f"{Path(p).name}: {n} records" + (f" ({drawn[p]} drawn for training)" if p in drawn else "")
+                      for p, n in read.items())
+    parts = [f"data: {files}; {train} train / {eval_} eval {unit}"]
+    if skipped:
+        parts.append(f"{skipped} bad records skipped (first: {problems[0]})")
     if truncated or dropped:
         parts.append(f"{truncated} truncated, {dropped} dropped with nothing left to learn")
+    report = DataReport("; ".join([*parts, *notes]))
+    report.counts = {"data_records": sum(read.values()), f"train_{unit}": train, f"eval_{unit}": eval_,
+                     "skipped_records": skipped, "truncated_samples": truncated, "dropped_samples": dropped}
+    return report
+
+
+def _report(loaded: LoadedData, sets: list[TokenizedDataset], unit: str) -> DataReport:
+    """data_report of a read and tokenised dataset, with the placeholder warning and the tokenisation speed."""
+    problems = loaded.problems + [p for s in sets for p in s.stats.get("problems", [])]
+    notes = []
     if loaded.unfilled_placeholders:
         names = ", ".join("{{" + n + "}}" for n in loaded.unfilled_placeholders)
-        parts.append(f"WARNING: no value for placeholders {names} (left as written)")
+        notes.append(f"WARNING: no value for placeholders {names} (left as written)")
     stats = sets[0].stats
     rate = f", {stats['records_per_second']} records/s with {stats['workers']} workers" if stats.get("cache") != "hit" else ""
-    parts.append(f"tokenised: cache {stats.get('cache')}{rate}")
-    report = DataReport("; ".join(parts))
-    report.counts = {"skipped_records": bad, "truncated_samples": truncated, "dropped_samples": dropped}
-    return report
+    notes.append(f"tokenised: cache {stats.get('cache')}{rate}")
+    return data_report(loaded.read, len(sets[0]), len(sets[1]), unit, drawn=loaded.drawn,
+                       skipped=loaded.skipped + sum(s.stats.get("bad_records", 0) for s in sets), problems=problems,
+                       truncated=sum(s.stats.get("truncated", 0) for s in sets),
+                       dropped=sum(s.stats.get("no_target", 0) for s in sets), notes=notes)
 
 
 def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max_source_length, max_target_length,
@@ -945,7 +964,7 @@ def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max
     if len(sets[0]) == 0:
         raise DataError(f"{', '.join(map(str, loaded.counts))}: no training sample left after tokenisation "
                         f"(cutoff_len {cutoff_len} too small?)")
-    return sets[0], sets[1], _report(loaded, sets)
+    return sets[0], sets[1], _report(loaded, sets, "pairs" if kind == "pair" else "samples")
 
 
 def load_sft_data(files, tokenizer, *, template: str = "baichuan2", cutoff_len: int = 1024, max_source_length: int = 0,

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     run = start_pair_run(cfg, model, out, train_set, val_set, device, amp_dtype, cfg.loss_type,
                          eval_loss_fn=lambda batch: preference_loss(cfg, model, batch, reference, "eval"))
     run.log.write(f"{report}; {cfg.loss_type} loss, reference: {reference.describe()}; {run.total_steps} optimizer "
-                  f"steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+                  f"steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
     step = train_pairs(model, lambda batch: preference_loss(cfg, model, batch, reference, "train"), run)
@@ -101,9 +101,8 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
                     ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
         plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
-    results = {"global_step": step, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-               "eval_pairs": len(val_set), "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals),
-               **run.resumed}
+    results = {"global_step": step, "loss_type": cfg.loss_type, **report.counts,
+               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals), **run.resumed}
     write_results(out, results)
     print(f"Done: policy in {out}")
     return 0

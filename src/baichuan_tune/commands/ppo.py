@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
     run.reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
     run.reward = _make_reward(cfg, lm, device, amp_dtype)
     run.policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
-    run.train_prompts, run.eval_prompts = _load_prompts(cfg, tokenizer, out)
+    run.train_prompts, run.eval_prompts, report = _load_prompts(cfg, tokenizer, out)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         len(run.train_prompts) / cfg.rollout_batch_size * cfg.num_train_epochs)
     minibatches = math.ceil(min(cfg.rollout_batch_size, len(run.train_prompts)) / cfg.per_device_train_batch_size)
@@ -140,9 +140,8 @@ def main(argv: list[str]) -> int:
     resumed = log_resume(run.log, checkpoints, run.position.get("step", 0))
     if run.position.get("step", 0):
         run.evals = logged_evals(out)  # the step-0 evaluation ran before the interruption
-    run.log.write(f"prompts: {len(run.train_prompts)} train / {len(run.eval_prompts)} held out; reward: "
-                  f"{_describe(run.reward)}; {total_steps} PPO steps x {updates_per_step} updates; trainable "
-                  f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    run.log.write(f"{report}; reward: {_describe(run.reward)}; {total_steps} PPO steps x {updates_per_step} updates; "
+                  f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters ({cfg.finetuning_type})")
     run.sample_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens,
                                                     cfg.temperature, greedy=False)
     run.greedy_cfg = rlhf.rollout_generation_config(tokenizer, cfg.max_new_tokens, cfg.min_new_tokens, 1.0, greedy=True)
@@ -163,7 +162,7 @@ def main(argv: list[str]) -> int:
 
     # ---- save
     _save(cfg, run.policy, tokenizer, out)
-    write_results(out, {**_results(out, step, run.evals, run.kl_ctl), **resumed})
+    write_results(out, {**_results(out, step, run.evals, run.kl_ctl), **report.counts, **resumed})
     print(f"Done: policy in {out}")
     return 0
 
@@ -329,8 +328,10 @@ def _parse_kwargs(items: list[str]) -> dict:
 # ----------------------------------------------------------------------------- prompts
 
 
-def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
-    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed."""
+def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list, str]:
+    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed, and
+    the data line (counted as sft, rm and dpo count theirs)."""
+    from ..data import data_report
     from ..templates import get_template
 
     files = list(cfg.dataset)
@@ -343,16 +344,19 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
                                              for p in demo_prompts()))
         files = [str(demo_file)]
     template = get_template(cfg.template)
-    prompts = []
+    prompts, read, truncated = [], {}, 0
     for path in files:
         for turns in _prompt_turns(path, cfg.max_samples, template.input_join):
-            ids = template.encode_prompt(tokenizer, turns)[-cfg.max_prompt_length :]
-            prompts.append((ids, turns[-1][1], turns))
+            ids = template.encode_prompt(tokenizer, turns)
+            truncated += len(ids) > cfg.max_prompt_length
+            prompts.append((ids[-cfg.max_prompt_length :], turns[-1][1], turns))
+            read[path] = read.get(path, 0) + 1
     count = int(cfg.val_size) if cfg.val_size >= 1 else round(cfg.val_size * len(prompts))
     if count >= len(prompts):
         raise DataError(f"val_size {cfg.val_size} leaves no training prompts (of {len(prompts)})")
     held = set(random.Random(cfg.seed).sample(range(len(prompts)), count))
-    return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
+    train, held_out = [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
+    return train, held_out, data_report(read, len(train), len(held_out), "prompts", truncated=truncated)
 
 
 def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:

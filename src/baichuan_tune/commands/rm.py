@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     trainable, total = count_parameters(rm)
     run = start_pair_run(cfg, rm, out, train_set, val_set, device, amp_dtype, "rm")
     run.log.write(f"{report}; {run.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of "
-                  f"{total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+                  f"{total / 1e6:.2f}M parameters ({cfg.finetuning_type})")
 
     # ---- loop
     step = train_pairs(rm, lambda batch: pairwise_loss(rm, batch), run)
@@ -98,8 +98,8 @@ def main(argv: list[str]) -> int:
         plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
         plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
                     "pairwise accuracy")
-    results = {"global_step": step, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-               "skipped_steps": run.position["skipped_steps"], **eval_results(run.evals), **run.resumed}
+    results = {"global_step": step, **report.counts, "skipped_steps": run.position["skipped_steps"],
+               **eval_results(run.evals), **run.resumed}
     write_results(out, results)
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0

@@ -113,8 +113,8 @@ def main(argv: list[str]) -> int:
     log = SilentLog() if not dist.main else RunLog(out, total_steps, start_step=position.get("step", 0),
                                                     tensorboard=cfg.report_to == "tensorboard", desc="sft")
     resumed = log_resume(log, checkpoints, position.get("step", 0))
-    log.write(f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; {total_steps} "
-              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})"
+    log.write(f"{data_report}" + (f"; packed into {len(rows)} rows" if cfg.packing else "") + f"; {total_steps} "
+              f"optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters ({cfg.finetuning_type})"
               + (f"; {dist.world} processes, global batch {cfg.per_device_train_batch_size * dist.world}"
                  if dist.world > 1 else ""))
 
