@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ..builtin import SFT_DEMO_DIR
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
 from ..lazy import no_grad
@@ -44,7 +45,6 @@ DEMO_OVERRIDES = [
     "--per_device_train_batch_size", "32", "--max_new_tokens", "12", "--val_size", "32", "--eval_steps", "10",
     "--save_steps", "100", "--device", "cpu", "--overwrite_output_dir", "true",
 ]
-SFT_DEMO_DIR = Path("outputs/sft-demo")
 
 
 @dataclass

@@ -14,6 +14,8 @@ chosen, rejected), flat {prompt, chosen, rejected} JSONL, or OpenAI messages + c
 pairwise accuracy and reward margin on the eval split (before training too). Writes into output_dir the
 adapter (or full weights), `value_head.safetensors` and `reward_model.json`, plus checkpoints,
 trainer_log.jsonl, training_loss.png, training_accuracy.png, TensorBoard events and train_results.json.
+A score is relative, per prompt: compare answers to the same prompt (higher = preferred); scores of
+different prompts are not calibrated against each other.
 """
 
 from __future__ import annotations

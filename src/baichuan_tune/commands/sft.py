@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..builtin import DEMO_PROMPTS
+from ..builtin import DEMO_PROMPTS, SFT_DEMO_DIR
 from ..config import opt, parse_config
 from ..data import SFTDataOptions
 from ..lazy import no_grad
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, 
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [
-    "--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--output_dir", "outputs/sft-demo", "--num_train_epochs", "3",
+    "--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--output_dir", str(SFT_DEMO_DIR), "--num_train_epochs", "3",
     "--learning_rate", "1e-3", "--warmup_ratio", "0.05", "--per_device_train_batch_size", "8", "--logging_steps", "5",
     "--save_steps", "100", "--val_size", "0.05", "--eval_steps", "50", "--cutoff_len", "128", "--device", "cpu",
     "--overwrite_output_dir", "true",
