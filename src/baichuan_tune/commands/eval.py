@@ -46,7 +46,7 @@ class EvalConfig:
     text_field: str = opt("text", "ppl: the field of a .jsonl/.json record that holds the text")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)")
     device: str = opt("auto", "cuda, cpu or auto (cuda when available)")
-    output: str | None = opt(None, "folder for results.json (default: eval_results/<model>[+<adapter>]/<task>-<split>)")
+    output: str | None = opt(None, "folder for results.json (default: eval_results/<model>[+<adapter>][-4bit]/<task>-<split>)")
     overwrite: bool = opt(False, "replace the results an earlier run left in the output folder")
     show_subjects: bool = opt(True, "print every subject's accuracy, not only the categories")
     progress: bool = opt(True, "show a progress bar (over subjects; ppl: over batches of text)")
