@@ -375,7 +375,7 @@ def _require_a_pair(obj: dict) -> None:
     """A record with neither answer is no pair: say so (not that its conversation ends with an answer)."""
     if "chosen" in obj or "rejected" in obj:
         return
-    label = next((key for key in PREFERENCE_LABELS if key in obj), None)
+    label = next((key for key in PREFERENCE_LABELS if isinstance(obj.get(key), bool)), None)
     if label is not None:
         raise _Bad(label, "an unpaired preference record (one answer labelled good or bad, KTO-style data for KTO "
                           "training, planned as `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
@@ -912,8 +912,8 @@ class DataReport(str):
 
 
 def data_report(read: dict[str, int], train: int, eval_: int, unit: str, *, drawn: dict[str, int] | None = None,
-                skipped: int = 0, problems: list[str] = (), truncated: int = 0, dropped: int = 0,
-                notes: list[str] = ()) -> DataReport:
+                skipped: int = 0, problems: list[str] | tuple = (), truncated: int = 0, dropped: int = 0,
+                notes: list[str] | tuple = ()) -> DataReport:
     """The data line of every training command, counted the same way in each: the good records read from each
     file (and how many a path:COUNT or path:RATIO drew for training), then the train / eval split in `unit`
     (samples, pairs or prompts, as used: after dropping what truncation left with nothing to learn), then
