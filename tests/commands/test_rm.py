@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from baichuan_tune import cli
 from baichuan_tune.builtin_pref import demo_preference_records
 from baichuan_tune.commands import rm
+from documented import ACCURACY_TOLERANCE, assert_near
 
 FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
 SMALL = ["--model", "default", "--finetuning_type", "lora", "--cutoff_len", "64", "--per_device_train_batch_size", "4",
@@ -45,6 +46,12 @@ def test_demo_raises_held_out_pairwise_accuracy_well_above_chance(demo_run):
     assert results["eval_accuracy"] >= 0.7, results
     assert results["eval_accuracy"] - results["eval_accuracy_before"] >= 0.2
     assert results["eval_margin"] > 1.0 > results["eval_margin_before"]
+    # This is the demo the docs quote (README, docs/alignment.md): it lands near the documented figures. Before
+    # training the chosen and rejected rewards are near ties (margin ~0.01), so which side of a tie a pair falls
+    # on follows float rounding (thread count, CPU): that accuracy is only "about chance" on any machine.
+    assert_near(results, "rm", absolute={"eval_accuracy_before": 0.2, "eval_accuracy": ACCURACY_TOLERANCE,
+                                         "eval_margin_before": 0.3},
+                relative={"eval_margin": 0.3})
     for name in ("adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "reward_model.json",
                  "trainer_log.jsonl", "training_loss.png", "training_accuracy.png", "config.yaml", "demo_pairs.json"):
         assert (demo_run / name).is_file(), name
