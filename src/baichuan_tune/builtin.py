@@ -21,6 +21,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TOKENIZER = ASSETS / "default" / "tokenizer.model"
 DEFAULT_MODEL_VERSION = "v2"  # bump when the preset, tokenizer or seed changes
+SFT_DEMO_DIR = Path("outputs/sft-demo")  # where `baichuan-tune sft` with no options writes (ppo and demo look there)
 
 ASSISTANT_NAME = "Baichuan-Tune Demo"
 

@@ -1,13 +1,16 @@
 """`baichuan-tune` entry point: dispatches to one module per sub-command.
 
 Each sub-command lives in `baichuan_tune/commands/<name>.py` with a `main(argv)` function; the first
-line of its docstring is its description here. Modules are imported only when their command runs, so
-`--help` is fast and a command's optional dependencies are needed only by that command.
+line of its docstring is its description here, read from the source file without importing it. Modules
+are imported only when their command runs, so `--help` is fast (no torch, no transformers) and a
+command's optional dependencies are needed only by that command.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import sys
 
 # name -> module under baichuan_tune.commands (in the order `--help` lists them)
@@ -28,13 +31,13 @@ COMMANDS = {
 
 
 def _describe(module_name: str) -> str | None:
-    try:
-        module = importlib.import_module(f"baichuan_tune.commands.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"baichuan_tune.commands.{module_name}":
-            return None  # not built yet
-        return "(unavailable: missing dependency " + str(exc.name) + ")"
-    return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+    """The first line of the command module's docstring, or None when there is no such module."""
+    spec = importlib.util.find_spec(f"baichuan_tune.commands.{module_name}")
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None  # not built yet
+    with open(spec.origin, encoding="utf-8") as fh:
+        doc = ast.get_docstring(ast.parse(fh.read(), spec.origin)) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def usage() -> str:

@@ -191,14 +191,20 @@ def parse_config(cls, argv: list[str], prog: str = "baichuan-tune"):
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(cls, prog))
         raise SystemExit(0)
+    cfg = read_options(cls, argv)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def read_options(cls, argv: list[str]):
+    """`cls` from defaults, an optional YAML file and flags, every key and value checked; not yet `validate`d
+    (which checks the options together), so a command can read the user's own options before adding its own."""
     config_path, flags = split_argv(argv)
     cfg = cls()
     if config_path is not None:
         cfg = apply_overrides(cfg, read_yaml(config_path), config_path)
-    cfg = apply_overrides(cfg, merge_flags(cls, flags), "command line")
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return apply_overrides(cfg, merge_flags(cls, flags), "command line")
 
 
 def config_help(cls, prog: str) -> str:

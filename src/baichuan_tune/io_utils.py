@@ -28,6 +28,17 @@ def _umask() -> int:
     return mask
 
 
+def apply_umask(path: Path) -> None:
+    """Give `path`, and for a folder everything in it, the permissions a plain open() or mkdir() gives under
+    the umask (0644 / 0755 under the usual 022). mkstemp and mkdtemp make owner-only files and folders, and
+    so do writers built on them (safetensors' save_file writes weights 0600)."""
+    path = Path(path)
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        apply_umask(Path(tmp))  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,6 +73,7 @@ def atomic_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    apply_umask(tmp)  # what the block wrote with owner-only permissions (weights, through safetensors)
     old = final.parent / f".{final.name}.old"
     if old.exists():
         shutil.rmtree(old)

@@ -13,6 +13,7 @@ import torch
 from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import dpo
 from baichuan_tune.config import ConfigError, parse_config
+from documented import ACCURACY_TOLERANCE, assert_near
 
 FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
 SMALL = ["--model", "default", "--cutoff_len", "48", "--per_device_train_batch_size", "4", "--device", "cpu",
@@ -48,6 +49,17 @@ def test_demo_raises_held_out_preference_accuracy_and_margin(tmp_path):
                  "training_margin.png", "training_loss.png"):
         assert (out / name).is_file(), name
     assert not (out / dpo.REFERENCE_FILE).exists()  # LoRA: the reference is the adapter-off base, no table
+
+
+def test_the_demo_lands_near_the_documented_figures(tmp_path):
+    """`baichuan-tune dpo` as the docs quote it (README, docs/alignment.md: two epochs) measures what they say."""
+    out = tmp_path / "demo"
+    assert dpo.main(["--output_dir", str(out), *FAST]) == 0
+    assert_near(results_of(out), "dpo", absolute={"eval_accuracy_before": 0.0, "eval_margin_before": 1e-6,
+                                                  "eval_accuracy": ACCURACY_TOLERANCE,
+                                                  "eval_logp_accuracy_before": ACCURACY_TOLERANCE,
+                                                  "eval_logp_accuracy": ACCURACY_TOLERANCE},
+                relative={"eval_margin": 0.3})
 
 
 def _hand_logps(model, batch) -> torch.Tensor:
@@ -112,6 +124,7 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
                      "--output_dir", str(out), "--resume", "true"]) == 0
     assert (out / dpo.REFERENCE_FILE).stat().st_mtime_ns == before
     assert results_of(out)["global_step"] == 3
+    assert results_of(out)["resumed_from"] == str(out / "checkpoint-1")  # the first run saved step 1 of 2
 
 
 def test_a_reference_table_of_other_pairs_is_not_reused(tmp_path):

@@ -156,3 +156,67 @@ def test_quantize_option_scores_with_int8_weights(checkpoint, shared_data, tmp_p
         results[name] = json.loads((tmp_path / name / "results.json").read_text(encoding="utf-8"))
     full, int8 = results["full"]["perplexity"], results["int8"]["perplexity"]
     assert full != int8 and abs(int8 - full) / full < 0.02, (full, int8)
+
+
+@pytest.fixture(scope="module")
+def default_with_adapter(tmp_path_factory):
+    """The built-in model and a non-zero LoRA adapter for it, in a folder named my-lora (no shared files needed)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan_tune.models.checkpoint import load_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(load_model("default", dtype="fp32"), LoraConfig(r=2, target_modules=["W_pack"],
+                                                                          init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapters") / "my-lora"
+    lora.save_pretrained(folder)
+    return folder
+
+
+def test_results_go_to_a_folder_of_their_own_model_and_are_never_replaced_by_accident(
+        default_with_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "doc.txt").write_text("The capital of France is Paris. " * 8, encoding="utf-8")
+    common = ["eval", "--task", "ppl", "--data", "doc.txt", "--max-length", "32", "--progress", "false"]
+    assert cli.main([*common, "--model", "default"]) == 0
+    assert cli.main([*common, "--model", "default", "--adapter", str(default_with_adapter)]) == 0
+    base = json.loads((tmp_path / "eval_results/default/ppl-doc/results.json").read_text(encoding="utf-8"))
+    adapted = json.loads((tmp_path / "eval_results/default+my-lora/ppl-doc/results.json").read_text(encoding="utf-8"))
+    assert base["perplexity"] != adapted["perplexity"]  # two models, two folders: neither replaced the other
+    # perplexity has no split and no few-shot examples: null, in the config as well, not the benchmark defaults
+    assert (base["task"], base["split"], base["n_shot"]) == ("ppl", None, None)
+    assert base["config"]["split"] is None and base["config"]["n_shot"] is None and base["data"] == "doc.txt"
+    # the same run again is refused before any work, naming the folder and the way out; the results stay
+    capsys.readouterr()
+    assert cli.main([*common, "--model", "default", "--max-length", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_results/default/ppl-doc already holds results" in err and "--overwrite true" in err
+    assert json.loads((tmp_path / "eval_results/default/ppl-doc/results.json").read_text()) == base
+    assert cli.main([*common, "--model", "default", "--max-length", "16", "--overwrite", "true"]) == 0
+    replaced = json.loads((tmp_path / "eval_results/default/ppl-doc/results.json").read_text())
+    assert replaced["max_length"] == 16 and replaced["windows"] > base["windows"]
+
+
+def test_benchmark_results_folder_is_named_by_model_task_and_split(checkpoint, shared_data, tmp_path, monkeypatch):
+    data = need_shared(shared_data / "eval" / "ceval" / "ceval.zip")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(checkpoint), "--task", "ceval", "--split", "val", "--data", str(data), "--subjects", "law",
+            "--max-questions", "2", "--n-shot", "1", "--progress", "false"]
+    assert eval_command.main(argv) == 0
+    results = json.loads((tmp_path / "eval_results/tiny-baichuan2/ceval-val/results.json").read_text())
+    assert (results["task"], results["split"], results["n_shot"]) == ("ceval", "val", 1)
+    assert eval_command.run_name(eval_command.EvalConfig(model="runs/merged/", adapter="out/sft", quantize=4)) == \
+        "merged+sft-4bit"
+
+
+def test_perplexity_shows_a_progress_bar(tmp_path, capsys):
+    (tmp_path / "doc.txt").write_text("one two three four five six seven eight nine ten " * 4, encoding="utf-8")
+    argv = ["--model", "default", "--task", "ppl", "--data", str(tmp_path / "doc.txt"), "--max-length", "16",
+            "--batch-size", "2"]
+    assert eval_command.main([*argv, "--output", str(tmp_path / "bar")]) == 0
+    windows = json.loads((tmp_path / "bar" / "results.json").read_text())["windows"]
+    bar = capsys.readouterr().err
+    assert "perplexity" in bar and f"{-(-windows // 2)}/{-(-windows // 2)}" in bar  # every batch counted
+    assert eval_command.main([*argv, "--output", str(tmp_path / "quiet"), "--progress", "false"]) == 0
+    assert "perplexity" not in capsys.readouterr().err

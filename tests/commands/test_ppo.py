@@ -167,7 +167,7 @@ def test_full_finetuning_keeps_a_frozen_reference(tmp_path):
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     args = [*TINY, "--reward_function", "baichuan_tune.rewards:chinese_ratio", "--max_steps", "4", "--save_steps", "2",
             "--adaptive_kl", "true", "--kl_horizon", "100", "--kl_target", "0.5", "--val_size", "4", "--eval_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -175,7 +175,9 @@ def test_resume_continues_exactly(tmp_path):
     assert ppo.main([*args, "--output_dir", str(resumed)]) == 0
     (resumed / "adapter_model.safetensors").unlink()
     assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-2"]
+    capsys.readouterr()
     assert ppo.main([*args, "--output_dir", str(resumed), "--resume", "true"]) == 0
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     for name in ("adapter_model.safetensors", "critic/value_head.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         for key in a:
@@ -185,6 +187,7 @@ def test_resume_continues_exactly(tmp_path):
     results = [json.loads((folder / "train_results.json").read_text()) for folder in (straight, resumed)]
     assert "eval_reward_before" in results[0]
     assert [r["eval_reward_before"] for r in results] == [results[0]["eval_reward_before"]] * 2
+    assert [r["resumed_from"] for r in results] == [None, str(resumed / "checkpoint-2")]
 
 
 def test_reward_function_errors(tmp_path, capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from baichuan_tune import cli
 from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import rm
+from documented import ACCURACY_TOLERANCE, assert_near
 
 FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
 SMALL = ["--model", "default", "--finetuning_type", "lora", "--cutoff_len", "64", "--per_device_train_batch_size", "4",
@@ -45,6 +46,12 @@ def test_demo_raises_held_out_pairwise_accuracy_well_above_chance(demo_run):
     assert results["eval_accuracy"] >= 0.7, results
     assert results["eval_accuracy"] - results["eval_accuracy_before"] >= 0.2
     assert results["eval_margin"] > 1.0 > results["eval_margin_before"]
+    # This is the demo the docs quote (README, docs/alignment.md): it lands near the documented figures. Before
+    # training the chosen and rejected rewards are near ties (margin ~0.01), so which side of a tie a pair falls
+    # on follows float rounding (thread count, CPU): that accuracy is only "about chance" on any machine.
+    assert_near(results, "rm", absolute={"eval_accuracy_before": 0.2, "eval_accuracy": ACCURACY_TOLERANCE,
+                                         "eval_margin_before": 0.3},
+                relative={"eval_margin": 0.3})
     for name in ("adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "reward_model.json",
                  "trainer_log.jsonl", "training_loss.png", "training_accuracy.png", "config.yaml", "demo_pairs.json"):
         assert (demo_run / name).is_file(), name
@@ -131,7 +138,7 @@ def test_full_reward_model_on_flat_jsonl(tmp_path, capsys):
     assert isinstance(json.loads(capsys.readouterr().out)["score"], float)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.json", demo_preference_records(24))
     args = [*SMALL, "--dataset", str(pairs), "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3",
             "--val_size", "4", "--eval_steps", "2"]
@@ -142,7 +149,9 @@ def test_resume_continues_exactly(tmp_path):
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         (resumed / name).unlink()
     assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-2"]
+    capsys.readouterr()
     assert rm.main([*args, "--output_dir", str(resumed), "--resume", "true"]) == 0
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys()
@@ -151,6 +160,7 @@ def test_resume_continues_exactly(tmp_path):
     # The held-out numbers before training come from the step-0 evaluation the first run logged.
     results = [json.loads((folder / "train_results.json").read_text()) for folder in (straight, resumed)]
     assert "eval_accuracy_before" in results[0]
+    assert [r["resumed_from"] for r in results] == [None, str(resumed / "checkpoint-2")]
     assert {k: v for k, v in results[0].items() if k.startswith("eval_")} == \
         {k: v for k, v in results[1].items() if k.startswith("eval_")}
 

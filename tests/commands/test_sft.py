@@ -75,10 +75,10 @@ def test_training_lowers_the_loss(tmp_path):
     ("--packing", "true", "--gradient_accumulation_steps", "2", "--num_train_epochs", "10", "--val_size", "8",
      "--eval_steps", "3"),
 ], ids=["dropout", "packing-accumulation"])
-def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, setting):
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, capsys, setting):
     common = ("--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-3", *setting)
     straight = tmp_path / "straight"
-    run_sft(straight, *common)
+    assert run_sft(straight, *common)["resumed_from"] is None
 
     killed = tmp_path / "killed"
     import baichuan_tune.train.training as training
@@ -98,7 +98,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, s
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     with pytest.raises(TrainingError, match="--resume"):
         run_sft(killed, *common)
-    run_sft(killed, *common, "--resume", "true")
+    capsys.readouterr()
+    # The resumed run says which checkpoint it continues from, in its output and in train_results.json.
+    assert run_sft(killed, *common, "--resume", "true")["resumed_from"] == str(killed / "checkpoint-4")
+    assert f"resumed from {killed / 'checkpoint-4'} (step 4)" in capsys.readouterr().out
 
     a = load_file(str(straight / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter_model.safetensors"))

@@ -143,6 +143,58 @@ def test_bad_preference_records(tmp_path):
             load_dataset(str(path), kind="pair")
 
 
+
+# KTO-style data: one answer per prompt, marked good or bad (TRL's `label`, LLaMA-Factory's `kto_tag`).
+KTO = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "label": True},
+       {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}], "label": False}]
+
+
+@pytest.mark.parametrize("records,field,says", [
+    (KTO, "label", ["KTO", "sft would learn every answer, the bad ones too", "rm/dpo with paired chosen/rejected"]),
+    ([{**GOOD, "kto_tag": False}], "kto_tag", ["KTO"]),
+    ([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}], "chosen", ["baichuan-tune rm", "baichuan-tune dpo"]),
+    ([{"conversations": [{"from": "human", "value": "2+2?"}], "rejected": "5"}],
+     "rejected", ["sft would learn the rejected answer"]),
+])
+def test_sft_refuses_preference_data(tmp_path, records, field, says):
+    path = _write_jsonl(tmp_path / "prefs.jsonl", records)
+    with pytest.raises(DataError) as err:
+        load_dataset(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: record 1 (line 1), field '{field}': ")
+    assert all(part in message for part in says), message
+    # skipped and counted like any bad record when asked
+    if len(records) > 1:
+        with pytest.raises(DataError, match="no usable records \\(2 skipped as bad\\)"):
+            load_dataset(str(path), skip_bad_records=True)
+
+
+def test_sft_keeps_a_label_that_is_no_preference():
+    assert sft_ok({**GOOD, "label": "arithmetic"}) and sft_ok({**GOOD, "label": None})
+
+
+def sft_ok(record) -> bool:
+    return data.sft_turns(record) == [("user", "1+1=?"), ("assistant", "2")]
+
+
+@pytest.mark.parametrize("record,field,problem", [
+    (KTO[0], "label", "an unpaired preference record"),
+    ({**GOOD, "kto_tag": True}, "kto_tag", "rm and dpo learn from pairs"),
+    ({"messages": KTO[0]["messages"]}, "chosen", "missing: rm and dpo learn from preference pairs"),
+])
+def test_pair_data_names_unpaired_records(tmp_path, record, field, problem):
+    """Not "the conversation must end with a user turn": the record has no pair at all."""
+    path = _write_jsonl(tmp_path / "p.jsonl", [record])
+    with pytest.raises(DataError, match=rf"p.jsonl: record 1 \(line 1\), field '{field}': .*{problem}"):
+        load_dataset(str(path), kind="pair")
+
+
+def test_ppo_reads_the_prompts_of_labelled_data(tmp_path):
+    from baichuan_tune.commands import ppo
+
+    path = _write_jsonl(tmp_path / "kto.jsonl", KTO)
+    assert ppo._prompt_turns(str(path), 0) == [[("user", "2+2?")], [("user", "2+2?")]]
+
 def test_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"missing.json: data file not found"):
         load_dataset(str(tmp_path / "missing.json"))

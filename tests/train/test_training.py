@@ -407,3 +407,28 @@ def test_bench_recipes_smoke_runs_the_recipe_through_sft_and_the_trainer_baselin
     assert [r["run"] for r in rows] == ["ours", "baseline"]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"]) for r in rows)
     assert "RATIO 7b-qlora-belle ours/baseline" in done.stdout
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "qlora"])
+def test_adapters_and_checkpointing_warn_about_no_deprecated_transformers_names(finetuning_type, tmp_path):
+    """PEFT reads `is_gradient_checkpointing` on every adapter wrap and load, and checkpointing used to be enabled
+    by `gradient_checkpointing_enable`: both FutureWarnings of transformers, printed by every such command."""
+    import warnings
+
+    from baichuan_tune.builtin import default_model_dir
+    from baichuan_tune.models.checkpoint import load_model
+
+    if finetuning_type == "qlora":
+        pytest.importorskip("bitsandbytes")
+    base = default_model_dir()  # its shapes suit bitsandbytes' CPU kernels
+    quantize = 4 if finetuning_type == "qlora" else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = prepare_for_training(load_model(base, quantize=quantize), finetuning_type, lora_rank=2,
+                                     gradient_checkpointing=True)
+        model.save_pretrained(str(tmp_path / "adapter"))
+        loaded = load_model(base, quantize=quantize, adapter=tmp_path / "adapter")
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    # checkpointing is on all the same, and the answer PEFT reads says so
+    assert model.get_base_model().is_gradient_checkpointing and model.get_base_model().is_activation_checkpointing
+    assert not loaded.get_base_model().is_gradient_checkpointing

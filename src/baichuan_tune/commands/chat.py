@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ..models.checkpoint import LoadOptions
+from ..options import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 HELP = "commands: /clear forgets the conversation, /exit or /quit leaves (Ctrl-D too), /help shows this"

@@ -4,8 +4,9 @@
 
 With no options it loads the built-in default model (a small Baichuan2-architecture model with seeded
 random weights and the project's own tokenizer, written to the user cache on first use), prints its
-shape and generates greedily from a few prompts with the KV cache. Random weights give random text;
-`baichuan-tune sft` with no options then fine-tunes this model and shows the answers change.
+shape and generates greedily from a few prompts with the KV cache. Random weights give random text (it
+says so); `baichuan-tune sft` with no options then fine-tunes this model on the built-in demo data, and
+once that demo run exists (outputs/sft-demo) `demo` also shows the trained model's answers.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
+from ..builtin import SFT_DEMO_DIR
 from ..config import opt, parse_config
 
 
@@ -29,6 +29,8 @@ class DemoConfig:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(DemoConfig, argv, prog="baichuan-tune demo")
+    import torch
+
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
@@ -38,9 +40,36 @@ def main(argv: list[str]) -> int:
     print(f"loaded {path} in {time.time() - start:.1f}s: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
           f"{c.position_embedding}, norm_head={c.norm_head}, vocab {c.vocab_size}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    builtin = cfg.model == "default"
+    if builtin:
+        print("Its weights are random (seeded, never trained), so what it writes is random tokens, not answers: "
+              "this checks that loading and generation work.")
     for prompt in cfg.prompt:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False)
         print(f"> {prompt}\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    if builtin:
+        _trained_answers(cfg)
     return 0
+
+
+def _trained_answers(cfg: DemoConfig) -> None:
+    """The same prompts to the built-in model after the sft demo, in the chat format it was trained in."""
+    if not (SFT_DEMO_DIR / "config.json").is_file():
+        print(f"\n`baichuan-tune sft` (no options, a few CPU minutes) fine-tunes this model on the built-in demo data "
+              f"into {SFT_DEMO_DIR}; after that, `baichuan-tune demo` shows the trained model's answers too.")
+        return
+    import yaml
+
+    from ..models.checkpoint import load_model_and_tokenizer
+    from .sft import _answers  # the sft demo's own way of asking: greedy, in its template's chat format
+
+    config = yaml.safe_load((SFT_DEMO_DIR / "config.yaml").read_text(encoding="utf-8")) \
+        if (SFT_DEMO_DIR / "config.yaml").is_file() else {}
+    template = (config or {}).get("template", "baichuan2")
+    model, tokenizer = load_model_and_tokenizer(SFT_DEMO_DIR, dtype=cfg.dtype, device=cfg.device)
+    print(f"\nThe same model after `baichuan-tune sft` (the demo run in {SFT_DEMO_DIR}, asked in the {template} chat "
+          "format it was trained in):")
+    for prompt, answer in zip(cfg.prompt, _answers(model, tokenizer, template, cfg.prompt, cfg.max_new_tokens)):
+        print(f"> {prompt}\n{answer!r}")

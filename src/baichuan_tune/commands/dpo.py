@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
 from ..data.loading import DataOptions
-from ..train.training import ModelOptions, TrainOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: DPO with LoRA on the tiny default model, scored on held-out pairs before and after.
 DEMO_OVERRIDES = [
@@ -60,14 +62,12 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type sigmoid only, not {self.loss_type}")
-        if self.packing:
-            raise ConfigError("packing does not apply to preference pairs (each batch holds whole pairs)")
 
 
 def main(argv: list[str]) -> int:
-    from ..train.training import with_demo
+    from ..options import with_demo
 
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)")
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "DPO demo (tiny default model, CPU)", DPOConfig)
     cfg = parse_config(DPOConfig, argv, prog="baichuan-tune dpo")
     from ..extras import check_extras
 
@@ -116,8 +116,7 @@ def main(argv: list[str]) -> int:
             plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png",
                         ("accuracy", "eval_accuracy", "eval_logp_accuracy"), "preference accuracy")
             plot_curves(out / "trainer_log.jsonl", out / "training_margin.png", ("margin", "eval_margin"), "reward margin")
-        write_results(out, {**results, "loss_type": cfg.loss_type, "train_pairs": len(train_set),
-                            "eval_pairs": len(val_set), **eval_results(engine.evals)})
+        write_results(out, {**results, "loss_type": cfg.loss_type, **report.counts, **eval_results(engine.evals)})
     print(f"Done: policy in {out}")
     return 0
 
@@ -181,7 +180,7 @@ class Reference:
             return "none (reference-free)"
         return "the base with the adapter off" if self.adapter_off else "log-probs precomputed before training"
 
-    @torch.no_grad()
+    @no_grad
     def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
         from ..train.losses import sequence_logps
@@ -197,6 +196,8 @@ class Reference:
         return split_pairs(sequence_logps(logits, batch["labels"], average=average))
 
     def _precomputed(self, path: Path, datasets: dict, fingerprint: str, batch_size: int, device, amp_dtype) -> dict:
+        import torch
+
         from ..io_utils import atomic_write_bytes
 
         if path.is_file():
@@ -234,9 +235,11 @@ def _fingerprint(cfg, datasets: dict) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
+@no_grad
 def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
     """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
+    import torch
+
     from ..train.losses import sequence_logps
     from ..train.methods import pair_batch, split_pairs
     from ..train.training import autocast

@@ -12,6 +12,10 @@ printed and written to OUTPUT/results.json with every prediction in OUTPUT/predi
 which publishes no answers: OUTPUT/submission.json in the leaderboard's form). `--max-questions N` and
 `--subjects` make quick runs. For `--task ppl`, `--data` is a .txt file (one document) or .jsonl/.json
 (one document per record, text in `--text-field`).
+
+OUTPUT is `--output`, by default eval_results/<model>[+<adapter>][-4bit|-8bit]/<task>-<split> (ppl:
+.../ppl-<data file name>), so runs of other models, adapters or quantisations never replace each other's
+results; a folder that already holds results is refused unless `--overwrite true`.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ class EvalConfig:
     text_field: str = opt("text", "ppl: the field of a .jsonl/.json record that holds the text")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)")
     device: str = opt("auto", "cuda, cpu or auto (cuda when available)")
-    output: str | None = opt(None, "folder for results.json (default: eval_results/<task>-<split>)")
+    output: str | None = opt(None, "folder for results.json (default: eval_results/<model>[+<adapter>][-4bit]/<task>-<split>)")
+    overwrite: bool = opt(False, "replace the results an earlier run left in the output folder")
     show_subjects: bool = opt(True, "print every subject's accuracy, not only the categories")
-    progress: bool = opt(True, "show a progress bar over subjects")
+    progress: bool = opt(True, "show a progress bar (over subjects; ppl: over batches of text)")
 
     def validate(self) -> None:
         if not self.data:
@@ -85,11 +90,38 @@ def _device(name: str) -> str:
     return name
 
 
+def run_name(cfg: EvalConfig) -> str:
+    """The results folder's name for this model: <model>[+<adapter>][-4bit|-8bit], from the folders' names."""
+    name = _folder_name(cfg.model) + (f"+{_folder_name(cfg.adapter)}" if cfg.adapter else "")
+    return name + (f"-{cfg.quantize}bit" if cfg.quantize else "")
+
+
+def _folder_name(path: str) -> str:
+    return Path(path).name or Path(path).resolve().name  # "runs/sft/" -> "sft", "." -> the folder's own name
+
+
+def output_dir(cfg: EvalConfig) -> Path:
+    """--output, or eval_results/<run name>/<task>-<split> (ppl: ppl-<data file name>)."""
+    if cfg.output:
+        return Path(cfg.output)
+    part = f"ppl-{Path(cfg.data).stem}" if cfg.task == "ppl" else f"{cfg.task}-{cfg.split}"
+    return Path("eval_results") / run_name(cfg) / part
+
+
+def refuse_earlier_results(out_dir: Path, overwrite: bool) -> None:
+    """An earlier run's results are never replaced by accident (another model's, say)."""
+    if (out_dir / "results.json").exists() and not overwrite:
+        raise ConfigError(f"{out_dir} already holds results (results.json of an earlier run); pass --overwrite true "
+                          "to replace them, or another --output")
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, _join_list_values(argv), prog="baichuan-tune eval")
     from ..extras import check_extras
 
     check_extras("eval", cfg)
+    out_dir = output_dir(cfg)
+    refuse_earlier_results(out_dir, cfg.overwrite)
     from ..eval import evaluation as ev
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..io_utils import atomic_write_json
@@ -108,14 +140,17 @@ def main(argv: list[str]) -> int:
                                                 quantize=cfg.quantize, adapter=cfg.adapter)
     model.eval()
     print(f"loaded {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") + f" in {time.time() - start:.1f}s")
-    out_dir = Path(cfg.output or f"eval_results/{cfg.task}" + ("" if cfg.task == "ppl" else f"-{cfg.split}"))
     start = time.time()
     if cfg.task == "ppl":
-        result = ev.perplexity(model, tokenizer, texts, cfg.max_length, cfg.batch_size)
+        result = ev.perplexity(model, tokenizer, texts, cfg.max_length, cfg.batch_size, progress=cfg.progress)
         print(f"perplexity {result['perplexity']:.4f} (NLL {result['nll_per_token']:.4f}/token) over "
               f"{result['tokens']} tokens of {result['documents']} documents, windows of {result['max_length']}")
-        atomic_write_json(out_dir / "results.json", {"config": asdict(cfg), **result,
+        # No split and no few-shot examples in a perplexity run: null, in the config too, not their defaults.
+        config = {**asdict(cfg), "split": None, "n_shot": None}
+        atomic_write_json(out_dir / "results.json", {"task": "ppl", "split": None, "n_shot": None, "data": cfg.data,
+                                                      "config": config, **result,
                                                       "seconds": round(time.time() - start, 2)})
+        _remove_stale(out_dir, ("predictions.json", "submission.json"))
         print(f"wrote {out_dir / 'results.json'}")
         return 0
     results = ev.evaluate(model, tokenizer, task, subjects, split=cfg.split, n_shot=cfg.n_shot,
@@ -136,8 +171,16 @@ def main(argv: list[str]) -> int:
     if summary["overall"]["accuracy"] is None:
         atomic_write_json(out_dir / "submission.json", ev.submission(results))
         print(f"this split publishes no answers: predictions for the leaderboard in {out_dir / 'submission.json'}")
+    else:
+        _remove_stale(out_dir, ("submission.json",))
     print(f"wrote {out_dir / 'results.json'}")
     return 0
+
+
+def _remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
+    """After --overwrite: files of the replaced run that this run does not write would no longer match."""
+    for name in names:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _report_dropped(summary: dict, max_length: int) -> None:

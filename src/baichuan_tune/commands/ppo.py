@@ -26,15 +26,18 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
+from ..builtin import SFT_DEMO_DIR
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
 from ..train.methods import Method
 from ..train.rlhf import PPOOptions
-from ..train.training import ModelOptions, TrainOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: LoRA, rewarded for answering in Chinese (a dense rule), 30 steps on CPU. It starts from
 # the sft demo's model (outputs/sft-demo) when there is one: RLHF starts from a fine-tuned model.
@@ -45,7 +48,6 @@ DEMO_OVERRIDES = [
     "--per_device_train_batch_size", "32", "--max_new_tokens", "12", "--val_size", "32", "--eval_steps", "10",
     "--save_steps", "100", "--device", "cpu", "--overwrite_output_dir", "true",
 ]
-SFT_DEMO_DIR = Path("outputs/sft-demo")
 
 
 @dataclass
@@ -83,9 +85,9 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..train.training import with_demo
+    from ..options import with_demo
 
-    argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)")
+    argv, _ = with_demo(argv, _demo_argv, "PPO demo (rule reward: answer in Chinese, CPU)", PPOConfig)
     cfg = parse_config(PPOConfig, argv, prog="baichuan-tune ppo")
     from ..extras import check_extras
 
@@ -107,7 +109,7 @@ def main(argv: list[str]) -> int:
     reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
     reward = _make_reward(cfg, lm, device, amp_dtype)
     policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
-    train_prompts, eval_prompts = distributed.main_first(dist, lambda: _load_prompts(cfg, tokenizer, out))
+    train_prompts, eval_prompts, report = distributed.main_first(dist, lambda: _load_prompts(cfg, tokenizer, out))
     method = PPOMethod(cfg, policy, reference, reward, tokenizer, train_prompts, eval_prompts, dist, device, amp_dtype)
     schedule = _schedule(cfg, len(train_prompts), dist.world)
     engine = Engine(policy, method, cfg, out, schedule, dist, device, amp_dtype)
@@ -124,7 +126,7 @@ def main(argv: list[str]) -> int:
         return 0
     with engine.keep_state():  # the trained state stays on disk until the result is written
         _save(cfg, policy, tokenizer, out)
-        write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl)})
+        write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl), **report.counts})
     print(f"Done: policy in {out}")
     return 0
 
@@ -223,7 +225,7 @@ class PPOMethod(Method):
                 "update_s": round(time.perf_counter() - self._update_start, 3),
                 "rollout_tokens_per_s": round(self._rollout_tps, 1)}
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, engine) -> dict:
         """Greedy answers to the held-out prompts (shared out among the processes): mean raw reward and length."""
         from ..train import rlhf
@@ -291,6 +293,8 @@ def _frozen_copy(model):
 
 def _make_reward(cfg, lm, device, amp_dtype):
     """The configured reward: a rule function, the reward model as a second adapter, or a separate model."""
+    import torch
+
     from ..train import rlhf
     from ..train.alignment import model_reference
     from ..models.value_head import RewardScorer, load_head, load_reward_model, read_reward_meta
@@ -340,8 +344,10 @@ def _parse_kwargs(items: list[str]) -> dict:
 # ----------------------------------------------------------------------------- prompts
 
 
-def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
-    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed."""
+def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list, str]:
+    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed, and
+    the data line (counted as sft, rm and dpo count theirs)."""
+    from ..data.loading import data_report
     from ..data.templates import get_template
 
     files = list(cfg.dataset)
@@ -354,16 +360,19 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list]:
                                              for p in demo_prompts()))
         files = [str(demo_file)]
     template = get_template(cfg.template)
-    prompts = []
+    prompts, read, truncated = [], {}, 0
     for path in files:
         for turns in _prompt_turns(path, cfg.max_samples, template.input_join):
-            ids = template.encode_prompt(tokenizer, turns)[-cfg.max_prompt_length :]
-            prompts.append((ids, turns[-1][1], turns))
+            ids = template.encode_prompt(tokenizer, turns)
+            truncated += len(ids) > cfg.max_prompt_length
+            prompts.append((ids[-cfg.max_prompt_length :], turns[-1][1], turns))
+            read[path] = read.get(path, 0) + 1
     count = int(cfg.val_size) if cfg.val_size >= 1 else round(cfg.val_size * len(prompts))
     if count >= len(prompts):
         raise DataError(f"val_size {cfg.val_size} leaves no training prompts (of {len(prompts)})")
     held = set(random.Random(cfg.seed).sample(range(len(prompts)), count))
-    return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
+    train, held_out = [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
+    return train, held_out, data_report(read, len(train), len(held_out), "prompts", truncated=truncated)
 
 
 def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
@@ -379,7 +388,7 @@ def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
     if isinstance(obj, dict) and "chosen" in obj:
         pairs = data.load_dataset([path], kind="pair", max_samples=max_samples, input_join=input_join).train
         return [r.prompt for r in pairs]
-    records = data.load_dataset([path], kind="sft", max_samples=max_samples, input_join=input_join).train
+    records = data.load_dataset([path], kind="prompt", max_samples=max_samples, input_join=input_join).train
     turns = [r.turns[:-1] for r in records if r.turns[-1][0] == "assistant"]
     if not turns:
         raise DataError(f"{path}: no prompts found (plain-text records have no prompt to answer)")

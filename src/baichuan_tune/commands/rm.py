@@ -15,19 +15,22 @@ chosen, rejected), flat {prompt, chosen, rejected} JSONL, or OpenAI messages + c
 pairwise accuracy and reward margin on the eval split (before training too). Writes into output_dir the
 adapter (or full weights), `value_head.safetensors` and `reward_model.json`, plus checkpoints,
 trainer_log.jsonl, training_loss.png, training_accuracy.png, TensorBoard events and train_results.json.
+A score is relative, per prompt: compare answers to the same prompt (higher = preferred); scores of
+different prompts are not calibrated against each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
 from ..data.loading import DataOptions
-from ..train.training import ModelOptions, TrainOptions
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # The built-in demo: LoRA on the tiny default model, scored on held-out pairs before and after training.
 DEMO_OVERRIDES = [
@@ -44,10 +47,6 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     output_dir: str = opt("outputs/rm", "folder for the reward model, checkpoints, logs and plots")
     learning_rate: float = opt(1e-4, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
-
-    def validate(self) -> None:
-        if self.packing:
-            raise ConfigError("packing does not apply to preference pairs (each batch holds whole pairs)")
 
 
 @dataclass
@@ -67,9 +66,9 @@ class ScoreConfig:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "score":
         return score(argv[1:])
-    from ..train.training import with_demo
+    from ..options import with_demo
 
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)")
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "reward-model demo (tiny default model, CPU)", RMConfig)
     cfg = parse_config(RMConfig, argv, prog="baichuan-tune rm")
     from ..extras import check_extras
 
@@ -116,8 +115,7 @@ def main(argv: list[str]) -> int:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
             plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),
                         "pairwise accuracy")
-        write_results(out, {**results, "train_pairs": len(train_set), "eval_pairs": len(val_set),
-                            **eval_results(engine.evals)})
+        write_results(out, {**results, **report.counts, **eval_results(engine.evals)})
     print(f"Done: reward model in {out} (score answers with: baichuan-tune rm score --reward_model {out} ...)")
     return 0
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..models.checkpoint import LoadOptions
+from ..options import LoadOptions
 from ..config import ConfigError, opt, parse_config
 
 

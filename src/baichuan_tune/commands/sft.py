@@ -17,16 +17,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-import torch
+from typing import TYPE_CHECKING
 
-from ..builtin import DEMO_PROMPTS
+from ..builtin import DEMO_PROMPTS, SFT_DEMO_DIR
 from ..config import opt, parse_config
-from ..data.loading import DataOptions
-from ..train.training import ModelOptions, TrainOptions
+from ..data.loading import SFTDataOptions
+from ..lazy import no_grad
+from ..options import ModelOptions, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
+    import torch
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [
-    "--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--output_dir", "outputs/sft-demo", "--num_train_epochs", "3",
+    "--model", "default", "--dataset", "demo", "--finetuning_type", "full", "--output_dir", str(SFT_DEMO_DIR), "--num_train_epochs", "3",
     "--learning_rate", "1e-3", "--warmup_ratio", "0.05", "--per_device_train_batch_size", "8", "--logging_steps", "5",
     "--save_steps", "100", "--val_size", "0.05", "--eval_steps", "50", "--cutoff_len", "128", "--device", "cpu",
     "--overwrite_output_dir", "true",
@@ -34,7 +38,7 @@ DEMO_OVERRIDES = [
 
 
 @dataclass
-class SFTConfig(ModelOptions, DataOptions, TrainOptions):
+class SFTConfig(ModelOptions, SFTDataOptions, TrainOptions):
     demo_prompts: list[str] = opt(factory=list, help="prompts answered before and after training (chat format)")
 
     def validate(self) -> None:
@@ -48,11 +52,13 @@ class SFTConfig(ModelOptions, DataOptions, TrainOptions):
 
 
 def main(argv: list[str]) -> int:
-    from ..train.training import base_dtype, with_demo, write_results
+    from ..options import with_demo
 
     # A user's own --model without --dataset is a mistake to report, not a reason to run the demo on it.
-    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", own_model_allowed=False)
+    argv, demo = with_demo(argv, DEMO_OVERRIDES, "demo (tiny default model, demo data, CPU)", SFTConfig,
+                           own_model_allowed=False)
     cfg = parse_config(SFTConfig, argv, prog="baichuan-tune sft")
+    from ..train.training import base_dtype, write_results
     from ..extras import check_extras
 
     check_extras("sft", cfg)  # a missing matplotlib must not wait for the end of the run
@@ -97,8 +103,8 @@ def main(argv: list[str]) -> int:
     engine = Engine(model, SFTMethod(rows, val_set), cfg, out, schedule, dist, device, amp_dtype)
 
     # ---- train
-    summary = (f"{data_report}; {len(train_set)} train ({len(rows)} rows) / {len(val_set)} eval samples; "
-               f"{schedule.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
+    summary = (f"{data_report}" + (f"; packed into {len(rows)} rows" if cfg.packing else "")
+               + f"; {schedule.total_steps} optimizer steps; trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
                f"parameters ({cfg.finetuning_type})")
     results = engine.run(summary)
     distributed.shutdown(dist)
@@ -131,9 +137,11 @@ def _load_data(cfg, tokenizer):
     return data.load_sft_data(list(cfg.dataset), tokenizer, **cfg.load_kwargs(cfg.seed))
 
 
-@torch.no_grad()
+@no_grad
 def _answers(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy answers to `prompts` in the training template's chat format."""
+    import torch
+
     from ..data.templates import get_template
 
     if not prompts:

@@ -14,6 +14,11 @@ Record forms, told apart by their fields:
   `instruction` + `input`, with optional `system`/`history`), plus `chosen` and `rejected`, each a
   string or a `{from|role, value|content}` object.
 
+Instruction data (sft) must carry no preference fields: a pair (`chosen`/`rejected`) or a boolean
+`label`/`kto_tag` (KTO-style data: one answer judged good or bad) is refused, since sft would learn every
+answer, the rejected and bad ones too. Pair data (rm, dpo) must have both answers; an unpaired labelled
+record is named as such.
+
 `dataset` entries are file paths (`.json` = a JSON list, `.jsonl` = one object per line), optionally
 with a sample count `a.json:500` (draws 500 records, repeating the file when it holds fewer) or a ratio
 `a.json:0.5` (half of it; `:2.0` = twice); `demo` is the built-in demo set. A bad record is a
@@ -40,6 +45,7 @@ CACHE_FORMAT = 2  # bump when the cached arrays or the encoding rules change (2:
 DEMO_DATASET = "demo"
 MAX_PROBLEMS = 20  # skipped-record messages kept for the log
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+PREFERENCE_LABELS = ("label", "kto_tag")  # a boolean: this record's answer is good (true) or bad (false)
 FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
@@ -48,15 +54,13 @@ Turn = tuple[str, str]
 
 @dataclass
 class DataOptions:
-    """Data options of sft, rm, dpo and ppo; a command's config inherits them (see `load_kwargs`)."""
+    """Data options of sft, rm and dpo; a command's config inherits them (see `load_kwargs`)."""
 
     dataset: list[str] = opt(factory=list, help="data files (.json/.jsonl), each optionally path:COUNT or path:RATIO")
     template: Literal["baichuan2", "baichuan", "human_assistant", "base"] = opt("baichuan2", "chat format of the samples")
     cutoff_len: int = opt(1024, "maximum tokens per sample (and per packed row)")
     max_source_length: int = opt(0, "per-part truncation: maximum prompt tokens per round (0: off)")
     max_target_length: int = opt(0, "per-part truncation: maximum answer tokens per round (0: off)")
-    train_on: Literal["all", "last"] = opt("all", "multi-turn: learn every assistant answer, or only the last")
-    packing: bool = opt(False, "pack short samples into rows of cutoff_len tokens (no attention across samples)")
     max_samples: int = opt(0, "read at most this many records from each file (0: all)")
     val_size: float = opt(0.0, "eval split: a fraction (< 1) or a number of records (>= 1); 0: none")
     skip_bad_records: bool = opt(False, "skip malformed records (and count them) instead of stopping")
@@ -84,12 +88,24 @@ class DataOptions:
                 raise ConfigError(f"{source.path}: data file not found")
 
     def load_kwargs(self, seed: int) -> dict:
-        """Keyword arguments of `load_sft_data` / `load_pair_data` (minus train_on for pairs)."""
+        """Keyword arguments of `load_pair_data` (and, with SFTDataOptions' own, of `load_sft_data`)."""
         return dict(template=self.template, cutoff_len=self.cutoff_len, max_source_length=self.max_source_length,
-                    max_target_length=self.max_target_length, train_on=self.train_on, max_samples=self.max_samples,
+                    max_target_length=self.max_target_length, max_samples=self.max_samples,
                     val_size=self.val_size, seed=seed, skip_bad_records=self.skip_bad_records,
                     num_workers=self.preprocessing_num_workers, cache_dir=self.cache_dir or None,
                     placeholders={"name": self.name, "author": self.author}, overwrite_cache=self.overwrite_cache)
+
+
+@dataclass
+class SFTDataOptions(DataOptions):
+    """DataOptions plus what only instruction data takes (preference pairs always learn just their two answers,
+    and a batch of pairs holds whole pairs, so rm and dpo offer neither)."""
+
+    train_on: Literal["all", "last"] = opt("all", "multi-turn: learn every assistant answer, or only the last")
+    packing: bool = opt(False, "pack short samples into rows of cutoff_len tokens (no attention across samples)")
+
+    def load_kwargs(self, seed: int) -> dict:
+        return {**super().load_kwargs(seed), "train_on": self.train_on}
 
 
 @dataclass(slots=True)
@@ -123,8 +139,10 @@ class LoadedData:
     eval: RecordList
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # per file: training records (after counts/ratios)
     unfilled_placeholders: list[str] = field(default_factory=list)
+    read: dict[str, int] = field(default_factory=dict)  # per file: good records read (both splits)
+    drawn: dict[str, int] = field(default_factory=dict)  # per file with a count or ratio: its training records
 
 
 class _Bad(Exception):
@@ -308,10 +326,27 @@ def _listed_turns(obj: dict) -> list[tuple[str, str, str]] | None:
     return None
 
 
-def sft_turns(obj: Any, input_join: str = "\n") -> list[Turn]:
-    """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem)."""
+def _refuse_preference_fields(obj: dict) -> None:
+    """Instruction data with preference fields: sft learns every answer it is given, whatever the label."""
+    for key in ("chosen", "rejected"):
+        if key in obj:
+            raise _Bad(key, "a preference pair (chosen/rejected answers): sft would learn the rejected answer too; "
+                            "train on pairs with `baichuan-tune rm` or `baichuan-tune dpo`")
+    for key in PREFERENCE_LABELS:
+        if isinstance(obj.get(key), bool):
+            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training (planned as "
+                            "`baichuan-tune kto`); sft would learn every answer, the bad ones too. Use rm/dpo with "
+                            "paired chosen/rejected data, or drop the field to train on every answer")
+
+
+def sft_turns(obj: Any, input_join: str = "\n", preference_fields: bool = False) -> list[Turn]:
+    """Normalise one instruction/chat/text record to turns; raises _Bad(field, problem).
+
+    `preference_fields`: allow chosen/rejected or a preference label (ppo reads prompts and drops the answers)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
+    if not preference_fields:
+        _refuse_preference_fields(obj)
     if (turns := _listed_turns(obj)) is not None:
         pass
     elif "instruction" in obj or "output" in obj:
@@ -336,10 +371,24 @@ def _answer(obj: dict, key: str) -> str:
     return _string(obj, key, nonempty=True)
 
 
+def _require_a_pair(obj: dict) -> None:
+    """A record with neither answer is no pair: say so (not that its conversation ends with an answer)."""
+    if "chosen" in obj or "rejected" in obj:
+        return
+    label = next((key for key in PREFERENCE_LABELS if isinstance(obj.get(key), bool)), None)
+    if label is not None:
+        raise _Bad(label, "an unpaired preference record (one answer labelled good or bad, KTO-style data for KTO "
+                          "training, planned as `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
+                          "'chosen' and a 'rejected' answer")
+    raise _Bad("chosen", "missing: rm and dpo learn from preference pairs, a prompt with a 'chosen' and a 'rejected' "
+                         "answer (instruction data with one answer is for `baichuan-tune sft`)")
+
+
 def pair_fields(obj: Any, input_join: str = "\n") -> tuple[list[Turn], str, str]:
     """Normalise one preference record to (prompt turns, chosen, rejected); raises _Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {_type_name(obj)}")
+    _require_a_pair(obj)
     if (turns := _listed_turns(obj)) is not None:
         pass
     elif "prompt" in obj:
@@ -437,7 +486,7 @@ def _make_record(obj: Any, where: str, kind: str, fill: _Filler, input_join: str
     if kind == "pair":
         prompt, chosen, rejected = pair_fields(obj, input_join)
         return PairExample(fill.turns(prompt), fill(chosen), fill(rejected), where)
-    return Example(fill.turns(sft_turns(obj, input_join)), where)
+    return Example(fill.turns(sft_turns(obj, input_join, preference_fields=kind == "prompt")), where)
 
 
 def _resample(records: list, n: int, rng: random.Random) -> list:
@@ -472,12 +521,14 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sft", max_samples: int = 0,
+def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt"] = "sft", max_samples: int = 0,
                  val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False,
                  input_join: str = "\n") -> LoadedData:
     """Read and check every file of `dataset`, split off the eval set, then apply per-file counts/ratios.
 
     `input_join` goes between an alpaca record's instruction and input (the template's `input_join`).
+    `kind`: "sft" (Examples), "pair" (PairExamples) or "prompt" (Examples whose answers ppo drops, so
+    preference fields are allowed).
 
     The eval split is drawn (seeded) from all records read, before any resampling, so a repeated
     record never lands on both sides; per-file counts and ratios then apply to each file's training
@@ -492,7 +543,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
     total = sum(len(f.records) for f in files)
     eval_ids = _eval_indices(total, val_size, seed)
     rng = random.Random(seed)
-    train, eval_, counts, start = RecordList(), RecordList(), {}, 0
+    train, eval_, counts, read, drawn, start = RecordList(), RecordList(), {}, {}, {}, 0
     for f in files:
         ids = range(start, start + len(f.records))
         start += len(f.records)
@@ -502,6 +553,9 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
             kept = _resample(kept, f.source.count or max(1, round(f.source.ratio * len(kept))), rng)
         train += kept
         counts[f.source.path] = counts.get(f.source.path, 0) + len(kept)
+        read[f.source.path] = read.get(f.source.path, 0) + len(f.records)
+        if f.source.count or f.source.ratio:
+            drawn[f.source.path] = drawn.get(f.source.path, 0) + len(kept)
     state = [CACHE_FORMAT, kind, [_source_state(s) for s in sources], max_samples, val_size, seed,
              sorted(fill.values.items()), skip_bad_records, input_join]
     train.kind = eval_.kind = kind
@@ -509,7 +563,7 @@ def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair"] = "sf
     eval_.fingerprint = _hash_json(state + ["eval"])
     return LoadedData(train, eval_, skipped=sum(f.skipped for f in files),
                       problems=[p for f in files for p in f.problems][:MAX_PROBLEMS], counts=counts,
-                      unfilled_placeholders=sorted(fill.unfilled))
+                      unfilled_placeholders=sorted(fill.unfilled), read=read, drawn=drawn)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -769,7 +823,7 @@ def _save_cache(path: Path, dataset: TokenizedDataset, replace: bool) -> None:
 
     import numpy as np
 
-    from ..io_utils import atomic_write_json
+    from ..io_utils import apply_umask, atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -778,6 +832,7 @@ def _save_cache(path: Path, dataset: TokenizedDataset, replace: bool) -> None:
             np.save(tmp / f"{c}.npy", dataset.flat[c], allow_pickle=False)
             np.save(tmp / f"{c}.offsets.npy", dataset.offsets[c], allow_pickle=False)
         atomic_write_json(tmp / "meta.json", {"format": CACHE_FORMAT, "columns": list(dataset.columns), "stats": dataset.stats})
+        apply_umask(tmp)  # mkdtemp makes an owner-only folder
         if replace and path.exists():
             shutil.rmtree(path, ignore_errors=True)  # overwrite_cache, or a broken copy
         os.rename(tmp, path)
@@ -856,27 +911,41 @@ class DataReport(str):
     counts: dict
 
 
-def _report(loaded: LoadedData, sets: list[TokenizedDataset]) -> DataReport:
-    """One log line: what was read, skipped, truncated and dropped, and where the tokens came from."""
-    files = ", ".join(f"{Path(p).name}: {n}" for p, n in loaded.counts.items())
-    parts = [f"data: {files} (train {len(sets[0])}, eval {len(sets[1])})"]
-    bad = loaded.skipped + sum(s.stats.get("bad_records", 0) for s in sets)
-    if bad:
-        problems = loaded.problems + [p for s in sets for p in s.stats.get("problems", [])]
-        parts.append(f"{bad} bad records skipped (first: {problems[0]})")
-    truncated = sum(s.stats.get("truncated", 0) for s in sets)
-    dropped = sum(s.stats.get("no_target", 0) for s in sets)
+def data_report(read: dict[str, int], train: int, eval_: int, unit: str, *, drawn: dict[str, int] | None = None,
+                skipped: int = 0, problems: list[str] | tuple = (), truncated: int = 0, dropped: int = 0,
+                notes: list[str] | tuple = ()) -> DataReport:
+    """The data line of every training command, counted the same way in each: the good records read from each
+    file (and how many a path:COUNT or path:RATIO drew for training), then the train / eval split in `unit`
+    (samples, pairs or prompts, as used: after dropping what truncation left with nothing to learn), then
+    what was skipped, truncated or dropped; `notes` follow. Its `counts` go into train_results.json."""
+    drawn = drawn or {}
+    files = ", ".join(f"{Path(p).name}: {n} records" + (f" ({drawn[p]} drawn for training)" if p in drawn else "")
+                      for p, n in read.items())
+    parts = [f"data: {files}; {train} train / {eval_} eval {unit}"]
+    if skipped:
+        parts.append(f"{skipped} bad records skipped (first: {problems[0]})")
     if truncated or dropped:
         parts.append(f"{truncated} truncated, {dropped} dropped with nothing left to learn")
+    report = DataReport("; ".join([*parts, *notes]))
+    report.counts = {"data_records": sum(read.values()), f"train_{unit}": train, f"eval_{unit}": eval_,
+                     "skipped_records": skipped, "truncated_samples": truncated, "dropped_samples": dropped}
+    return report
+
+
+def _report(loaded: LoadedData, sets: list[TokenizedDataset], unit: str) -> DataReport:
+    """data_report of a read and tokenised dataset, with the placeholder warning and the tokenisation speed."""
+    problems = loaded.problems + [p for s in sets for p in s.stats.get("problems", [])]
+    notes = []
     if loaded.unfilled_placeholders:
         names = ", ".join("{{" + n + "}}" for n in loaded.unfilled_placeholders)
-        parts.append(f"WARNING: no value for placeholders {names} (left as written)")
+        notes.append(f"WARNING: no value for placeholders {names} (left as written)")
     stats = sets[0].stats
     rate = f", {stats['records_per_second']} records/s with {stats['workers']} workers" if stats.get("cache") != "hit" else ""
-    parts.append(f"tokenised: cache {stats.get('cache')}{rate}")
-    report = DataReport("; ".join(parts))
-    report.counts = {"skipped_records": bad, "truncated_samples": truncated, "dropped_samples": dropped}
-    return report
+    notes.append(f"tokenised: cache {stats.get('cache')}{rate}")
+    return data_report(loaded.read, len(sets[0]), len(sets[1]), unit, drawn=loaded.drawn,
+                       skipped=loaded.skipped + sum(s.stats.get("bad_records", 0) for s in sets), problems=problems,
+                       truncated=sum(s.stats.get("truncated", 0) for s in sets),
+                       dropped=sum(s.stats.get("no_target", 0) for s in sets), notes=notes)
 
 
 def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max_source_length, max_target_length,
@@ -895,7 +964,7 @@ def _load_and_tokenize(kind: str, files, tokenizer, *, template, cutoff_len, max
     if len(sets[0]) == 0:
         raise DataError(f"{', '.join(map(str, loaded.counts))}: no training sample left after tokenisation "
                         f"(cutoff_len {cutoff_len} too small?)")
-    return sets[0], sets[1], _report(loaded, sets)
+    return sets[0], sets[1], _report(loaded, sets, "pairs" if kind == "pair" else "samples")
 
 
 def load_sft_data(files, tokenizer, *, template: str = "baichuan2", cutoff_len: int = 1024, max_source_length: int = 0,

@@ -701,8 +701,12 @@ def _record_text(record, number: int, path: Path, text_field: str) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 4) -> dict:
-    """exp(mean NLL) over every predicted token of `texts` (windows of `max_length` tokens)."""
+def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 4,
+               progress: bool = True) -> dict:
+    """exp(mean NLL) over every predicted token of `texts` (windows of `max_length` tokens); a progress bar
+    runs over the batches of windows."""
+    from tqdm.auto import tqdm
+
     max_length = max_length or context_length(model)
     windows = []
     for text in texts:
@@ -714,7 +718,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     device = model_device(model)
     windows.sort(key=len, reverse=True)
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = windows[start: start + batch_size]
         width = len(batch[0])
         ids = torch.zeros((len(batch), width), dtype=torch.long)

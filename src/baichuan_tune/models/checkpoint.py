@@ -25,6 +25,7 @@ import torch
 from ..config import ConfigError, opt
 from ..errors import BaichuanTuneError, CheckpointError
 from ..io_utils import atomic_dir
+from ..options import LoadOptions  # noqa: F401  (chat and serve read it from here)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -450,36 +451,6 @@ def load_model_and_tokenizer(path, **kwargs):
 # ----------------------------------------------------------------------------- saving
 
 
-
-@dataclass
-class LoadOptions:
-    """The options of the commands that load a model to run it (chat, serve): what to load and how."""
-
-    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
-    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
-    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
-    template: Literal["baichuan2", "baichuan", "human_assistant", "base"] | None = opt(
-        None, "chat format (default: the template recorded with the model or adapter, else the published Chat models')")
-    allow_control_tokens: bool = opt(False, "let message text produce control tokens (<reserved_106> -> id 195); "
-                                            "default: such text is encoded as plain text")
-
-    def validate(self) -> None:
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
-
-    def load(self, path=None):
-        """(model, tokenizer) from `path` (default: the `model` option) with these options; `--template`
-        replaces the recorded template (with a warning when they differ)."""
-        from ..data.templates import TEMPLATE_FILE, choose_template, model_template, set_model_template
-
-        path = resolve_model_path(path or self.model)
-        model, tokenizer = load_model_and_tokenizer(path, dtype=self.dtype, device=self.device,
-                                                    quantize=self.quantize, adapter=self.adapter)
-        where = self.adapter if self.adapter and (Path(self.adapter) / TEMPLATE_FILE).is_file() else path
-        set_model_template(model, choose_template(model_template(model), self.template, where))
-        return model, tokenizer
 
 def _split_shards(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], pattern: str, shard_size):
     """huggingface_hub's shard plan, computed on meta tensors of the output dtype so sizes are exact."""

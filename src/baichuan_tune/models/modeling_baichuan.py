@@ -286,6 +286,12 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _skip_keys_device_placement = ["cache", "past_key_values"]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT reads this name whenever it wraps or loads an adapter; transformers deprecated it (for
+        # `is_activation_checkpointing`, the same test) with a FutureWarning each time. Answered here directly.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, NormHead):

@@ -330,3 +330,5 @@ def register_tokenizer() -> None:
 
 __all__ = ["BaiChuanTokenizer", "BaichuanTokenizer", "EscapingTokenizer", "check_sentencepiece_file", "compression",
            "control_token_ids", "register_tokenizer", "train_sentencepiece"]
+
+register_tokenizer()  # importing this module makes AutoTokenizer resolve the Baichuan classes

@@ -25,7 +25,7 @@ def lora_targets(names: list[str]) -> list[str]:
     return list(names)
 
 
-def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: float, quantized: bool, grad_ckpt: bool,
+def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: float, quantized: bool,
                 keep_dtype: torch.dtype | None = None):
     """Wrap `model` in a PEFT LoRA model (after PEFT's k-bit preparation for a quantised base).
 
@@ -39,11 +39,10 @@ def attach_lora(model, target: list[str], rank: int, alpha: float, dropout: floa
         from ..models.quantize import keep_4bit_trainable
 
         keep_4bit_trainable(model)
-        # PEFT enables checkpointing again here, with empty kwargs unless given ours: keep the non-reentrant
-        # variant that prepare_for_training chose, as the lora/freeze/full paths use.
+        # Checkpointing is already on when asked for (prepare_for_training, non-reentrant as for lora/freeze/full):
+        # PEFT would enable it again through transformers' deprecated name, with a FutureWarning.
         before = {n: p.dtype for n, p in model.named_parameters()}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if keep_dtype is not None:
             for name, param in model.named_parameters():
                 if before.get(name) == keep_dtype and param.dtype == torch.float32 and not param.requires_grad:
@@ -64,6 +63,16 @@ def freeze_all_but_last(model, num_layers: int) -> None:
         layer.requires_grad_(True)
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing, by transformers' current name when it has one (the old
+    `gradient_checkpointing_enable` warns that it is deprecated)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
                          lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False,
                          attention="sdpa", loss_chunk_size=0, qlora_keep_dtype: torch.dtype | None = None):
@@ -74,12 +83,11 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
     if finetuning_type not in FINETUNING_TYPES:
         raise BaichuanTuneError(f"finetuning_type must be one of {FINETUNING_TYPES}, got {finetuning_type!r}")
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if finetuning_type in ("lora", "qlora"):
         model = attach_lora(model, list(lora_target), lora_rank, lora_alpha, lora_dropout,
-                            quantized=finetuning_type == "qlora", grad_ckpt=gradient_checkpointing,
-                            keep_dtype=qlora_keep_dtype)
+                            quantized=finetuning_type == "qlora", keep_dtype=qlora_keep_dtype)
         if gradient_checkpointing:
             # Inputs to the first checkpointed layer must require grad when the embeddings are frozen.
             model.enable_input_require_grads()

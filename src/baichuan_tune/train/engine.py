@@ -59,6 +59,7 @@ class Engine:
         self.position = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
         self.step, self.evals, self.log, self.trained = 0, [], training.SilentLog(), model
         self.last_ckpt, self.last_eval_step = None, -1
+        self.resumed: dict = {"resumed_from": None}
 
     # ------------------------------------------------------------------ run
 
@@ -71,6 +72,7 @@ class Engine:
         if self.dist.main:
             self.log = training.RunLog(self.out, self.schedule.total_steps, start_step=self.step,
                                        tensorboard=self.opts.report_to == "tensorboard", desc=self.method.name)
+        self.resumed = training.log_resume(self.log, self.checkpoints, self.step)  # {"resumed_from": path or None}
         if summary:
             self.log.write(summary + (f"; {self.dist.world} processes, global batch "
                                       f"{self.schedule.batch_size * self.dist.world}" if self.dist.world > 1 else ""))
@@ -93,7 +95,7 @@ class Engine:
         results = {"global_step": self.step, "train_runtime_s": round(elapsed, 1),
                    "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"],
                    "tokens_per_s": round((self.position["tokens"] - self.tokens_at_start) / elapsed, 1)}
-        return {**results, **self._peak_memory()}
+        return {**results, **self._peak_memory(), **self.resumed}
 
     def _peak_memory(self) -> dict:
         if self.device.type != "cuda":

@@ -14,9 +14,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -26,62 +24,11 @@ from ..io_utils import atomic_dir, atomic_write_json, atomic_write_text, clear_w
 
 logger = logging.getLogger(__name__)
 RESUME_ADVICE = "free some space, then run the same command again with --resume true"
+from ..options import ModelOptions, TrainOptions  # noqa: F401  (the training commands' options, defined there)
 
 
 class TrainingError(BaichuanTuneError):
     """Training cannot go on (a NaN loss, a checkpoint that does not match the run, ...)."""
-
-
-@dataclass
-class ModelOptions:
-    model: str = opt("default", "model folder in the published layout, or 'default' for the built-in model")
-    finetuning_type: Literal["lora", "qlora", "freeze", "full"] = opt("lora", "what to train: lora, qlora, freeze or full")
-    lora_target: list[str] = opt(factory=lambda: ["all"], help="LoRA modules: W_pack,o_proj,gate_proj,up_proj,down_proj or all")
-    lora_rank: int = opt(8, "LoRA rank r")
-    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
-    quantization_bit: Literal[4, 8] = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
-    freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
-    attention: Literal["sdpa", "flex"] = opt(
-        "sdpa", "attention of padded/packed rows and ALiBi: sdpa (dense bias) or flex (FlexAttention, compiled on GPU)")
-    loss_chunk_size: int = opt(
-        0, "training loss through the head this many tokens at a time, no full logits (0: full logits)")
-    qlora_bf16_frozen: bool = opt(True, "qlora + bf16: keep embeddings, norms and head in bf16 (not PEFT's fp32)")
-
-
-@dataclass
-class TrainOptions:
-    output_dir: str = opt("outputs/run", "folder for checkpoints, logs, plots and the final model")
-    num_train_epochs: float = opt(3.0, "passes over the training data")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
-    per_device_train_batch_size: int = opt(4, "samples per forward pass")
-    gradient_accumulation_steps: int = opt(1, "forward passes per optimizer step")
-    learning_rate: float = opt(3e-4, "peak learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
-    warmup_ratio: float = opt(0.0, "fraction of steps for linear warmup")
-    warmup_steps: int = opt(0, "warmup steps (overrides warmup_ratio when > 0)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = opt(
-        "adamw_torch", "optimizer (the 8-bit and paged ones come from bitsandbytes)"
-    )
-    bf16: bool = opt(False, "bf16 autocast for the forward and backward passes")
-    fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    seed: int = opt(42, "random seed (data order, dropout, adapter init)")
-    group_by_length: bool = opt(False, "batch samples of similar length together (less padding; deterministic)")
-    logging_steps: int = opt(10, "log every N optimizer steps")
-    eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
-    save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
-    save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
-    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
-    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run's files)")
-    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
-        "auto", "dtype of the final full/freeze weights (auto: the base checkpoint's, bf16 for the published models)")
-    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
-    plot_loss: bool = opt(True, "write training_loss.png")
-    report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -345,35 +292,6 @@ def write_results(out: Path, results: dict) -> None:
     print(json.dumps(results, ensure_ascii=False))
 
 
-def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
-    """No config file and no --dataset (and, unless `own_model_allowed`, no --model other than 'default'):
-    the command runs its built-in demo."""
-    config_path, _ = split_argv(argv)
-    if config_path is not None or _flag_value(argv, "dataset") is not None:
-        return False
-    return own_model_allowed or _flag_value(argv, "model") in (None, "default")
-
-
-def _flag_value(argv: list[str], name: str) -> str | None:
-    """The last value the command line gives option `name`, read as parse_config reads it (a bare flag: "true")."""
-    values = [value for key, value in split_argv(argv)[1] if key.replace("-", "_") == name]
-    return None if not values else "true" if values[-1] is None else values[-1]
-
-
-def with_demo(argv: list[str], demo_settings, what: str, own_model_allowed: bool = True) -> tuple[list[str], bool]:
-    """(argv, is the demo): with no config file, no --dataset and no --help, a command runs its built-in
-    demo. `demo_settings` is a list of flags put before the user's own (so the user's win), or a function
-    of argv that returns the whole argv. A demo may clear its own output folder, never one the user named."""
-    demo = is_demo(argv, own_model_allowed) and not any(a in ("-h", "--help") for a in argv)
-    if demo:
-        print(f"No config file and no --dataset: running the built-in {what}.")
-        user = list(argv)
-        argv = demo_settings(user) if callable(demo_settings) else list(demo_settings) + user
-        if _flag_value(user, "output_dir") is not None and _flag_value(user, "overwrite_output_dir") is None:
-            argv += ["--overwrite_output_dir", "false"]
-    return argv, demo
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -411,6 +329,7 @@ class Checkpoints:
     def __init__(self, output_dir: Path, keep: int):
         self.output_dir = Path(output_dir)
         self.keep = keep
+        self.resumed_from: Path | None = None  # the checkpoint `load` restored, for the log and the results
 
     def all(self) -> list[Path]:
         found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
@@ -484,6 +403,7 @@ class Checkpoints:
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
         _set_rng_state(extra["rng"])
+        self.resumed_from = Path(path)
         return position
 
 
@@ -527,6 +447,15 @@ def end_state_kept(checkpoints: Checkpoints, step: int, model, optimizer, schedu
         raise WriteError(f"{exc}. The trained state is kept in {kept}: {RESUME_ADVICE} to write the result") from None
     if not regular:
         shutil.rmtree(kept, ignore_errors=True)
+
+
+def log_resume(log, checkpoints: Checkpoints, step: int) -> dict:
+    """Say which checkpoint a resumed run continues from, in the run's output; returns {"resumed_from": its path,
+    or None for a fresh run} for train_results.json. (trainer_log.jsonl stays as a straight run writes it.)"""
+    path = checkpoints.resumed_from
+    if path is not None:
+        log.write(f"resumed from {path} (step {step})")
+    return {"resumed_from": None if path is None else str(path)}
 
 
 def _check_same_trainables(path: Path, saved: set[str], trainable: set[str]) -> None:

@@ -1,0 +1,135 @@
+"""The option dataclasses that several commands share: what model to train and how (sft, rm, dpo, ppo), how
+to train (the loop, checkpoints, precision), and what model to load to run it (chat, serve); and how a
+training command tells its built-in demo from a real run.
+
+This module imports neither torch nor transformers, so a command's `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import ConfigError, opt, read_options, split_argv
+
+
+@dataclass
+class ModelOptions:
+    model: str = opt("default", "model folder in the published layout, or 'default' for the built-in model")
+    finetuning_type: Literal["lora", "qlora", "freeze", "full"] = opt("lora", "what to train: lora, qlora, freeze or full")
+    lora_target: list[str] = opt(factory=lambda: ["all"], help="LoRA modules: W_pack,o_proj,gate_proj,up_proj,down_proj or all")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    quantization_bit: Literal[4, 8] = opt(4, "qlora: 4 (NF4 + double quantisation) or 8 (int8) bit base weights")
+    freeze_trainable_layers: int = opt(2, "freeze: number of last decoder layers to train")
+    attention: Literal["sdpa", "flex"] = opt(
+        "sdpa", "attention of padded/packed rows and ALiBi: sdpa (dense bias) or flex (FlexAttention, compiled on GPU)")
+    loss_chunk_size: int = opt(
+        0, "training loss through the head this many tokens at a time, no full logits (0: full logits)")
+    qlora_bf16_frozen: bool = opt(True, "qlora + bf16: keep embeddings, norms and head in bf16 (not PEFT's fp32)")
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = opt("outputs/run", "folder for checkpoints, logs, plots and the final model")
+    num_train_epochs: float = opt(3.0, "passes over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    per_device_train_batch_size: int = opt(4, "samples per forward pass")
+    gradient_accumulation_steps: int = opt(1, "forward passes per optimizer step")
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = opt(0.0, "fraction of steps for linear warmup")
+    warmup_steps: int = opt(0, "warmup steps (overrides warmup_ratio when > 0)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = opt(
+        "adamw_torch", "optimizer (the 8-bit and paged ones come from bitsandbytes)"
+    )
+    bf16: bool = opt(False, "bf16 autocast for the forward and backward passes")
+    fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(42, "random seed (data order, dropout, adapter init)")
+    group_by_length: bool = opt(False, "batch samples of similar length together (less padding; deterministic)")
+    logging_steps: int = opt(10, "log every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N optimizer steps (0: at the end of each epoch if there is a val split)")
+    save_steps: int = opt(500, "write a checkpoint every N optimizer steps (0: none)")
+    save_total_limit: int = opt(3, "keep at most this many checkpoints (0: keep all)")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run (deletes that run's files)")
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "dtype of the final full/freeze weights (auto: the base checkpoint's, bf16 for the published models)")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop with a message, or skip the step and count it")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    plot_loss: bool = opt(True, "write training_loss.png")
+    report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
+
+
+
+# ----------------------------------------------------------------------------- the built-in demos
+
+
+def is_demo(argv: list[str], own_model_allowed: bool = True) -> bool:
+    """No config file and no --dataset (and, unless `own_model_allowed`, no --model other than 'default'):
+    the command runs its built-in demo."""
+    config_path, _ = split_argv(argv)
+    if config_path is not None or _flag_value(argv, "dataset") is not None:
+        return False
+    return own_model_allowed or _flag_value(argv, "model") in (None, "default")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value the command line gives option `name`, read as parse_config reads it (a bare flag: "true")."""
+    values = [value for key, value in split_argv(argv)[1] if key.replace("-", "_") == name]
+    return None if not values else "true" if values[-1] is None else values[-1]
+
+
+def with_demo(argv: list[str], demo_settings, what: str, config_cls,
+              own_model_allowed: bool = True) -> tuple[list[str], bool]:
+    """(argv, is the demo): with no config file, no --dataset and no --help, a command runs its built-in
+    demo. `demo_settings` is a list of flags put before the user's own (so the user's win), or a function
+    of argv that returns the whole argv. The user's own options are read against `config_cls` first, so a
+    mistyped option is an error, not a demo. A demo may clear its own output folder, never one the user named."""
+    demo = is_demo(argv, own_model_allowed) and not any(a in ("-h", "--help") for a in argv)
+    if demo:
+        read_options(config_cls, argv)  # raises ConfigError naming an unknown option or a bad value
+        print(f"No config file and no --dataset: running the built-in {what}.")
+        user = list(argv)
+        argv = demo_settings(user) if callable(demo_settings) else list(demo_settings) + user
+        if _flag_value(user, "output_dir") is not None and _flag_value(user, "overwrite_output_dir") is None:
+            argv += ["--overwrite_output_dir", "false"]
+    return argv, demo
+
+
+@dataclass
+class LoadOptions:
+    """The options of the commands that load a model to run it (chat, serve): what to load and how."""
+
+    model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
+    adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
+    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
+    template: Literal["baichuan2", "baichuan", "human_assistant", "base"] | None = opt(
+        None, "chat format (default: the template recorded with the model or adapter, else the published Chat models')")
+    allow_control_tokens: bool = opt(False, "let message text produce control tokens (<reserved_106> -> id 195); "
+                                            "default: such text is encoded as plain text")
+
+    def validate(self) -> None:
+        if self.quantize not in (None, 4, 8):
+            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
+
+    def load(self, path=None):
+        """(model, tokenizer) from `path` (default: the `model` option) with these options; `--template`
+        replaces the recorded template (with a warning when they differ)."""
+        from pathlib import Path
+
+        from .data.templates import TEMPLATE_FILE, choose_template, model_template, set_model_template
+        from .models.checkpoint import load_model_and_tokenizer, resolve_model_path
+
+        path = resolve_model_path(path or self.model)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=self.dtype, device=self.device,
+                                                    quantize=self.quantize, adapter=self.adapter)
+        where = self.adapter if self.adapter and (Path(self.adapter) / TEMPLATE_FILE).is_file() else path
+        set_model_template(model, choose_template(model_template(model), self.template, where))
+        return model, tokenizer
