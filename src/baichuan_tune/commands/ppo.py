@@ -116,9 +116,9 @@ def main(argv: list[str]) -> int:
     trainable, total = count_parameters(policy)
 
     # ---- train
-    results = engine.run(f"prompts: {len(train_prompts)} train / {len(eval_prompts)} held out; reward: "
-                         f"{_describe(reward)}; {schedule.total_steps} PPO steps x {schedule.updates_per_step} updates; "
-                         f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({cfg.finetuning_type})")
+    results = engine.run(f"{report}; reward: {_describe(reward)}; {schedule.total_steps} PPO steps x "
+                         f"{schedule.updates_per_step} updates; trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
+                         f"parameters ({cfg.finetuning_type})")
     distributed.shutdown(dist)
 
     # ---- save
@@ -178,6 +178,8 @@ class PPOMethod(Method):
 
     def plan(self, engine, batches):
         """Rollout, reward and experience of this step's prompts; the updates over that experience."""
+        import torch
+
         from ..train import distributed, rlhf
 
         cfg = self.cfg
