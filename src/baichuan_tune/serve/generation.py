@@ -403,6 +403,29 @@ class IncrementalDecoder:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
+class _CallbackStreamer(BaseStreamer):
+    """Feeds generated ids (not the prompt, not eos) to an IncrementalDecoder and its text to `on_text`."""
+
+    def __init__(self, decoder: IncrementalDecoder, on_text: Callable[[str], None], eos_ids: list[int]):
+        self.decoder = decoder
+        self.on_text = on_text
+        self.eos_ids = set(eos_ids)
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first pushes the whole prompt
+            self.prompt_seen = True
+            return
+        text = self.decoder.push([i for i in value.reshape(-1).tolist() if i not in self.eos_ids])
+        if text:
+            self.on_text(text)
+
+    def end(self):
+        text = self.decoder.flush()
+        if text:
+            self.on_text(text)
+
+
 class StopText:
     """Cuts the output at the first stop string and holds back text that may begin one."""
 
