@@ -26,18 +26,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..builtin import SFT_DEMO_DIR
 from ..config import ConfigError, opt, parse_config
 from ..errors import DataError
 from ..train.methods import Method
-from ..train.rlhf import PPOOptions
 from ..lazy import no_grad
-from ..options import ModelOptions, TrainOptions
+from ..options import ModelOptions, PPOOptions, TrainOptions
 
-if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
-    import torch
 
 # The built-in demo: LoRA, rewarded for answering in Chinese (a dense rule), 30 steps on CPU. It starts from
 # the sft demo's model (outputs/sft-demo) when there is one: RLHF starts from a fine-tuned model.

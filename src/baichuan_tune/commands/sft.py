@@ -17,16 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..builtin import DEMO_PROMPTS, SFT_DEMO_DIR
 from ..config import opt, parse_config
 from ..data.loading import SFTDataOptions
 from ..lazy import no_grad
 from ..options import ModelOptions, TrainOptions
-
-if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
-    import torch
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
 DEMO_OVERRIDES = [

@@ -18,11 +18,11 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-from ..config import ConfigError, opt
+from ..config import ConfigError
 from ..errors import BaichuanTuneError, CheckpointError
 from ..io_utils import atomic_dir
 from ..options import LoadOptions  # noqa: F401  (chat and serve read it from here)

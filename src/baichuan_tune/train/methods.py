@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from typing import TYPE_CHECKING
 
-StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+if TYPE_CHECKING:  # annotations only: `ppo --help` must not import torch
+    import torch
+
+StepFn = Callable[["torch.nn.Module", dict], tuple["torch.Tensor", dict]]
 
 
 class Method:
@@ -109,6 +112,8 @@ def pair_batch(dataset, indices: list[int], device: torch.device) -> dict:
     from ..data.collate import collate_pairs
 
     batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices]).items()}
+    import torch
+
     batch["index"] = torch.tensor(indices, device=device)
     return batch
 

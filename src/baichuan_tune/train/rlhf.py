@@ -26,30 +26,10 @@ from collections.abc import Callable
 import torch
 
 from . import losses as L
-from ..config import ConfigError, opt
+from ..config import ConfigError
 from .training import autocast, optimizer_step
+from ..options import PPOOptions  # noqa: F401  (defined there so that `ppo --help` needs no torch)
 from ..models.value_head import PolicyWithValue, adapter_active, causal_lm, hidden_states
-
-
-@dataclass
-class PPOOptions:
-    """The PPO algorithm's settings (rollout, advantages, losses, KL penalty); `ppo`'s config holds them too."""
-
-    rollout_batch_size: int = opt(16, "prompts (answers) per PPO step, over all processes")
-    max_new_tokens: int = opt(64, "answer length limit")
-    min_new_tokens: int = opt(0, "force at least this many answer tokens (= max_new_tokens: fixed length)")
-    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so PPO's log-probs match)")
-    ppo_epochs: int = opt(4, "optimisation epochs over each rollout batch")
-    gamma: float = opt(1.0, "discount factor")
-    lam: float = opt(0.95, "GAE lambda")
-    cliprange: float = opt(0.2, "policy ratio clip epsilon")
-    cliprange_value: float = opt(0.2, "value clip epsilon")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 per batch")
-    kl_coef: float = opt(0.05, "KL penalty coefficient (initial value when adaptive)")
-    adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = opt(6.0, "adaptive KL: target KL per answer (nats)")
-    kl_horizon: float = opt(10000.0, "adaptive KL: horizon in answers")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import opt, save_config, split_argv
+from ..config import save_config
 from ..errors import BaichuanTuneError, CheckpointError, WriteError
 from ..io_utils import atomic_dir, atomic_write_json, atomic_write_text, clear_write_errors
 
