@@ -5,7 +5,7 @@
 
 Each row builds a random-weight model of the preset's shape directly on the device in bf16 and, for 8bit
 and 4bit, quantises it in place with `model.quantize(8|4)` (bitsandbytes LLM.int8() / NF4 with double
-quantisation: the authors' API; `--quantize` on the commands loads the same bitsandbytes layers). It then
+quantisation: the authors' API; `--quantization_bit` on the commands loads the same bitsandbytes layers). It then
 records the memory the model holds (torch.cuda.memory_allocated after freeing the cache), the peak of a
 64-token forward pass on top, and prints them beside the published figures (Baichuan2 README: 7B
 14.0/8.0/5.1 GB, 13B 25.9/14.2/8.6 GB in bf16/8-bit/4-bit; they match GiB of weights, so GiB are printed).

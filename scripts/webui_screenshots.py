@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompts", nargs="+", default=["Who are you?"], help="the conversation's questions")
     parser.add_argument("--typing", default="What is the capital of Japan?", help="left in the message box")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", default="docs", help="folder for webui-chat.png and webui-runs.png")
+    parser.add_argument("--output_dir", default="docs", help="folder for webui-chat.png and webui-runs.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     return parser.parse_args(argv)
 

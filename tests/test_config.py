@@ -117,3 +117,34 @@ def test_repeated_flags_collect_lists_and_keep_the_last_scalar():
 def test_a_flow_list_keeps_commas_inside_items():
     cfg = parse_config(Edges, ["--dataset", '["Hello, world", 你好]'])
     assert cfg.dataset == ["Hello, world", "你好"]
+
+
+def test_an_older_option_name_is_read_as_the_new_one_with_a_warning(tmp_path, capsys):
+    from baichuan_tune.options import LoadOptions
+
+    cfg = parse_config(LoadOptions, ["--quantize", "4"])
+    assert cfg.quantization_bit == 4
+    assert "'quantize' is deprecated; use 'quantization_bit'" in capsys.readouterr().err
+    path = tmp_path / "c.yaml"
+    path.write_text("quantize: 8\n")
+    assert parse_config(LoadOptions, [str(path)]).quantization_bit == 8
+    assert f"{path}: option 'quantize' is deprecated" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown option 'out'"):  # no output_dir here: not an alias
+        parse_config(LoadOptions, ["--out", "x"])
+
+
+def test_every_command_uses_one_name_per_concept():
+    import dataclasses
+    import importlib
+
+    from baichuan_tune.cli import COMMANDS
+    from baichuan_tune.config import DEPRECATED_NAMES
+
+    seen = 0
+    for module in set(COMMANDS.values()):
+        mod = importlib.import_module(f"baichuan_tune.commands.{module}")
+        for cls in [v for v in vars(mod).values() if dataclasses.is_dataclass(v) and isinstance(v, type)]:
+            names = {f.name for f in dataclasses.fields(cls)}
+            seen += 1
+            assert not names & set(DEPRECATED_NAMES), f"{module}.{cls.__name__} still has {names & set(DEPRECATED_NAMES)}"
+    assert seen >= len(set(COMMANDS.values())) - 2  # nearly every command declares its options here

@@ -90,13 +90,13 @@ def test_several_extras_in_one_install_command(tmp_path, monkeypatch, capsys, no
 
 
 @pytest.mark.parametrize("argv", [
-    ["chat", "--model", "default", "--quantize", "4"],
-    ["serve", "--model", "default", "--quantize", "8"],
-    ["eval", "--model", "default", "--quantize", "4", "--task", "ppl", "--data", "missing.txt"],
+    ["chat", "--model", "default", "--quantization_bit", "4"],
+    ["serve", "--model", "default", "--quantization_bit", "8"],
+    ["eval", "--model", "default", "--quantization_bit", "4", "--task", "ppl", "--data", "missing.txt"],
 ], ids=["chat", "serve", "eval"])
 def test_quantised_loading_needs_bitsandbytes(monkeypatch, capsys, no_loading, argv):
     missing(monkeypatch, "bitsandbytes")
-    assert error_of(capsys, argv) == f"error: {argv[0]} needs bitsandbytes (for --quantize {argv[4]}): {QUANT}"
+    assert error_of(capsys, argv) == f"error: {argv[0]} needs bitsandbytes (for --quantization_bit {argv[4]}): {QUANT}"
 
 
 def test_serve_needs_fastapi_and_uvicorn(monkeypatch, capsys, no_loading):
@@ -114,4 +114,4 @@ def test_options_that_need_no_extra_are_not_refused(tmp_path, monkeypatch, no_lo
     with pytest.raises(ModelLoaded):
         cli.main(["chat", "--model", "default"])
     with pytest.raises(ModelLoaded):
-        cli.main(["export", "--model", "default", "--adapter", str(tmp_path), "--out", str(tmp_path / "m")])
+        cli.main(["export", "--model", "default", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "m")])

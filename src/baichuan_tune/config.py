@@ -6,6 +6,9 @@ and value before any heavy work, and returns the instance. An unknown key is an 
 closest valid one. On the command line a list is `a,b,c` or a YAML flow list (`'["a, b", c]'`) and a
 repeated list option adds to it; a repeated scalar option keeps its last value; a bare `--flag` sets a
 boolean. `save_config` writes the resolved config next to a command's outputs.
+
+One name per concept across commands: an older name (`DEPRECATED_NAMES`) is still read, with a warning
+naming the new one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ from .errors import BaichuanTuneError
 
 class ConfigError(BaichuanTuneError, ValueError):
     """A config file or flag is wrong; the message says which key and why."""
+
+
+# Older option names, still accepted (with a warning) where the command has the new one.
+DEPRECATED_NAMES = {
+    "quantize": "quantization_bit",
+    "out": "output_dir",
+    "output": "output_dir",
+    "overwrite": "overwrite_output_dir",
+}
+
+
+def _current_name(norm: str, valid, source: str) -> str:
+    """`norm`, or the name that replaced it (with a warning) when `norm` is an older name of a valid option."""
+    new = DEPRECATED_NAMES.get(norm)
+    if norm in valid or new not in valid:
+        return norm
+    from .errors import warn
+
+    warn(f"{source}: option '{norm}' is deprecated; use '{new}'")
+    return new
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002 - mirrors argparse
@@ -123,7 +146,7 @@ def apply_overrides(cfg, values: dict[str, Any], source: str):
     types_ = _field_types(type(cfg))
     changes = {}
     for key, value in values.items():
-        norm = key.replace("-", "_")
+        norm = _current_name(key.replace("-", "_"), types_, source)
         if norm not in types_:
             raise ConfigError(f"{source}: unknown option '{key}'{_closest(norm, list(types_))}")
         changes[norm] = _coerce(value, types_[norm], norm, source)
@@ -173,7 +196,7 @@ def merge_flags(cls, flags: list[tuple[str, str | None]]) -> dict[str, Any]:
     """
     types_, merged = _field_types(cls), {}
     for key, value in flags:
-        key = key.replace("-", "_")
+        key = _current_name(key.replace("-", "_"), types_, "command line")
         typ = types_.get(key)
         if value is None:
             if typ is not bool and typ is not None:

@@ -33,8 +33,9 @@ def run_needs(command: str, cfg) -> list[tuple[str, str]]:
         needs.append(("bitsandbytes", "for --finetuning_type qlora"))
     if getattr(cfg, "optim", "adamw_torch") != "adamw_torch":
         needs.append(("bitsandbytes", f"for --optim {cfg.optim}"))
-    if getattr(cfg, "quantize", None):
-        needs.append(("bitsandbytes", f"for --quantize {cfg.quantize}"))
+    # A training config's quantization_bit only matters under qlora (checked above).
+    if getattr(cfg, "quantization_bit", None) and not hasattr(cfg, "finetuning_type"):
+        needs.append(("bitsandbytes", f"for --quantization_bit {cfg.quantization_bit}"))
     return needs
 
 

@@ -107,7 +107,7 @@ class LoadOptions:
 
     model: str = opt("default", "checkpoint folder, or 'default' for the built-in model")
     adapter: str | None = opt(None, "PEFT adapter folder applied on top of the model")
-    quantize: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
+    quantization_bit: int | None = opt(None, "load the weights in 8 or 4 bits (bitsandbytes)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (the checkpoint's dtype)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (the GPUs when there are any, else cpu)")
     template: Literal["baichuan2", "baichuan", "human_assistant", "base"] | None = opt(
@@ -116,8 +116,8 @@ class LoadOptions:
                                             "default: such text is encoded as plain text")
 
     def validate(self) -> None:
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ConfigError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
 
     def load(self, path=None):
         """(model, tokenizer) from `path` (default: the `model` option) with these options; `--template`
@@ -129,7 +129,7 @@ class LoadOptions:
 
         path = resolve_model_path(path or self.model)
         model, tokenizer = load_model_and_tokenizer(path, dtype=self.dtype, device=self.device,
-                                                    quantize=self.quantize, adapter=self.adapter)
+                                                    quantize=self.quantization_bit, adapter=self.adapter)
         where = self.adapter if self.adapter and (Path(self.adapter) / TEMPLATE_FILE).is_file() else path
         set_model_template(model, choose_template(model_template(model), self.template, where))
         return model, tokenizer

@@ -81,8 +81,8 @@ def test_system_message_and_sampling_options_reach_generation(tiny_chat, monkeyp
 
 def test_bad_options_get_one_clear_error(tiny_chat, capsys):
     _, _, folder = tiny_chat
-    assert main(["chat", "--model", str(folder), "--quantize", "3"]) == 2
-    assert "--quantize must be 4 or 8" in capsys.readouterr().err
+    assert main(["chat", "--model", str(folder), "--quantization_bit", "3"]) == 2
+    assert "--quantization_bit must be 4 or 8" in capsys.readouterr().err
     assert main(["chat", "--model", str(folder), "--max-new-tokens", "512"]) == 2  # the whole context (512)
     assert "max_new_tokens" in capsys.readouterr().err
     assert main(["chat", "--model", str(folder), "--top-p", "2"]) == 2
@@ -97,11 +97,11 @@ def test_quantize_option_loads_a_quantized_model(tiny_chat, monkeypatch, capsys)
     _, _, folder = tiny_chat
     sessions = []
     monkeypatch.setattr(chat_command, "run", lambda session: sessions.append(session))
-    assert main(["chat", "--model", str(folder), "--quantize", "8", "--device", "cpu"]) == 0
+    assert main(["chat", "--model", str(folder), "--quantization_bit", "8", "--device", "cpu"]) == 0
     assert is_quantized(sessions[0].model)
     reply = sessions[0].ask("hello", lambda text: None)
     assert isinstance(reply, str)
-    assert main(["chat", "--model", str(folder), "--quantize", "4"]) == 0  # the default device, auto
+    assert main(["chat", "--model", str(folder), "--quantization_bit", "4"]) == 0  # the default device, auto
     assert is_quantized(sessions[1].model) and isinstance(sessions[1].ask("hello", lambda text: None), str)
 
 

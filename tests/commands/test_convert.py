@@ -33,7 +33,7 @@ def saved(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny-baichuan-7b", "tiny-baichuan2-7b"])
 def test_llama_folder_loads_in_transformers_with_our_logits(saved, tmp_path, preset):
     model, src = saved(preset)
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama"), "--to", "llama"]) == 0
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
     assert (config["model_type"], config["architectures"]) == ("llama", ["LlamaForCausalLM"])
     assert "auto_map" not in config
@@ -45,7 +45,7 @@ def test_llama_folder_loads_in_transformers_with_our_logits(saved, tmp_path, pre
 def test_published_bin_checkpoint_converts(shared_reference, tmp_path):
     src = tmp_path / "published"
     write_published_bin(src, shrunk_published_config(shared_reference, "baichuan2-7b-chat"), dtype=torch.float32)
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama"), "--to", "llama"]) == 0
     ours = load_model(src)
     assert ours.config.norm_head  # Baichuan2-7B: NormHead, normalised on the way to LLaMA
     ids = torch.randint(0, ours.config.vocab_size, (1, 11))
@@ -56,7 +56,7 @@ def test_published_bin_checkpoint_converts(shared_reference, tmp_path):
 def test_dtype_and_shard_size_are_honoured(saved, tmp_path):
     _, src = saved("tiny-baichuan2-7b")
     out = tmp_path / "llama"
-    argv = ["convert", "--model", str(src), "--out", str(out), "--to", "llama", "--dtype", "bf16", "--shard-size", "100KB"]
+    argv = ["convert", "--model", str(src), "--output_dir", str(out), "--to", "llama", "--dtype", "bf16", "--shard-size", "100KB"]
     assert main(argv) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
@@ -77,8 +77,8 @@ def test_dtype_and_shard_size_are_honoured(saved, tmp_path):
 @pytest.mark.parametrize("preset", ["tiny-baichuan-7b", "tiny-baichuan2-7b"])
 def test_round_trip_through_llama_to_published_bin(saved, tmp_path, preset):
     model, src = saved(preset)
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
-    argv = ["convert", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "back"), "--to", "baichuan",
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    argv = ["convert", "--model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "back"), "--to", "baichuan",
             "--safetensors", "false", "--shard-size", "200KB"]
     assert main(argv) == 0
     assert (tmp_path / "back" / "pytorch_model.bin.index.json").is_file()
@@ -93,7 +93,7 @@ def test_round_trip_through_llama_to_published_bin(saved, tmp_path, preset):
 
 def test_baichuan_resave_changes_format_only(saved, tmp_path):
     model, src = saved("tiny-baichuan2-13b", safe_serialization=False)
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "st"), "--to", "baichuan"]) == 0
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "st"), "--to", "baichuan"]) == 0
     assert (tmp_path / "st" / "model.safetensors").is_file()
     again = load_model(tmp_path / "st")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -104,7 +104,7 @@ def test_tokenizer_files_travel_with_the_weights(shared_reference, tmp_path):
     write_published_bin(src, shrunk_published_config(shared_reference, "baichuan2-7b-chat"))
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         (src / name).write_bytes((shared_reference / "baichuan2-13b-chat" / name).read_bytes())
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama"), "--to", "llama"]) == 0
     out = tmp_path / "llama"
     assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
@@ -121,7 +121,7 @@ def test_tokenizer_files_travel_with_the_weights(shared_reference, tmp_path):
 def test_bad_input_is_one_clear_error(saved, tmp_path, capsys, argv_tail, message):
     _, src = saved("tiny-baichuan2-13b")
     out = tmp_path / "out"
-    assert main(["convert", "--model", str(src), "--out", str(out), *argv_tail]) == 2
+    assert main(["convert", "--model", str(src), "--output_dir", str(out), *argv_tail]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not out.exists()
@@ -130,23 +130,23 @@ def test_bad_input_is_one_clear_error(saved, tmp_path, capsys, argv_tail, messag
 def test_missing_or_same_folders(saved, tmp_path, capsys):
     _, src = saved("tiny-baichuan-7b")
     assert main(["convert", "--model", str(src)]) == 2
-    assert "--out is required" in capsys.readouterr().err
-    assert main(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--output_dir is required" in capsys.readouterr().err
+    assert main(["convert", "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "model folder not found" in capsys.readouterr().err
-    assert main(["convert", "--model", str(src), "--out", str(src)]) == 2
+    assert main(["convert", "--model", str(src), "--output_dir", str(src)]) == 2
     assert "is the --model folder" in capsys.readouterr().err
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama")]) == 0
-    # an existing folder is replaced whole, so it takes --overwrite true
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "llama")]) == 2
-    assert "not empty; pass --overwrite true" in capsys.readouterr().err
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama")]) == 0
+    # an existing folder is replaced whole, so it takes --overwrite_output_dir true
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "llama")]) == 2
+    assert "not empty; pass --overwrite_output_dir true" in capsys.readouterr().err
     assert (tmp_path / "llama" / "config.json").is_file()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "busy")]) == 2
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "busy")]) == 2
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
-    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "busy"), "--overwrite", "true"]) == 0
+    assert main(["convert", "--model", str(src), "--output_dir", str(tmp_path / "busy"), "--overwrite_output_dir", "true"]) == 0
     assert (tmp_path / "busy" / "config.json").is_file() and not (tmp_path / "busy" / "notes.txt").exists()
-    assert main(["convert", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "x"), "--to", "llama"]) == 2
+    assert main(["convert", "--model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "x"), "--to", "llama"]) == 2
     assert "already in the LLaMA layout" in capsys.readouterr().err
 
 
@@ -155,5 +155,5 @@ def test_help_lists_the_options(capsys):
         main(["convert", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--out", "--to", "--dtype", "--shard_size", "--safetensors"):
+    for option in ("--model", "--output_dir", "--to", "--dtype", "--shard_size", "--safetensors"):
         assert option in text

@@ -30,7 +30,7 @@ def test_ceval_val_end_to_end(checkpoint, shared_data, tmp_path, capsys):
     code = eval_command.main([
         "--model", str(checkpoint), "--task", "ceval", "--split", "val", "--data", str(data),
         "--subjects", "basic_medicine", "law", "college_physics", "--max-questions", "4", "--batch-size", "3",
-        "--max-length", "300", "--output", str(out), "--progress", "false",
+        "--max-length", "300", "--output_dir", str(out), "--progress", "false",
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -56,7 +56,7 @@ def test_cmmlu_test_through_the_cli(checkpoint, shared_data, tmp_path, capsys):
     data = need_shared(shared_data / "eval" / "cmmlu" / "cmmlu.zip")
     code = cli.main([
         "eval", "--model", str(checkpoint), "--task", "cmmlu", "--split", "test", "--data", str(data),
-        "--subjects", "agronomy,arts", "--max-questions", "3", "--n-shot", "2", "--output", str(tmp_path),
+        "--subjects", "agronomy,arts", "--max-questions", "3", "--n-shot", "2", "--output_dir", str(tmp_path),
         "--show-subjects", "false", "--progress", "false",
     ])
     assert code == 0
@@ -69,7 +69,7 @@ def test_ceval_test_split_writes_a_submission(checkpoint, shared_data, tmp_path)
     data = need_shared(shared_data / "eval" / "ceval" / "ceval.zip")
     code = eval_command.main([
         "--model", str(checkpoint), "--task", "ceval", "--split", "test", "--data", str(data), "--subjects", "law",
-        "--max-questions", "2", "--n-shot", "1", "--output", str(tmp_path), "--progress", "false",
+        "--max-questions", "2", "--n-shot", "1", "--output_dir", str(tmp_path), "--progress", "false",
     ])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
@@ -83,7 +83,7 @@ def test_perplexity_end_to_end(checkpoint, shared_data, tmp_path):
     small = tmp_path / "c4_small.jsonl"
     small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
     code = eval_command.main(["--model", str(checkpoint), "--task", "ppl", "--data", str(small),
-                              "--max-length", "64", "--output", str(tmp_path / "ppl")])
+                              "--max-length", "64", "--output_dir", str(tmp_path / "ppl")])
     assert code == 0
     result = json.loads((tmp_path / "ppl" / "results.json").read_text(encoding="utf-8"))
     assert result["documents"] == 3 and result["tokens"] > 100
@@ -98,8 +98,8 @@ def test_bad_input_is_one_line_error(checkpoint, shared_data, tmp_path, capsys):
     assert "error: CMMLU has no 'val' split" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(checkpoint), "--task", "ceval"]) == 2
     assert "--data is required" in capsys.readouterr().err
-    assert cli.main(["eval", "--task", "ceval", "--data", str(cmmlu), "--quantize", "3"]) == 2
-    assert "--quantize must be 4 or 8" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--data", str(cmmlu), "--quantization_bit", "3"]) == 2
+    assert "--quantization_bit must be 4 or 8" in capsys.readouterr().err
     assert cli.main(["eval", "--task", "bleu", "--data", str(cmmlu)]) == 2
     assert "must be one of" in capsys.readouterr().err
     assert cli.main(["eval", "--task", "cmmlu", "--data", str(cmmlu), "--max-questions", "0"]) == 2
@@ -132,7 +132,7 @@ def test_adapter_changes_scores_and_prefix_cache_sees_it(checkpoint, shared_data
     def probs(*extra):
         out = tmp_path / "-".join(extra or ("base",))
         argv = ["--model", str(checkpoint), "--task", "ceval", "--split", "val", "--data", str(data),
-                "--subjects", "logic", "--max-questions", "3", "--output", str(out), "--progress", "false", *extra]
+                "--subjects", "logic", "--max-questions", "3", "--output_dir", str(out), "--progress", "false", *extra]
         assert eval_command.main(argv) == 0
         predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["logic"]
         return torch.tensor([p["probs"] for p in predictions])
@@ -145,14 +145,14 @@ def test_adapter_changes_scores_and_prefix_cache_sees_it(checkpoint, shared_data
 
 
 def test_quantize_option_scores_with_int8_weights(checkpoint, shared_data, tmp_path):
-    """--quantize 8 loads LLM.int8() layers: the perplexity moves by the format's small error, not more."""
+    """--quantization_bit 8 loads LLM.int8() layers: the perplexity moves by the format's small error, not more."""
     source = need_shared(shared_data / "c4_demo.jsonl")
     small = tmp_path / "c4_small.jsonl"
     small.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
     results = {}
-    for name, extra in (("full", []), ("int8", ["--quantize", "8"])):
+    for name, extra in (("full", []), ("int8", ["--quantization_bit", "8"])):
         assert eval_command.main(["--model", str(checkpoint), "--task", "ppl", "--data", str(small), "--max-length",
-                                  "64", "--dtype", "fp32", "--output", str(tmp_path / name), *extra]) == 0
+                                  "64", "--dtype", "fp32", "--output_dir", str(tmp_path / name), *extra]) == 0
         results[name] = json.loads((tmp_path / name / "results.json").read_text(encoding="utf-8"))
     full, int8 = results["full"]["perplexity"], results["int8"]["perplexity"]
     assert full != int8 and abs(int8 - full) / full < 0.02, (full, int8)
@@ -191,9 +191,9 @@ def test_results_go_to_a_folder_of_their_own_model_and_are_never_replaced_by_acc
     capsys.readouterr()
     assert cli.main([*common, "--model", "default", "--max-length", "16"]) == 2
     err = capsys.readouterr().err
-    assert "eval_results/default/ppl-doc already holds results" in err and "--overwrite true" in err
+    assert "eval_results/default/ppl-doc already holds results" in err and "--overwrite_output_dir true" in err
     assert json.loads((tmp_path / "eval_results/default/ppl-doc/results.json").read_text()) == base
-    assert cli.main([*common, "--model", "default", "--max-length", "16", "--overwrite", "true"]) == 0
+    assert cli.main([*common, "--model", "default", "--max-length", "16", "--overwrite_output_dir", "true"]) == 0
     replaced = json.loads((tmp_path / "eval_results/default/ppl-doc/results.json").read_text())
     assert replaced["max_length"] == 16 and replaced["windows"] > base["windows"]
 
@@ -206,7 +206,7 @@ def test_benchmark_results_folder_is_named_by_model_task_and_split(checkpoint, s
     assert eval_command.main(argv) == 0
     results = json.loads((tmp_path / "eval_results/tiny-baichuan2/ceval-val/results.json").read_text())
     assert (results["task"], results["split"], results["n_shot"]) == ("ceval", "val", 1)
-    assert eval_command.run_name(eval_command.EvalConfig(model="runs/merged/", adapter="out/sft", quantize=4)) == \
+    assert eval_command.run_name(eval_command.EvalConfig(model="runs/merged/", adapter="out/sft", quantization_bit=4)) == \
         "merged+sft-4bit"
 
 
@@ -214,9 +214,9 @@ def test_perplexity_shows_a_progress_bar(tmp_path, capsys):
     (tmp_path / "doc.txt").write_text("one two three four five six seven eight nine ten " * 4, encoding="utf-8")
     argv = ["--model", "default", "--task", "ppl", "--data", str(tmp_path / "doc.txt"), "--max-length", "16",
             "--batch-size", "2"]
-    assert eval_command.main([*argv, "--output", str(tmp_path / "bar")]) == 0
+    assert eval_command.main([*argv, "--output_dir", str(tmp_path / "bar")]) == 0
     windows = json.loads((tmp_path / "bar" / "results.json").read_text())["windows"]
     bar = capsys.readouterr().err
     assert "perplexity" in bar and f"{-(-windows // 2)}/{-(-windows // 2)}" in bar  # every batch counted
-    assert eval_command.main([*argv, "--output", str(tmp_path / "quiet"), "--progress", "false"]) == 0
+    assert eval_command.main([*argv, "--output_dir", str(tmp_path / "quiet"), "--progress", "false"]) == 0
     assert "perplexity" not in capsys.readouterr().err

@@ -60,7 +60,7 @@ def logits(model, ids):
 def test_merged_logits_equal_base_plus_adapter(base_and_adapter, tmp_path):
     base, adapter, cfg, tensors = base_and_adapter
     out = tmp_path / "merged"
-    argv = ["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32",
+    argv = ["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(out), "--dtype", "fp32",
             "--shard-size", "100KB"]
     assert main(argv) == 0
     ids = torch.randint(3, cfg["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(0))
@@ -75,7 +75,7 @@ def test_merged_logits_equal_base_plus_adapter(base_and_adapter, tmp_path):
 def test_output_has_the_published_layout(base_and_adapter, tmp_path):
     base, adapter, cfg, tensors = base_and_adapter
     out = tmp_path / "merged"
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out),
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(out),
                  "--shard-size", "20KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -105,7 +105,7 @@ def test_output_has_the_published_layout(base_and_adapter, tmp_path):
 def test_published_bin_format_on_request(base_and_adapter, tmp_path):
     base, adapter, cfg, _ = base_and_adapter
     out = tmp_path / "merged"
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out),
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(out),
                  "--safetensors", "false", "--shard-size", "100KB", "--dtype", "fp32"]) == 0
     index = json.loads((out / "pytorch_model.bin.index.json").read_text())
     assert all(f.startswith("pytorch_model-") and f.endswith(".bin") for f in index["weight_map"].values())
@@ -115,25 +115,25 @@ def test_published_bin_format_on_request(base_and_adapter, tmp_path):
 def test_quantised_base_is_refused(base_and_adapter, tmp_path, capsys):
     base, adapter, _, _ = base_and_adapter
     out = tmp_path / "merged"
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out), "--quantize", "4"]) == 2
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(out), "--quantization_bit", "4"]) == 2
     assert "full-precision base" in capsys.readouterr().err and not out.exists()
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(config))
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 2
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "quantised" in err and not out.exists()
 
 
 def test_bad_requests_get_one_clear_error(base_and_adapter, tmp_path, capsys):
     base, adapter, _, _ = base_and_adapter
-    assert main(["export", "--model", str(base), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", "--model", str(base), "--output_dir", str(tmp_path / "x")]) == 2
     assert "--adapter is required" in capsys.readouterr().err
-    assert main(["export", "--model", str(base), "--adapter", str(base), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", "--model", str(base), "--adapter", str(base), "--output_dir", str(tmp_path / "x")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "busy")]) == 2
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(tmp_path / "busy")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
 
 
@@ -155,7 +155,7 @@ def test_a_broken_adapter_file_is_one_error_naming_it(base_and_adapter, tmp_path
         weights.unlink()
         expected = (f"error: {adapter / 'adapter_model.bin'}: holds pickled objects other than tensors "
                     f"({Pickled.__module__}.Pickled); refused: unpickling them could run code from the file")
-    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(expected) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "merged").exists()

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     inputs = write_corpus(folder)
     out = folder / "tok"
     argv = ["train", "--input", inputs[0], "--input", inputs[1], "--input", inputs[2], "--vocab-size", "400",
-            "--reserved", "8", "--out", str(out), "--heldout", str(folder / "heldout.txt"),
+            "--reserved", "8", "--output_dir", str(out), "--heldout", str(folder / "heldout.txt"),
             "--reference", str(DEFAULT_TOKENIZER)]
     import contextlib
     import io
@@ -130,7 +130,7 @@ def test_trainer_spec_matches_the_published_baichuan2_tokenizer(trained):
 
 def test_builtin_asset_is_what_the_documented_command_builds(tmp_path, capsys):
     argv = ["train", "--builtin", "--vocab-size", "4096", "--reserved", "200", "--fill-vocab",
-            "--model-max-length", "1024", "--out", str(tmp_path / "default")]
+            "--model-max-length", "1024", "--output_dir", str(tmp_path / "default")]
     assert main(argv) == 0
     assert (tmp_path / "default" / "tokenizer.model").read_bytes() == DEFAULT_TOKENIZER.read_bytes()
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -141,7 +141,7 @@ def test_builtin_asset_is_what_the_documented_command_builds(tmp_path, capsys):
 def test_vocab_larger_than_the_text_supports_is_an_error_unless_filled(tmp_path):
     inputs = write_corpus(tmp_path)
     with pytest.raises(DataError, match="supports only .* pieces, fewer than vocab_size 5000"):
-        main(["train", "--input", inputs[0], "--vocab-size", "5000", "--reserved", "8", "--out", str(tmp_path / "x")])
+        main(["train", "--input", inputs[0], "--vocab-size", "5000", "--reserved", "8", "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()  # nothing written
 
 
@@ -150,20 +150,20 @@ def test_existing_folder_keeps_its_other_files(tmp_path):
     out = tmp_path / "checkpoint"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    main(["train", "--input", inputs[0], "--vocab-size", "360", "--reserved", "4", "--out", str(out)])
+    main(["train", "--input", inputs[0], "--vocab-size", "360", "--reserved", "4", "--output_dir", str(out)])
     assert (out / "config.json").read_text() == "{}"
     assert len(BaichuanTokenizer.from_pretrained(out)) == 360
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--input", "{missing}", "--out", "{out}"], "missing.txt: file not found"),
-    (["train", "--input", "{bad}", "--out", "{out}"], "bad.jsonl: line 2 is not valid JSON"),
-    (["train", "--out", "{out}"], "give training text with --input"),
-    (["train", "--input", "{good}", "--out", "{out}", "--vocab-size", "100"], "leaves no room for learned pieces"),
-    (["train", "--input", "{good}", "--out", "{out}", "--vocab-sise", "300"], "did you mean 'vocab_size'"),
-    (["train", "--input", "{good}", "--out", "{out}", "--vocab-size", "270", "--reserved", "0"], "too small for this text"),
-    (["train", "--input", "{good}", "--out", "{out}", "--reference", "{missing}"], "missing.txt: missing"),
+    (["train", "--input", "{missing}", "--output_dir", "{out}"], "missing.txt: file not found"),
+    (["train", "--input", "{bad}", "--output_dir", "{out}"], "bad.jsonl: line 2 is not valid JSON"),
+    (["train", "--output_dir", "{out}"], "give training text with --input"),
+    (["train", "--input", "{good}", "--output_dir", "{out}", "--vocab-size", "100"], "leaves no room for learned pieces"),
+    (["train", "--input", "{good}", "--output_dir", "{out}", "--vocab-sise", "300"], "did you mean 'vocab_size'"),
+    (["train", "--input", "{good}", "--output_dir", "{out}", "--vocab-size", "270", "--reserved", "0"], "too small for this text"),
+    (["train", "--input", "{good}", "--output_dir", "{out}", "--reference", "{missing}"], "missing.txt: missing"),
     (["tran"], "unknown tokenizer command 'tran'"),
 ])
 def test_bad_input_is_one_clear_error(argv, message, tmp_path, capsys):
@@ -182,7 +182,7 @@ def test_reference_that_is_not_a_tokenizer_fails_before_training(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"junk")
     (tmp_path / "good.txt").write_text("some text\n")
     with pytest.raises(CheckpointError, match="not a valid SentencePiece"):
-        main(["train", "--input", str(tmp_path / "good.txt"), "--out", str(tmp_path / "out"),
+        main(["train", "--input", str(tmp_path / "good.txt"), "--output_dir", str(tmp_path / "out"),
               "--reference", str(tmp_path)])
     assert not (tmp_path / "out").exists()
 
@@ -190,7 +190,7 @@ def test_reference_that_is_not_a_tokenizer_fails_before_training(tmp_path):
 def test_without_heldout_file_every_20th_line_is_held_out(tmp_path, capsys):
     inputs = write_corpus(tmp_path)
     lines = [line for line in (tmp_path / "a.txt").read_text(encoding="utf-8").splitlines() if line]
-    main(["train", "--input", inputs[0], "--vocab-size", "360", "--reserved", "4", "--out", str(tmp_path / "o")])
+    main(["train", "--input", inputs[0], "--vocab-size", "360", "--reserved", "4", "--output_dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
     heldout = lines[19::20]
     assert f"trained on {len(lines) - len(heldout)} lines" in out
@@ -202,5 +202,5 @@ def test_without_heldout_file_every_20th_line_is_held_out(tmp_path, capsys):
 def test_too_little_text_to_hold_out_reports_on_the_training_text(tmp_path, capsys):
     (tmp_path / "one.txt").write_text("The quick brown fox jumps over the lazy dog 0123456789 今天天气很好\n")
     main(["train", "--input", str(tmp_path / "one.txt"), "--vocab-size", "320", "--reserved", "4",
-          "--out", str(tmp_path / "o")])
+          "--output_dir", str(tmp_path / "o")])
     assert "compression on the training text (nothing held out): 1 lines" in capsys.readouterr().out

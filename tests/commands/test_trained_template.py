@@ -182,7 +182,7 @@ def test_export_carries_the_adapters_template(tmp_path, monkeypatch):
 
     out, data = train(tmp_path, "human_assistant", "lora")
     merged = tmp_path / "merged"
-    assert main(["export", "--model", "default", "--adapter", str(out), "--out", str(merged), "--dtype", "fp32"]) == 0
+    assert main(["export", "--model", "default", "--adapter", str(out), "--output_dir", str(merged), "--dtype", "fp32"]) == 0
     assert json.loads((merged / "template.json").read_text())["name"] == "human_assistant"
     assert json.loads((merged / "generation_config.json").read_text())["template"]["name"] == "human_assistant"
     model, tokenizer = load_model_and_tokenizer(merged)
@@ -270,8 +270,8 @@ def test_convert_carries_the_record(tmp_path):
     model = tiny_model("tiny-baichuan2-7b", vocab_size=4096)
     set_model_template(model, "base")
     folder = save_pretrained_atomic(model, BaichuanTokenizer(vocab_file=str(DEFAULT_TOKENIZER)), tmp_path / "m")
-    assert main(["convert", "--model", str(folder), "--out", str(tmp_path / "llama"), "--to", "llama"]) == 0
-    back = ["convert", "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "back"), "--to", "baichuan"]
+    assert main(["convert", "--model", str(folder), "--output_dir", str(tmp_path / "llama"), "--to", "llama"]) == 0
+    back = ["convert", "--model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "back"), "--to", "baichuan"]
     assert main(back) == 0
     for name in ("llama", "back"):
         assert json.loads((tmp_path / name / "template.json").read_text())["name"] == "base"

@@ -344,7 +344,7 @@ def test_serve_command_end_to_end(tmp_path, model_and_tokenizer):
 
 
 def test_serve_command_with_an_adapter_and_int8_weights(tmp_path, model_and_tokenizer):
-    """--adapter answers as PEFT's own loading of the adapter does; --quantize 8 then answers as the same
+    """--adapter answers as PEFT's own loading of the adapter does; --quantization_bit 8 then answers as the same
     adapter over our in-place LLM.int8() layers (`model.quantize(8)`), a second way to the same format."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -364,7 +364,7 @@ def test_serve_command_with_an_adapter_and_int8_weights(tmp_path, model_and_toke
             == expected
     int8 = PeftModel.from_pretrained(load_model(folder, dtype="fp32").quantize(8), str(tmp_path / "adapter"))
     expected = int8.get_base_model().chat(tokenizer, ask(5), temperature=0, max_new_tokens=8)
-    with serve_process(folder, "--adapter", str(tmp_path / "adapter"), "--dtype", "fp32", "--quantize", "8") as c:
+    with serve_process(folder, "--adapter", str(tmp_path / "adapter"), "--dtype", "fp32", "--quantization_bit", "8") as c:
         assert c.chat.completions.create(model="tiny-chat", messages=ask(5), **GREEDY).choices[0].message.content \
             == expected
 

@@ -76,7 +76,7 @@ def runs_dir(home, builtin):
     text = home / "text.txt"
     text.write_text("The capital of France is Paris. The capital of Italy is Rome.\n")
     assert eval_command.main(["--model", "default", "--task", "ppl", "--data", str(text), "--device", "cpu",
-                              "--output", str(root / "sft-lora" / "eval-ppl")]) == 0
+                              "--output_dir", str(root / "sft-lora" / "eval-ppl")]) == 0
     return root
 
 

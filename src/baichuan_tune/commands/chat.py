@@ -1,6 +1,6 @@
 """Chat with a model in the terminal; the reply is printed token by token as it is generated.
 
-    baichuan-tune chat --model DIR [--adapter DIR] [--quantize 4|8] [--system TEXT] [--temperature 0.3] [--max-new-tokens 512]
+    baichuan-tune chat --model DIR [--adapter DIR] [--quantization_bit 4|8] [--system TEXT] [--temperature 0.3] [--max-new-tokens 512]
 
 Type a message and press Enter. /clear forgets the conversation, /exit or /quit (or Ctrl-D) leaves,
 Ctrl-C stops a reply that is being written. Prompts are in the template the model was trained in

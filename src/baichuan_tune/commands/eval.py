@@ -1,7 +1,7 @@
 """Score a model on C-Eval, CMMLU or MMLU (n-shot multiple choice), or measure its perplexity on a text file.
 
     baichuan-tune eval --model DIR --task ceval --split val --data ceval.zip
-    baichuan-tune eval --model DIR --adapter ADAPTER_DIR --quantize 4 --task cmmlu --split test --data cmmlu.zip
+    baichuan-tune eval --model DIR --adapter ADAPTER_DIR --quantization_bit 4 --task cmmlu --split test --data cmmlu.zip
     baichuan-tune eval --model DIR --task mmlu --split test --data mmlu/data --subjects anatomy astronomy
     baichuan-tune eval --model DIR --task ppl --data c4_demo.jsonl
 
@@ -13,9 +13,9 @@ which publishes no answers: OUTPUT/submission.json in the leaderboard's form). `
 `--subjects` make quick runs. For `--task ppl`, `--data` is a .txt file (one document) or .jsonl/.json
 (one document per record, text in `--text-field`).
 
-OUTPUT is `--output`, by default eval_results/<model>[+<adapter>][-4bit|-8bit]/<task>-<split> (ppl:
+OUTPUT is `--output_dir`, by default eval_results/<model>[+<adapter>][-4bit|-8bit]/<task>-<split> (ppl:
 .../ppl-<data file name>), so runs of other models, adapters or quantisations never replace each other's
-results; a folder that already holds results is refused unless `--overwrite true`.
+results; a folder that already holds results is refused unless `--overwrite_output_dir true`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..config import ConfigError, opt, parse_config
 class EvalConfig:
     model: str = opt("default", "model folder, or 'default' for the built-in model")
     adapter: str | None = opt(None, "PEFT adapter folder to apply on top of the model (e.g. a LoRA from sft)")
-    quantize: int | None = opt(None, "load the weights in 4 or 8 bits with bitsandbytes")
+    quantization_bit: int | None = opt(None, "load the weights in 4 or 8 bits with bitsandbytes")
     task: Literal["ceval", "cmmlu", "mmlu", "ppl"] = opt("ceval", "ceval, cmmlu, mmlu or ppl")
     split: Literal["dev", "val", "test"] = opt("val", "dev, val or test (CMMLU publishes dev and test)")
     data: str | None = opt(None, "benchmark archive or folder as published; for ppl a .txt/.jsonl/.json file")
@@ -46,16 +46,16 @@ class EvalConfig:
     text_field: str = opt("text", "ppl: the field of a .jsonl/.json record that holds the text")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)")
     device: str = opt("auto", "cuda, cpu or auto (cuda when available)")
-    output: str | None = opt(None, "folder for results.json (default: eval_results/<model>[+<adapter>][-4bit]/<task>-<split>)")
-    overwrite: bool = opt(False, "replace the results an earlier run left in the output folder")
+    output_dir: str | None = opt(None, "folder for results.json (default: eval_results/<model>[+<adapter>][-4bit]/<task>-<split>)")
+    overwrite_output_dir: bool = opt(False, "replace the results an earlier run left in the output folder")
     show_subjects: bool = opt(True, "print every subject's accuracy, not only the categories")
     progress: bool = opt(True, "show a progress bar (over subjects; ppl: over batches of text)")
 
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("--data is required: the benchmark archive or folder (for ppl: a text/JSONL file)")
-        if self.quantize not in (None, 4, 8):
-            raise ConfigError(f"--quantize must be 4 or 8, got {self.quantize}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ConfigError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
         for key in ("batch_size", "max_batch_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
@@ -93,7 +93,7 @@ def _device(name: str) -> str:
 def run_name(cfg: EvalConfig) -> str:
     """The results folder's name for this model: <model>[+<adapter>][-4bit|-8bit], from the folders' names."""
     name = _folder_name(cfg.model) + (f"+{_folder_name(cfg.adapter)}" if cfg.adapter else "")
-    return name + (f"-{cfg.quantize}bit" if cfg.quantize else "")
+    return name + (f"-{cfg.quantization_bit}bit" if cfg.quantization_bit else "")
 
 
 def _folder_name(path: str) -> str:
@@ -101,9 +101,9 @@ def _folder_name(path: str) -> str:
 
 
 def output_dir(cfg: EvalConfig) -> Path:
-    """--output, or eval_results/<run name>/<task>-<split> (ppl: ppl-<data file name>)."""
-    if cfg.output:
-        return Path(cfg.output)
+    """--output_dir, or eval_results/<run name>/<task>-<split> (ppl: ppl-<data file name>)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
     part = f"ppl-{Path(cfg.data).stem}" if cfg.task == "ppl" else f"{cfg.task}-{cfg.split}"
     return Path("eval_results") / run_name(cfg) / part
 
@@ -111,8 +111,8 @@ def output_dir(cfg: EvalConfig) -> Path:
 def refuse_earlier_results(out_dir: Path, overwrite: bool) -> None:
     """An earlier run's results are never replaced by accident (another model's, say)."""
     if (out_dir / "results.json").exists() and not overwrite:
-        raise ConfigError(f"{out_dir} already holds results (results.json of an earlier run); pass --overwrite true "
-                          "to replace them, or another --output")
+        raise ConfigError(f"{out_dir} already holds results (results.json of an earlier run); pass --overwrite_output_dir true "
+                          "to replace them, or another --output_dir")
 
 
 def main(argv: list[str]) -> int:
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
 
     check_extras("eval", cfg)
     out_dir = output_dir(cfg)
-    refuse_earlier_results(out_dir, cfg.overwrite)
+    refuse_earlier_results(out_dir, cfg.overwrite_output_dir)
     from ..eval import evaluation as ev
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..io_utils import atomic_write_json
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     start = time.time()
     model, tokenizer = load_model_and_tokenizer(resolve_model_path(cfg.model), dtype=dtype, device=device,
-                                                quantize=cfg.quantize, adapter=cfg.adapter)
+                                                quantize=cfg.quantization_bit, adapter=cfg.adapter)
     model.eval()
     print(f"loaded {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") + f" in {time.time() - start:.1f}s")
     start = time.time()
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> int:
 
 
 def _remove_stale(out_dir: Path, names: tuple[str, ...]) -> None:
-    """After --overwrite: files of the replaced run that this run does not write would no longer match."""
+    """After --overwrite_output_dir: files of the replaced run that this run does not write would no longer match."""
     for name in names:
         (out_dir / name).unlink(missing_ok=True)
 

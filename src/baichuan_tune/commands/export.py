@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model and write a full checkpoint in the published layout.
 
-    baichuan-tune export --model DIR --adapter DIR --out DIR [--dtype bf16] [--shard-size 5GB] [--safetensors true]
+    baichuan-tune export --model DIR --adapter DIR --output_dir DIR [--dtype bf16] [--shard-size 5GB] [--safetensors true]
 
 The base is loaded unquantised in --dtype, PEFT's `merge_and_unload` folds W + (alpha/r)·B·A into each
 adapted weight, and the result is written like the published checkpoints: config.json,
@@ -23,24 +23,24 @@ from ..config import ConfigError, opt, parse_config
 class ExportConfig:
     model: str = opt("", "base checkpoint folder the adapter was trained on, or 'default'")
     adapter: str = opt("", "PEFT adapter folder (adapter_config.json + adapter weights) to merge")
-    out: str = opt("", "output folder (written into a temporary folder, then renamed into place)")
+    output_dir: str = opt("", "output folder (written into a temporary folder, then renamed into place)")
     dtype: str = opt("bf16", "dtype of the merged weights: bf16, fp16, fp32 or auto (the base's)")
     shard_size: str = opt("5GB", "largest weight shard, e.g. 5GB or 500MB (several shards get an index file)")
     safetensors: bool = opt(True, "write safetensors (true) or PyTorch .bin shards as published (false)")
     device: str = opt("cpu", "where to merge: cpu or cuda (the weights are written from there shard by shard)")
-    overwrite: bool = opt(False, "replace --out if it already holds files")
-    quantize: int | None = opt(None, "not supported: merging needs the full-precision base (see the error)")
+    overwrite_output_dir: bool = opt(False, "replace --output_dir if it already holds files")
+    quantization_bit: int | None = opt(None, "not supported: merging needs the full-precision base (see the error)")
 
     def validate(self) -> None:
         from ..models.checkpoint import check_shard_size, parse_dtype
 
-        if self.quantize is not None:
+        if self.quantization_bit is not None:
             raise ConfigError(
-                f"export merges into a full-precision base; --quantize {self.quantize} is refused: LoRA deltas "
-                "added to int8/NF4-rounded weights are not the trained model. Export without --quantize, "
-                "then load the merged model with --quantize for chat/serve/eval"
+                f"export merges into a full-precision base; --quantization_bit {self.quantization_bit} is refused: LoRA deltas "
+                "added to int8/NF4-rounded weights are not the trained model. Export without --quantization_bit, "
+                "then load the merged model with --quantization_bit for chat/serve/eval"
             )
-        for name in ("model", "adapter", "out"):
+        for name in ("model", "adapter", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
         parse_dtype(self.dtype)
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     from ..models.checkpoint import check_output_dir, find_weight_files, resolve_model_path, save_pretrained_atomic
 
     base = resolve_model_path(cfg.model)
-    out = check_output_dir(cfg.out, cfg.overwrite, {"--model": base, "--adapter": cfg.adapter})
+    out = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, {"--model": base, "--adapter": cfg.adapter})
     refuse_quantized_base(base)
     start = time.time()
     model, tokenizer = merge(base, cfg.adapter, cfg.dtype, cfg.device)

@@ -1,6 +1,6 @@
 """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health).
 
-    baichuan-tune serve --model DIR [--adapter DIR] [--quantize 4|8] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    baichuan-tune serve --model DIR [--adapter DIR] [--quantization_bit 4|8] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     baichuan-tune serve --model DIR --ui [--runs outputs]      # the browser UI at /ui/ too (see `webui`)
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
@@ -60,7 +60,7 @@ def serve(cfg: ServeConfig, command: str) -> int:
     """Load the model and serve it (with the UI when `cfg.ui`) until Ctrl-C; `command` names the extra to install."""
     from ..extras import check_extras
 
-    check_extras(command, cfg)  # fastapi, uvicorn (and bitsandbytes for --quantize) before anything loads
+    check_extras(command, cfg)  # fastapi, uvicorn (and bitsandbytes for --quantization_bit) before anything loads
     api_key = cfg.api_key or os.environ.get("BAICHUAN_TUNE_API_KEY") or None
     from ..models.checkpoint import resolve_model_path
 

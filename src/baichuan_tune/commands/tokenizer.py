@@ -1,11 +1,11 @@
 """Train a SentencePiece BPE tokenizer the way Baichuan2's was built, and report its compression.
 
-    baichuan-tune tokenizer train --input corpus.txt --input chats.jsonl --vocab-size 32000 --out my-tokenizer \\
+    baichuan-tune tokenizer train --input corpus.txt --input chats.jsonl --vocab-size 32000 --output_dir my-tokenizer \\
         --heldout heldout.txt --reference path/to/Baichuan2-7B-Chat
 
     # rebuild the built-in default model's tokenizer (src/baichuan_tune/assets/default):
     baichuan-tune tokenizer train --builtin --vocab-size 4096 --reserved 200 --fill-vocab \\
-        --model-max-length 1024 --out src/baichuan_tune/assets/default
+        --model-max-length 1024 --output_dir src/baichuan_tune/assets/default
 
 Inputs: .txt files (one text per line) and .json/.jsonl files (every string value of every record; a value
 with line breaks is split into lines). Trainer settings are those of the published Baichuan2 tokenizer.model:
@@ -38,7 +38,7 @@ commands:
 class TrainTokenizerConfig:
     input: list[str] = opt(factory=list, help="training text files (.txt lines, .json/.jsonl string fields); repeat --input or separate with commas")
     builtin: bool = opt(False, "also train on the built-in corpus (baichuan_tune.builtin.tokenizer_corpus)")
-    out: str = opt("", "output folder for tokenizer.model, tokenizer_config.json, special_tokens_map.json")
+    output_dir: str = opt("", "output folder for tokenizer.model, tokenizer_config.json, special_tokens_map.json")
     vocab_size: int = opt(32000, "number of pieces, including <unk> <s> </s>, reserved tokens and 256 byte pieces")
     reserved: int = opt(200, "<reserved_N> tokens right after <unk> <s> </s> (ids 3..); >= 194 makes ids 195/196 reserved, as Baichuan2's chat roles need")
     fill_vocab: bool = opt(False, "if the text supports fewer pieces than vocab_size, append unused <reserved_N> pieces to reach it")
@@ -50,8 +50,8 @@ class TrainTokenizerConfig:
     model_max_length: int = opt(4096, "context length written to tokenizer_config.json")
 
     def validate(self) -> None:
-        if not self.out:
-            raise ConfigError("command line: 'out' is required (the folder to write the tokenizer to)")
+        if not self.output_dir:
+            raise ConfigError("command line: 'output_dir' is required (the folder to write the tokenizer to)")
         if not self.input and not self.builtin:
             raise ConfigError("command line: give training text with --input FILE (repeatable) or --builtin")
         if self.reserved < 0 or self.heldout_every < 0 or self.max_piece_length < 1:
@@ -123,11 +123,11 @@ def split_heldout(lines: list[str], every: int) -> tuple[list[str], list[str]]:
 # --- output ---------------------------------------------------------------------------------------------------
 
 def write_tokenizer(model: bytes, cfg: TrainTokenizerConfig) -> Path:
-    """Write the tokenizer files into cfg.out: built in a staging folder, then each file renamed into place,
+    """Write the tokenizer files into cfg.output_dir: built in a staging folder, then each file renamed into place,
     so an existing folder (say, a checkpoint) keeps its other files and never holds a half-written one."""
     from ..models.tokenization_baichuan import VOCAB_FILE, BaichuanTokenizer
 
-    out = Path(cfg.out)
+    out = Path(cfg.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tokenizer-tmp"
     shutil.rmtree(staging, ignore_errors=True)

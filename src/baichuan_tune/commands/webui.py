@@ -1,6 +1,6 @@
 """Open a browser UI: chat with a model and watch the training runs under a folder.
 
-    baichuan-tune webui --model DIR [--adapter DIR] [--quantize 4|8] [--runs outputs] [--port 7860] [--api-key KEY]
+    baichuan-tune webui --model DIR [--adapter DIR] [--quantization_bit 4|8] [--runs outputs] [--port 7860] [--api-key KEY]
 
 Then open http://127.0.0.1:7860/ui/ . Chat streams answers from the model (system prompt, sampling
 controls, regenerate, clear); Runs shows each run's config, live curves, evaluation results and

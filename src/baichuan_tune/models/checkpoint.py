@@ -470,9 +470,9 @@ def check_output_dir(out, overwrite: bool, inputs: dict[str, object]) -> Path:
     for flag, other in inputs.items():
         other = Path(other).expanduser()
         if other.exists() and out.exists() and out.resolve() == other.resolve():
-            raise ConfigError(f"--out {out} is the {flag} folder; write the result somewhere else")
+            raise ConfigError(f"--output_dir {out} is the {flag} folder; write the result somewhere else")
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
-        raise ConfigError(f"--out {out} already exists and is not empty; pass --overwrite true to replace it")
+        raise ConfigError(f"--output_dir {out} already exists and is not empty; pass --overwrite_output_dir true to replace it")
     return out
 
 

@@ -240,7 +240,7 @@ def convert_checkpoint(src, out, to: str, dtype=None, shard_size="5GB", safe_ser
     src = resolve_model_path(src)
     out = Path(out).expanduser()
     if out.resolve() == src.resolve():
-        raise ConfigError(f"--out {out} is the source folder; write the converted checkpoint elsewhere")
+        raise ConfigError(f"--output_dir {out} is the source folder; write the converted checkpoint elsewhere")
     layout = source_layout(src)
     if layout == "llama" and to == "llama":
         raise ConfigError(f"{src} is already in the LLaMA layout")

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
         model_max_length=512,
     ),
     # The built-in default model: Baichuan2-7B architecture (RoPE + NormHead) at a size that trains on a CPU.
-    # Widths are multiples of 64 so that bitsandbytes' CPU NF4 kernels take every layer (--quantize 4).
+    # Widths are multiples of 64 so that bitsandbytes' CPU NF4 kernels take every layer (--quantization_bit 4).
     "default": dict(
         hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, vocab_size=4096,
         position_embedding="rope", norm_head=True, max_position_embeddings=1024,

@@ -7,7 +7,7 @@ layers the authors' `quantize` converts. The embedding, the norms and `lm_head` 
 stay in the model's dtype. The weights are quantised on the device they are on; moving the model to
 another device afterwards (`model.quantize(4).cuda()`, the authors' idiom) keeps them quantised.
 
-Loading a checkpoint straight into 8/4 bits (`--quantize` on the commands) goes through transformers'
+Loading a checkpoint straight into 8/4 bits (`--quantization_bit` on the commands) goes through transformers'
 `BitsAndBytesConfig` in `checkpoint.load_model`; `bnb_config(bits)` here is the config both use.
 """
 
