@@ -52,7 +52,8 @@ def test_every_command_reports_its_data_alike(command, unit, extra, tmp_path, ca
 
 
 def test_counts_and_ratios_say_how_many_records_they_drew(tmp_path):
-    from baichuan_tune.data.loading import data_report, load_dataset
+    from baichuan_tune.data.loading import data_report
+    from baichuan_tune.data.sources import load_dataset
 
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps({"instruction": str(i), "output": "x"}) + "\n" for i in range(10)))

@@ -91,7 +91,7 @@ def test_score_matches_a_hand_read_of_the_head(demo_run, tmp_path, capsys):
 
 def test_score_file_reproduces_the_logged_held_out_accuracy(demo_run, tmp_path, capsys):
     """Scoring the held-out pairs through `rm score --input` gives the accuracy the training run logged."""
-    from baichuan_tune.data.loading import load_dataset
+    from baichuan_tune.data.sources import load_dataset
 
     held_out = load_dataset([str(demo_run / "demo_pairs.json")], kind="pair", val_size=80, seed=42).eval
     by_prompt = {(r["conversations"][0]["value"], r["chosen"]["value"], r["rejected"]["value"]): r

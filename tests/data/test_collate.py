@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from baichuan_tune.data.collate import collate_padded, collate_pairs, pack_examples, pack_lengths, pack_row
-from baichuan_tune.data.loading import load_dataset, tokenize_dataset
+from baichuan_tune.data.sources import load_dataset
+from baichuan_tune.data.cache import tokenize_dataset
 
 IGN = -100
 

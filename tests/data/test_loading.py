@@ -11,8 +11,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from baichuan_tune.data import loading as data
-from baichuan_tune.data.loading import Example, load_dataset, load_pair_data, load_sft_data, tokenize_dataset
+from baichuan_tune.data import encoding, formats, loading, sources
+from baichuan_tune.data.formats import Example
+from baichuan_tune.data.sources import load_dataset
+from baichuan_tune.data.loading import load_pair_data, load_sft_data
+from baichuan_tune.data.cache import tokenize_dataset
 from baichuan_tune.errors import DataError
 from baichuan_tune.data.templates import IGNORE_INDEX
 
@@ -174,7 +177,7 @@ def test_sft_keeps_a_label_that_is_no_preference():
 
 
 def sft_ok(record) -> bool:
-    return data.sft_turns(record) == [("user", "1+1=?"), ("assistant", "2")]
+    return formats.sft_turns(record) == [("user", "1+1=?"), ("assistant", "2")]
 
 
 @pytest.mark.parametrize("record,field,problem", [
@@ -257,12 +260,12 @@ def test_mixing_with_counts_and_ratios(shared_data):
 
 
 def test_dataset_spec_parsing():
-    assert data.parse_dataset_spec("a.json") == data.DataSource("a.json")
-    assert data.parse_dataset_spec("a.json:300") == data.DataSource("a.json", count=300)
-    assert data.parse_dataset_spec("dir/a.jsonl:0.5") == data.DataSource("dir/a.jsonl", ratio=0.5)
-    assert data.parse_dataset_spec("a.json:2.") == data.DataSource("a.json", ratio=2.0)
+    assert sources.parse_dataset_spec("a.json") == sources.DataSource("a.json")
+    assert sources.parse_dataset_spec("a.json:300") == sources.DataSource("a.json", count=300)
+    assert sources.parse_dataset_spec("dir/a.jsonl:0.5") == sources.DataSource("dir/a.jsonl", ratio=0.5)
+    assert sources.parse_dataset_spec("a.json:2.") == sources.DataSource("a.json", ratio=2.0)
     with pytest.raises(DataError, match="at least 1"):
-        data.parse_dataset_spec("a.json:0")
+        sources.parse_dataset_spec("a.json:0")
 
 
 def test_max_samples_caps_each_file(shared_data):
@@ -429,7 +432,7 @@ def test_load_sft_data_one_call(tok, shared_data, tmp_path):
 def test_load_pair_data_one_call(tok, shared_data, tmp_path):
     train, val, report = load_pair_data([str(shared_data / "dpo_zh_demo.json")], tok, cutoff_len=256, val_size=20,
                                         num_workers=1, cache_dir="none")
-    assert (len(train), len(val)) == (280, 20) and val.columns == train.columns == data.PAIR_COLUMNS
+    assert (len(train), len(val)) == (280, 20) and val.columns == train.columns == encoding.PAIR_COLUMNS
     assert "cache off" in report
 
 
@@ -439,8 +442,8 @@ def test_sentencepiece_fast_path_equals_the_tokenizer(shared_reference, shared_d
     from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     tok = BaichuanTokenizer.from_pretrained(str(shared_reference / model))
-    fast = data._SentencePieceFastPath.wrap(tok)
-    assert isinstance(fast, data._SentencePieceFastPath)
+    fast = encoding._SentencePieceFastPath.wrap(tok)
+    assert isinstance(fast, encoding._SentencePieceFastPath)
     texts = [t for rec in _raw(shared_data / "alpaca_zh_demo.json")[:300] + _raw(shared_data / "identity.json")
              for t in (rec["instruction"], rec["input"], rec["output"])]
     texts += [rec["text"][:2000] for rec in _raw(shared_data / "c4_demo.jsonl")[:50]]
@@ -465,7 +468,7 @@ def test_data_options_feed_the_loaders(tok, shared_data):
 
     argv = ["--dataset", f"{shared_data / 'identity.json'},{shared_data / 'alpaca_zh_demo.json'}:20",
             "--val_size", "5", "--cutoff_len", "128", "--cache_dir", "none", "--name", "Bot", "--template", "baichuan"]
-    options = parse_config(data.DataOptions, argv)
+    options = parse_config(loading.DataOptions, argv)
     assert options.dataset == [str(shared_data / "identity.json"), f"{shared_data / 'alpaca_zh_demo.json'}:20"]
     train, val, report = load_sft_data(options.dataset, tok, **options.load_kwargs(seed=1))
     loaded = load_dataset(options.dataset, val_size=5, seed=1)

@@ -376,7 +376,7 @@ def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list, str]:
 
 def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
     """Prompt turn lists of one file: {prompt} records directly, others through the data module's readers."""
-    from ..data import loading as data
+    from ..data import sources as data
 
     first = next(iter(data.iter_json_records(path)), None)
     if first is None:
@@ -395,7 +395,7 @@ def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
 
 
 def _plain_prompts(path: str, max_samples: int) -> list:
-    from ..data import loading as data
+    from ..data import sources as data
 
     prompts = []
     for where, obj, line_error in data.iter_json_records(path):

@@ -173,7 +173,7 @@ def score(argv: list[str]) -> int:
 
 
 def _is_pair_file(path: str) -> bool:
-    from ..data.loading import iter_json_records
+    from ..data.sources import iter_json_records
 
     first = next(iter(iter_json_records(path)), None)
     return first is not None and isinstance(first[1], dict) and "chosen" in first[1]
@@ -183,7 +183,7 @@ def _score_pairs(scorer, path: str) -> int:
     """Score both answers of every pair; print each pair, then pairs / accuracy / margin."""
     import json
 
-    from ..data.loading import load_dataset
+    from ..data.sources import load_dataset
 
     records = load_dataset([path], kind="pair").train
     chosen = scorer.score([r.prompt for r in records], [r.chosen for r in records])
@@ -199,7 +199,7 @@ def _score_pairs(scorer, path: str) -> int:
 
 def _answer_records(path: str) -> list[tuple[str, str, str]]:
     """(where, prompt, response) of every {prompt, response} record; a bad one is a DataError naming it."""
-    from ..data.loading import iter_json_records
+    from ..data.sources import iter_json_records
     from ..errors import DataError
 
     found = []
