@@ -29,9 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import baichuan_tune  # noqa: E402,F401
-from baichuan_tune.eval import evaluation as ev
+from baichuan_tune.eval.prompts import encode_prompt
+from baichuan_tune.eval.reading import load_benchmark
+from baichuan_tune.eval.scoring import evaluate
+from baichuan_tune.eval.summary import summarize
+from baichuan_tune.eval.tasks import TASKS
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
+from baichuan_tune.serve.generation import context_length
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "eval" / "ceval" / "ceval.zip"
 # Baichuan2-7B and -13B share one tokenizer; the 13B-Chat folder holds the published file.
@@ -82,7 +87,7 @@ def build_model(preset: str, mode: str, device: str, vocab_size: int):
 
 
 def prompt_tokens(data, task, tokenizer, n_shot: int, max_length: int) -> int:
-    return sum(len(ev.encode_prompt(task, tokenizer, d.name, d.shots[:n_shot], q, max_length)[0])
+    return sum(len(encode_prompt(task, tokenizer, d.name, d.shots[:n_shot], q, max_length)[0])
                for d in data for q in d.questions)
 
 
@@ -91,7 +96,7 @@ def one_pass(args, model, data, task, tokenizer, share_prefix: bool):
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    results = ev.evaluate(model, tokenizer, task, data, split=args.split, n_shot=args.n_shot,
+    results = evaluate(model, tokenizer, task, data, split=args.split, n_shot=args.n_shot,
                           batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           share_prefix=share_prefix, progress=False)
     if cuda:
@@ -110,9 +115,9 @@ def time_pass(args, model, data, task, tokenizer, share_prefix: bool) -> dict:
         seconds, results = one_pass(args, model, data, task, tokenizer, share_prefix)
         times.append(seconds)
     seconds = min(times[1:] or times)
-    summary = ev.summarize(task, results)
+    summary = summarize(task, results)
     questions = summary["overall"]["questions"]
-    tokens = prompt_tokens(data, task, tokenizer, args.n_shot, ev.context_length(model))
+    tokens = prompt_tokens(data, task, tokenizer, args.n_shot, context_length(model))
     return {
         "prefix": "shared" if share_prefix else "full", "seconds": round(seconds, 2),
         "cold_seconds": round(times[0], 2), "questions": questions,
@@ -130,8 +135,8 @@ def main(argv=None) -> int:
     from baichuan_tune.models.tokenization_baichuan import BaichuanTokenizer
 
     tokenizer = BaichuanTokenizer(vocab_file=args.tokenizer)
-    task = ev.TASKS["ceval"]
-    data = ev.load_benchmark(task, args.data, args.split, max_questions=args.max_questions)[: args.max_subjects]
+    task = TASKS["ceval"]
+    data = load_benchmark(task, args.data, args.split, max_questions=args.max_questions)[: args.max_subjects]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"C-Eval {args.split}: {len(data)} subjects, {sum(len(d.questions) for d in data)} questions, "
           f"{args.n_shot}-shot; {args.preset} random weights on {device_name}; torch {torch.__version__}")

@@ -122,16 +122,21 @@ def main(argv: list[str]) -> int:
     check_extras("eval", cfg)
     out_dir = output_dir(cfg)
     refuse_earlier_results(out_dir, cfg.overwrite_output_dir)
-    from ..eval import evaluation as ev
-    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..eval.perplexity import perplexity, read_texts
+    from ..eval.reading import load_benchmark
+    from ..eval.scoring import evaluate
+    from ..eval.summary import format_table, submission, summarize
+    from ..eval.tasks import get_task
     from ..io_utils import atomic_write_json
+    from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
+    from ..serve.generation import context_length
 
     # Read the data before the model: a bad file fails in a second, not after minutes of loading.
     if cfg.task == "ppl":
-        texts = ev.read_texts(cfg.data, cfg.text_field)
+        texts = read_texts(cfg.data, cfg.text_field)
     else:
-        task = ev.get_task(cfg.task)
-        subjects = ev.load_benchmark(task, cfg.data, cfg.split, cfg.subjects or None, cfg.max_questions,
+        task = get_task(cfg.task)
+        subjects = load_benchmark(task, cfg.data, cfg.split, cfg.subjects or None, cfg.max_questions,
                                      need_shots=cfg.n_shot > 0)
     device = _device(cfg.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -142,7 +147,7 @@ def main(argv: list[str]) -> int:
     print(f"loaded {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") + f" in {time.time() - start:.1f}s")
     start = time.time()
     if cfg.task == "ppl":
-        result = ev.perplexity(model, tokenizer, texts, cfg.max_length, cfg.batch_size, progress=cfg.progress)
+        result = perplexity(model, tokenizer, texts, cfg.max_length, cfg.batch_size, progress=cfg.progress)
         print(f"perplexity {result['perplexity']:.4f} (NLL {result['nll_per_token']:.4f}/token) over "
               f"{result['tokens']} tokens of {result['documents']} documents, windows of {result['max_length']}")
         # No split and no few-shot examples in a perplexity run: null, in the config too, not their defaults.
@@ -153,14 +158,14 @@ def main(argv: list[str]) -> int:
         _remove_stale(out_dir, ("predictions.json", "submission.json"))
         print(f"wrote {out_dir / 'results.json'}")
         return 0
-    results = ev.evaluate(model, tokenizer, task, subjects, split=cfg.split, n_shot=cfg.n_shot,
+    results = evaluate(model, tokenizer, task, subjects, split=cfg.split, n_shot=cfg.n_shot,
                           max_length=cfg.max_length, batch_size=cfg.batch_size,
                           max_batch_tokens=cfg.max_batch_tokens, share_prefix=cfg.share_prefix,
                           progress=cfg.progress)
     seconds = time.time() - start
-    summary = ev.summarize(task, results)
-    print(ev.format_table(task, summary, show_subjects=cfg.show_subjects))
-    _report_dropped(summary, cfg.max_length or ev.context_length(model))
+    summary = summarize(task, results)
+    print(format_table(task, summary, show_subjects=cfg.show_subjects))
+    _report_dropped(summary, cfg.max_length or context_length(model))
     questions = summary["overall"]["questions"]
     print(f"{questions} questions in {seconds:.1f}s ({questions / max(seconds, 1e-9):.1f} questions/s)")
     atomic_write_json(out_dir / "results.json", {
@@ -169,7 +174,7 @@ def main(argv: list[str]) -> int:
     })
     atomic_write_json(out_dir / "predictions.json", {r.subject: r.predictions for r in results})
     if summary["overall"]["accuracy"] is None:
-        atomic_write_json(out_dir / "submission.json", ev.submission(results))
+        atomic_write_json(out_dir / "submission.json", submission(results))
         print(f"this split publishes no answers: predictions for the leaderboard in {out_dir / 'submission.json'}")
     else:
         _remove_stale(out_dir, ("submission.json",))

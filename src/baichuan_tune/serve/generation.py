@@ -331,7 +331,7 @@ def score_tokens(model, token_ids: list[int], top: int = 0, chunk: int = 512) ->
     """Each token's log-probability given the tokens before it (None for the first, which has no context),
     from one forward pass over `token_ids`; the output head runs on `chunk` positions at a time, so a long
     prompt never holds [length, vocab] logits at once."""
-    from ..eval.evaluation import _body_and_head
+    from ..eval.scoring import _body_and_head
 
     body, head = _body_and_head(model)
     ids = torch.tensor([token_ids], dtype=torch.long, device=model_device(model))
