@@ -227,7 +227,7 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten_or_mixed(tmp_path
 def test_a_demo_never_clears_a_folder_the_user_named_in_any_spelling(tmp_path):
     out = tmp_path / "mine"
     run_sft(out, "--max_steps", "1")
-    for flags in (["--output_dir-dir", str(out)], [f"--output_dir={out}"]):
+    for flags in (["--output-dir", str(out)], [f"--output_dir={out}"]):
         with pytest.raises(TrainingError, match="already holds a run"):
             sft.main([*flags, "--max_steps", "1", "--report_to", "none"])
         assert (out / "adapter_model.safetensors").is_file()

@@ -63,7 +63,7 @@ def _trained_answers(cfg: DemoConfig) -> None:
     import yaml
 
     from ..models.checkpoint import load_model_and_tokenizer
-    from .sft import _answers  # the sft demo's own way of asking: greedy, in its template's chat format
+    from ..serve.generation import greedy_answers  # as the sft demo asks: greedy, in its template's chat format
 
     config = yaml.safe_load((SFT_DEMO_DIR / "config.yaml").read_text(encoding="utf-8")) \
         if (SFT_DEMO_DIR / "config.yaml").is_file() else {}
@@ -71,5 +71,5 @@ def _trained_answers(cfg: DemoConfig) -> None:
     model, tokenizer = load_model_and_tokenizer(SFT_DEMO_DIR, dtype=cfg.dtype, device=cfg.device)
     print(f"\nThe same model after `baichuan-tune sft` (the demo run in {SFT_DEMO_DIR}, asked in the {template} chat "
           "format it was trained in):")
-    for prompt, answer in zip(cfg.prompt, _answers(model, tokenizer, template, cfg.prompt, cfg.max_new_tokens)):
+    for prompt, answer in zip(cfg.prompt, greedy_answers(model, tokenizer, template, cfg.prompt, cfg.max_new_tokens)):
         print(f"> {prompt}\n{answer!r}")

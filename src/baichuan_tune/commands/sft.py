@@ -21,7 +21,6 @@ from pathlib import Path
 from ..builtin import DEMO_PROMPTS, SFT_DEMO_DIR
 from ..config import opt, parse_config
 from ..data.loading import SFTDataOptions
-from ..lazy import no_grad
 from ..options import ModelOptions, TrainOptions
 
 # Settings of the built-in demo: a full fine-tune of the tiny default model on the demo data.
@@ -65,6 +64,7 @@ def main(argv: list[str]) -> int:
     from ..train.engine import Engine, schedule_for
     from ..train.methods import SFTMethod
     from ..train.training import fast_path_kwargs, precision_dtype, prepare_output_dir, resolve_device, seed_everything
+    from ..serve.generation import greedy_answers
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     # Steps per epoch count packed rows, not samples. Packing is deterministic, so a resumed run packs alike.
     rows = pack_examples(train_set, cfg.cutoff_len) if cfg.packing else train_set
     prompts = (cfg.demo_prompts or (DEMO_PROMPTS if demo else [])) if dist.main else []
-    before = _answers(model, tokenizer, cfg.template, prompts)
+    before = greedy_answers(model, tokenizer, cfg.template, prompts)
     seed_everything(cfg.seed)  # here, so whatever loading drew does not shift the adapter init and dropout
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         if cfg.plot_loss:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
         write_results(out, {**results, **data_report.counts})
-    after = _answers(model, tokenizer, cfg.template, prompts)
+    after = greedy_answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
     print(f"\nDone: outputs in {out}")
@@ -131,25 +131,3 @@ def _load_data(cfg, tokenizer):
     from ..data import loading as data
 
     return data.load_sft_data(list(cfg.dataset), tokenizer, **cfg.load_kwargs(cfg.seed))
-
-
-@no_grad
-def _answers(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers to `prompts` in the training template's chat format."""
-    import torch
-
-    from ..data.templates import get_template
-
-    if not prompts:
-        return []
-    was_training = model.training
-    model.eval()
-    answers = []
-    for prompt in prompts:
-        ids = get_template(template).encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        input_ids = torch.tensor([ids], device=model.device)
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
-    model.train(was_training)
-    return answers

@@ -644,3 +644,22 @@ def chat(
             yield text
 
     return cumulative()
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to `prompts`, one user turn each, in `template`'s chat format: how the training demos ask
+    the model before and after training."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        ids = get_template(template).encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        input_ids = torch.tensor([ids], device=model.device)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
