@@ -25,6 +25,7 @@ rows could grow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -105,11 +106,9 @@ class BatchDecoder(Decoder):
 
     # -- the step (captured in a CUDA graph per kind and window)
 
-    def _logits(self):
-        if self.lora is None:
-            return super()._logits()
-        with self.lora.rows(self.adapters):
-            return super()._logits()
+    def _rows(self, adapters):
+        """Each row's LoRA adapter for the forwards inside (a graph captured there keeps this tensor)."""
+        return contextlib.nullcontext() if self.lora is None else self.lora.rows(adapters)
 
     def _choose(self, logits, kind: tuple):
         banned = self.is_eos & (self.generated < self.min_new)  # [B, V]
@@ -148,7 +147,7 @@ class BatchDecoder(Decoder):
         while window < needed:
             window *= 2
         self.cache.window = min(window, self.max_len)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._rows(self.adapters):
             self._run_step(self._kind() + (self.cache.window,))
             tokens = self.next.tolist()
         for row, p in enumerate(self.params):
@@ -194,11 +193,8 @@ class BatchDecoder(Decoder):
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.lm.config)
-        if self.lora is None:
+        with self._rows(self.adapters[row : row + 1]):
             hidden = self.lm.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
-        else:
-            with self.lora.rows(self.adapters[row : row + 1]):
-                hidden = self.lm.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
         self.cache.load_row(row, cache)
         return self._head(hidden[:, -1]).float()
 
