@@ -335,7 +335,7 @@ class BatchScheduler:
     @property
     def busy(self) -> int:
         """Requests in the batch now."""
-        return len({id(s.job) for s in self.running.values()})
+        return len({id(s.job) for s in list(self.running.values())})  # list(): read from the HTTP thread
 
     # -- the loop
 
