@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import tiny_model
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
 from baichuan_tune.serve.fast_decode import plain_decode
 from baichuan_tune.serve.generation import chat_generation_config
 from baichuan_tune.serve.server import BackgroundServer, create_app
-from conftest import tiny_model
 
 NAME = "tiny"
 

@@ -56,7 +56,7 @@ class ServeConfig(LoadOptions):
             raise ConfigError(f"--max-batch must be 0 (one request at a time) or more, got {self.max_batch}")
         if self.slot_tokens is not None and self.slot_tokens < 16:
             raise ConfigError(f"--slot-tokens must be at least 16, got {self.slot_tokens}")
-        plain, named = split_adapters(self.adapter)
+        _, named = split_adapters(self.adapter)
         if named and self.max_batch == 0:
             raise ConfigError("named adapters are served in the batch: --max-batch must be at least 1")
         if self.max_queue < 1:
