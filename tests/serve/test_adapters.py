@@ -52,12 +52,20 @@ def peft_model(folder: str):
     return peft.PeftModel.from_pretrained(tiny_model("tiny-baichuan-13b", vocab_size=4096), folder).eval()
 
 
-def test_mixed_adapter_batch_equals_each_adapter_alone(setup):
-    """Base, 'a' and 'b' rows decode in one batch (ALiBi base); each answer equals PEFT's model of that
-    adapter alone, and the base rows equal the base."""
+GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_mixed_adapter_batch_equals_each_adapter_alone(setup, device):
+    """Base, 'a' and 'b' rows decode in one batch (ALiBi base; on a GPU through the CUDA graphs); each
+    answer equals PEFT's model of that adapter alone, and the base rows equal the base."""
+    import copy
+
     model, tokenizer, folders = setup
+    model = copy.deepcopy(model).to(device)
     prompts = {"base": list(range(5, 14)), "a": list(range(40, 43)), "b": list(range(90, 110))}
-    models = {"base": model, "a": peft_model(folders["a"]), "b": peft_model(folders["b"])}
+    models = {"base": model, "a": peft_model(folders["a"]).to(device), "b": peft_model(folders["b"]).to(device)}
     expected = {name: alone(models[name], tokenizer, prompts[name], 20) for name in prompts}
     assert len(set(expected.values())) == 3  # the adapters change the answer
     app = create_app(model, tokenizer, "base", max_batch=6, adapters=folders)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from conftest import tiny_model
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
@@ -177,3 +178,56 @@ def test_the_queue_bound_answers_429_with_a_json_error(tokenizer):
                 assert httpx.get(srv.url + "/health", timeout=10).json()["waiting"] == 1
             # the running client left: its row goes to the waiting request
             assert waiting.result(timeout=30) == greedy_alone(model, tokenizer, [8, 9], 4)
+
+
+def drive(model, joins: list[tuple[int, list[int], int]], slots: int = 3, **decoder_options) -> list[list[int]]:
+    """Run a BatchDecoder directly: request i (prompt, max new tokens) joins at step joins[i][0] into a
+    free row and leaves after its tokens; returns each request's tokens."""
+    from baichuan_tune.serve.batching import BatchDecoder
+    from baichuan_tune.serve.fast_decode import SamplingParams
+
+    decoder = BatchDecoder(model, slots, 320, **decoder_options)
+    out: list[list[int]] = [[] for _ in joins]
+    rows: dict[int, int] = {}  # row -> request
+    step = 0
+    while any(len(out[i]) < joins[i][2] for i in range(len(joins))):
+        for i, (at, prompt, new) in enumerate(joins):
+            if at == step:
+                row = decoder.free_rows()[0]
+                rows[row] = i
+                out[i].append(decoder.admit(row, prompt, SamplingParams(new, eos=())))
+        for row, i in list(rows.items()):
+            if len(out[i]) >= joins[i][2]:
+                decoder.release(row)
+                del rows[row]
+        if rows:
+            tokens = decoder.decode_step()
+            for row, i in rows.items():
+                out[i].append(tokens[row])
+        step += 1
+    return out
+
+
+JOINS = [(0, list(range(5, 15)), 30), (4, list(range(40, 43)), 8), (6, list(range(100, 350)), 12),
+         (13, [7, 8], 20)]  # the third crosses the 256-slot attention window; the last takes a freed row
+
+
+def plain(model, prompt, new):
+    config = chat_generation_config(model, temperature=0, max_new_tokens=new, repetition_penalty=1.0)
+    config.eos_token_id = None
+    return plain_decode(model, [prompt], config)[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-baichuan-7b", "tiny-baichuan2-13b"])
+def test_batch_decoder_rows_join_and_leave(preset):
+    model = tiny_model(preset, vocab_size=4096)
+    assert drive(model, JOINS) == [plain(model, p, n) for _, p, n in JOINS]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["tiny-baichuan-7b", "tiny-baichuan-13b", "tiny-baichuan2-7b", "tiny-baichuan2-13b"])
+def test_batch_decoder_with_cuda_graphs_equals_generate(preset):
+    """On a GPU the steps are compiled and replayed as CUDA graphs (one per window): the same tokens."""
+    model = tiny_model(preset, vocab_size=4096).cuda()
+    assert drive(model, JOINS) == [plain(model, p, n) for _, p, n in JOINS]
