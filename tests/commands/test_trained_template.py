@@ -100,7 +100,9 @@ def serve_command_prompt(monkeypatch, template: str, *argv: str) -> list[int]:
             sock.close()
 
     monkeypatch.setattr(uvicorn.Server, "run", instead_of_serving)
-    assert main(["serve", *argv, "--device", "cpu", "--port", "0", "--model-name", "m"]) == 0
+    # --max-batch 0: the one-at-a-time worker, whose generate_text call captures the prompt (`prepare`
+    # builds it for the batch alike)
+    assert main(["serve", *argv, "--device", "cpu", "--port", "0", "--model-name", "m", "--max-batch", "0"]) == 0
     seen = capture_prompts(monkeypatch, "baichuan_tune.serve.server.generate_text")
     with TestClient(apps[0]) as client:
         reply = client.post("/v1/chat/completions", json={"model": "m", "messages": conversation(template, False)})

@@ -97,7 +97,8 @@ def test_server_chat_and_completions(tiny, monkeypatch, allow):
 
     seen = []
     monkeypatch.setattr("baichuan_tune.serve.server.generate_text", fake_generate(seen))
-    with TestClient(create_app(*tiny, "m", allow_control_tokens=allow)) as client:
+    # max_batch=0: the one-at-a-time worker, whose generate_text call captures the prompt
+    with TestClient(create_app(*tiny, "m", allow_control_tokens=allow, max_batch=0)) as client:
         chat = client.post("/v1/chat/completions", json={"model": "m", "messages": [
             {"role": "system", "content": forged("default")}, {"role": "user", "content": forged("default")}]})
         completion = client.post("/v1/completions", json={"model": "m", "prompt": forged("default")})

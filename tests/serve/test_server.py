@@ -255,7 +255,7 @@ def test_client_gone_mid_request_frees_the_worker(model_and_tokenizer, monkeypat
         return GenerationResult("", [], len(prompt_ids), "stop")
 
     monkeypatch.setattr(server_module, "generate_text", endless)
-    with start(model_and_tokenizer) as srv:
+    with start(model_and_tokenizer, max_batch=0) as srv:  # the one-at-a-time worker (the batch's: test_batching)
         body = json.dumps({"model": NAME, "messages": ask(0), "max_tokens": 8}).encode()
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -1,12 +1,15 @@
 """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health).
 
     baichuan-tune serve --model DIR [--adapter DIR] [--quantization_bit 4|8] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    baichuan-tune serve --model DIR --adapter NAME=DIR [--adapter NAME2=DIR2 ...]   # each adapter its own model name
     baichuan-tune serve --model DIR --ui [--runs outputs]      # the browser UI at /ui/ too (see `webui`)
 
 Binds to 127.0.0.1 unless --host says otherwise; with --api-key (or $BAICHUAN_TUNE_API_KEY) every /v1
-request needs `Authorization: Bearer KEY` (and so does the UI's data). One request generates at a time;
-up to --max-queue more wait and further ones are answered 429; a body over --max-body-bytes is answered
-413. Chat prompts are in the template the model was trained in (recorded beside it; --template
+request needs `Authorization: Bearer KEY` (and so does the UI's data). Up to --max-batch requests decode
+together (continuous batching; requests with log-probabilities, penalties, logit_bias, n, best_of or a
+seed run one at a time beside the batch); up to --max-queue more wait and further ones are answered 429;
+a body over --max-body-bytes is answered 413. Named adapters are served beside the base, in the same
+batch, each with the chat template recorded in its folder. Chat prompts are in the template the model was trained in (recorded beside it; --template
 overrides); message text that spells a control token (`<reserved_106>`) is encoded as text unless
 --allow-control-tokens. Stop with Ctrl-C.
 """
@@ -14,7 +17,7 @@ overrides); message text that spells a control token (`<reserved_106>`) is encod
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +31,14 @@ class ServeConfig(LoadOptions):
     port: int = opt(8000, "TCP port (0 picks a free one)")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $BAICHUAN_TUNE_API_KEY)")
     model_name: str | None = opt(None, "the model id clients send and /v1/models lists (default: the folder's name)")
-    max_queue: int = opt(64, "requests that may wait behind the one being generated; more are answered 429")
+    adapter: list[str] = opt(factory=list, help="LoRA adapter: PATH (applied to the model, as chat does) or "
+                                                "NAME=PATH, repeatable (each served as model NAME beside the base)")
+    max_batch: int = opt(8, "requests decoded together (continuous batching); 0: one request at a time")
+    # Each row of the batch holds a KV cache of --slot-tokens tokens: 2 x layers x hidden x 2 bytes a token
+    # in bf16 (0.5 MiB for the 7B models, 0.8 MiB for 13B), so 8 rows x 4,096 tokens of 7B take 16 GiB.
+    slot_tokens: int | None = opt(None, "longest request (prompt + max_tokens) the batch takes (default: the "
+                                        "context length); longer ones run one at a time")
+    max_queue: int = opt(64, "requests that may wait for a place in the batch; more are answered 429")
     # 4 MiB holds a full 4,096-token context many times over in any JSON escaping (a conversation over the
     # context is trimmed, so a long history is legal), or 128 full-context prompts as token-id lists for an
     # evaluation batch; beyond it a body is answered 413 before it is read.
@@ -42,6 +52,13 @@ class ServeConfig(LoadOptions):
         super().validate()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.max_batch < 0:
+            raise ConfigError(f"--max-batch must be 0 (one request at a time) or more, got {self.max_batch}")
+        if self.slot_tokens is not None and self.slot_tokens < 16:
+            raise ConfigError(f"--slot-tokens must be at least 16, got {self.slot_tokens}")
+        _, named = split_adapters(self.adapter)
+        if named and self.max_batch == 0:
+            raise ConfigError("named adapters are served in the batch: --max-batch must be at least 1")
         if self.max_queue < 1:
             raise ConfigError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1024:
@@ -50,6 +67,22 @@ class ServeConfig(LoadOptions):
             raise ConfigError("--api-key must not be empty")
         if self.ui and Path(self.runs).exists() and not Path(self.runs).is_dir():
             raise ConfigError(f"--runs {self.runs} is a file; give the folder that holds the training runs")
+
+
+def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """--adapter values -> (the one adapter applied to the model, {name: folder} of named ones)."""
+    plain = [v for v in values if "=" not in v]
+    named: dict[str, str] = {}
+    for value in values:
+        if "=" in value:
+            name, _, folder = value.partition("=")
+            if not name or not folder or name in named:
+                raise ConfigError(f"--adapter {value}: expected NAME=PATH with a new name for each adapter")
+            named[name] = folder
+    if len(plain) > 1 or (plain and named):
+        raise ConfigError("--adapter: one unnamed adapter (PATH) applied to the model, or named ones (NAME=PATH) "
+                          "served beside it, not both and not several unnamed")
+    return (plain[0] if plain else None), named
 
 
 def main(argv: list[str]) -> int:
@@ -81,9 +114,13 @@ def serve(cfg: ServeConfig, command: str) -> int:
         sock = bind_socket(cfg.host, cfg.port)  # before loading: a taken port fails fast
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
-    model, tokenizer = cfg.load(path)
+    plain, named = split_adapters(cfg.adapter)
+    if name in named:
+        raise ConfigError(f"--adapter {name}=...: '{name}' is the base model's name already (see --model-name)")
+    model, tokenizer = LoadOptions.load(replace(cfg, adapter=plain), path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
-                     max_body_bytes=cfg.max_body_bytes, allow_control_tokens=cfg.allow_control_tokens)
+                     max_body_bytes=cfg.max_body_bytes, allow_control_tokens=cfg.allow_control_tokens,
+                     max_batch=cfg.max_batch, slot_tokens=cfg.slot_tokens, adapters=named)
     if cfg.ui:
         mount_ui(app, model, Path(cfg.runs), api_key=api_key)
     from ..serve.generation import prompt_format
@@ -91,7 +128,8 @@ def serve(cfg: ServeConfig, command: str) -> int:
     host, port = sock.getsockname()[:2]
     address = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     auth = "API key required" if api_key else "no API key"
-    print(f"serving '{name}' at {address}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
+    names = ", ".join(f"'{n}'" for n in [name, *named])
+    print(f"serving {names} at {address}/v1 ({auth}; chat format {prompt_format(model)}); Ctrl-C to stop",
           flush=True)
     if cfg.ui:
         print(f"web UI at {address}/ui/ (runs from {cfg.runs}"

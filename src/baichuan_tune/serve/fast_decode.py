@@ -333,6 +333,8 @@ class Decoder:
     pass between reads of the new tokens.
     """
 
+    cache_class = SlotCache  # the KV cache it decodes over
+
     def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool | None = None,
                  compile: bool | None = None, sync_every: int = 8):
         self.model, self.lm = model, causal_lm(model)
@@ -346,7 +348,7 @@ class Decoder:
         use_compile = on_cuda and not int8 if compile is None else compile
         self.sync_every = sync_every
         self.weights = self._fingerprint(model)
-        self.cache = SlotCache(config.num_hidden_layers, batch, config.num_attention_heads, config.head_dim,
+        self.cache = self.cache_class(config.num_hidden_layers, batch, config.num_attention_heads, config.head_dim,
                                max_len, embed.dtype, self.device)
         self._allocate(batch, max_len, config.vocab_size)
         head = self.lm.lm_head
@@ -430,7 +432,7 @@ class Decoder:
         overwrite) and inside the buffer: a graph is captured at a request's first decoding step, so only
         when max_new_tokens >= 2, and the two warm-up writes land at most at prompt + 1 < prompt + max_new.
         Where compiling or capturing fails, say so once and decode without it (False: no graph)."""
-        state = (self.cache.lengths, self.step, self.finished, self.seen, self.tokens)
+        state = self._state()
         saved = [t.clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)  # the warm-up draws too: a seeded request must not see it
         try:
@@ -441,6 +443,10 @@ class Decoder:
             target.copy_(value)
         torch.cuda.set_rng_state(rng, self.device)
         return graph
+
+    def _state(self) -> tuple:
+        """The tensors a decoding step moves on (restored after the warm-up steps of a capture)."""
+        return (self.cache.lengths, self.step, self.finished, self.seen, self.tokens)
 
     def _warm_and_capture(self, kind: tuple) -> torch.cuda.CUDAGraph:
         side = torch.cuda.Stream()

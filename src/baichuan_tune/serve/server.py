@@ -7,9 +7,12 @@ checkpoint's generation_config.json, and a request may override them (`top_k` an
 are accepted as extensions, as other OpenAI-compatible servers do). Every field of OpenAI's two request
 schemas is accepted, ignored or refused by name (`openai_api.py`).
 
-Concurrency: one worker thread runs `generate` for one request at a time, fed by a bounded queue. Every
-request gets its own output channel, so concurrent clients never see each other's tokens; when the
-queue is full a request is answered 429 at once instead of waiting without bound. A request's body is
+Concurrency: one generation thread, fed by a bounded queue. With `max_batch` > 0 (the default) it batches
+continuously (`batching.BatchScheduler`): requests join the running batch between decoding steps and
+leave as they end; requests the batch does not implement (log-probabilities, penalties, logit_bias, n,
+best_of, a seed) run one at a time meanwhile. With `max_batch` 0 one worker generates for one request at
+a time. Every request gets its own output channel, so concurrent clients never see each other's tokens;
+when the queue is full a request is answered 429 at once instead of waiting without bound. A request's body is
 limited (413 beyond), and parsing and tokenising it run in a thread, so a large request never holds up
 the event loop (and /health).
 """
@@ -85,6 +88,7 @@ class Job:
     n: int = 1  # choices per prompt: choice i * n + j is prompt i's j-th
     best_of: int | None = None  # candidates per prompt, of which the n with the best mean log-prob are kept
     generate: bool = True  # False for max_tokens 0: the prompt is only echoed (and scored)
+    adapter: int = 0  # which served LoRA adapter generates (0: the base model; see adapters.MultiLoRA)
     score_prompt: bool = False  # echo with logprobs: the prompt tokens' log-probs too
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -193,6 +197,8 @@ class ServedModel:
     name: str
     api_key: str | None = None
     allow_control_tokens: bool = False  # message/prompt text may spell control tokens (`<reserved_106>` -> 195)
+    adapter: int = 0  # the LoRA adapter this name serves (0: the base model itself)
+    template: str | None = None  # its chat template (None: the one recorded with the model, see prompt_format)
 
     @property
     def context(self) -> int:
@@ -220,8 +226,9 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     _check_max_tokens(requested, served.context, param)
     base = _settings(served, req, requested)
-    ids = dict(fmt=prompt_format(served.model), allow_control_tokens=served.allow_control_tokens,
-               **chat_token_ids(base))
+    fmt = served.template or prompt_format(served.model)
+    roles = chat_token_ids(base) | (_role_ids(served.template) if served.template else {})  # an adapter's own
+    ids = dict(fmt=fmt, allow_control_tokens=served.allow_control_tokens, **roles)
     try:
         system, rounds = split_rounds(messages)
         # A system message alone is a conversation too (the prompt is the system text and 196).
@@ -238,6 +245,16 @@ def chat_prompt(served: ServedModel, req: ChatRequest) -> tuple[list[int], objec
     except ChatFormatError as exc:
         raise APIError(400, str(exc), param="messages") from None
     return prompt, config
+
+
+def _role_ids(fmt: str) -> dict:
+    """The role-token ids of a template that has its own (they replace the generation config's)."""
+    from ..data.templates import get_template
+
+    template = get_template(fmt)
+    if template.user_token_id is None:
+        return {}
+    return dict(user_token_id=template.user_token_id, assistant_token_id=template.assistant_token_id)
 
 
 def completion_prompt(served: ServedModel, req: CompletionRequest) -> tuple[list[list[int]], object]:
@@ -291,23 +308,25 @@ def request_settings(served: ServedModel, req: _Sampling, config) -> GenerationS
 class Prepared:
     """A request made ready for the worker: parsed, checked, tokenised."""
 
+    served: ServedModel
     req: _Sampling
     prompts: list[list[int]]
     settings: GenerationSettings
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text, put before its choices
 
 
-def prepare(served: ServedModel, raw: bytes, chat: bool) -> Prepared:
+def prepare(models: dict[str, ServedModel], raw: bytes, chat: bool) -> Prepared:
     """Parse, check and tokenise a request body (in a thread: tokenising a large prompt takes a while)."""
-    req = _check_model(served, parse_request(raw, ChatRequest if chat else CompletionRequest))
+    req = parse_request(raw, ChatRequest if chat else CompletionRequest)
+    served = _check_model(models, req)
     if chat:
         prompt, config = chat_prompt(served, req)
-        return Prepared(req, [prompt], request_settings(served, req, config))
+        return Prepared(served, req, [prompt], request_settings(served, req, config))
     prompts, config = completion_prompt(served, req)
     echo = None
     if req.echo:  # a text prompt comes back as it was sent; token ids as their text
         echo = [item if isinstance(item, str) else served.tokenizer.decode(item) for item in req.prompts()]
-    return Prepared(req, prompts, request_settings(served, req, config), echo)
+    return Prepared(served, req, prompts, request_settings(served, req, config), echo)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -515,11 +534,12 @@ def _authorize(served: ServedModel, request) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def _check_model(served: ServedModel, req):
-    if req.model != served.name:
-        raise APIError(404, f"model '{req.model}' is not served here; this server serves '{served.name}'",
+def _check_model(models: dict[str, ServedModel], req) -> ServedModel:
+    if req.model not in models:
+        names = ", ".join(f"'{name}'" for name in models)
+        raise APIError(404, f"model '{req.model}' is not served here; this server serves {names}",
                        param="model", code="model_not_found")
-    return req
+    return models[req.model]
 
 
 def _error_handlers(app) -> None:
@@ -558,22 +578,61 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _job(served: ServedModel, ready: Prepared, loop) -> tuple[Job, Rendering]:
-    req, chat = ready.req, isinstance(ready.req, ChatRequest)
+def _job(ready: Prepared, loop) -> tuple[Job, Rendering]:
+    req, chat, served = ready.req, isinstance(ready.req, ChatRequest), ready.served
     generate = chat or req.max_tokens != 0
     job = Job(ready.prompts, ready.settings, loop, n=req.choices(), best_of=getattr(req, "best_of", None),
-              generate=generate, score_prompt=ready.echo_texts is not None and req.top() is not None)
+              generate=generate, score_prompt=ready.echo_texts is not None and req.top() is not None,
+              adapter=served.adapter)
     render = Rendering(chat, served.tokenizer, ready.prompts, req.choices(), req.top(), ready.echo_texts)
     return job, render
 
 
+DEFAULT_MAX_BATCH = 8  # see ServeConfig.max_batch
+
+
+def served_models(model, tokenizer, model_name: str, api_key=None, allow_control_tokens=False, adapters=None,
+                  lora=None) -> dict[str, ServedModel]:
+    """The names this server answers to: `model_name` (the model as loaded), then each of `lora`'s adapters."""
+    base = dict(model=model, tokenizer=tokenizer, api_key=api_key, allow_control_tokens=allow_control_tokens)
+    models = {model_name: ServedModel(name=model_name, **base)}
+    for index, (name, template) in enumerate(lora.templates.items() if lora is not None else (), start=1):
+        models[name] = ServedModel(name=name, adapter=index, template=template, **base)
+    return models
+
+
+def create_worker(model, tokenizer, max_queue: int, max_batch: int, slot_tokens: int | None, lora=None):
+    """The generation thread: a continuous-batching scheduler of `max_batch` rows, or (0) the one-at-a-time worker."""
+    if max_batch == 0:
+        if lora is not None:
+            raise ValueError("several adapters are served through the batching scheduler: max_batch must be >= 1")
+        return GenerationWorker(model, tokenizer, max_queue)
+    from .batching import BatchScheduler, check_cache_memory
+
+    slot_tokens = min(slot_tokens or context_length(model), context_length(model))
+    check_cache_memory(model, max_batch, slot_tokens)
+    return BatchScheduler(model, tokenizer, max_queue, max_batch, slot_tokens, lora=lora)
+
+
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allow_control_tokens: bool = False):
-    """The FastAPI app serving `model`; its lifespan starts and stops the generation worker."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allow_control_tokens: bool = False,
+               max_batch: int = DEFAULT_MAX_BATCH, slot_tokens: int | None = None, adapters: dict | None = None):
+    """The FastAPI app serving `model`; its lifespan starts and stops the generation thread.
+
+    `max_batch`: requests decoded together (0: one at a time); `slot_tokens`: the longest request (prompt
+    + max_tokens) the batch takes (default: the context length; longer ones run one at a time);
+    `adapters`: {name: LoRA adapter folder}, each served under its name beside `model_name` (the base).
+    """
     from contextlib import asynccontextmanager
 
-    served = ServedModel(model, tokenizer, model_name, api_key, allow_control_tokens)
-    worker = GenerationWorker(model, tokenizer, max_queue)
+    lora = None
+    if adapters:
+        from .adapters import MultiLoRA
+
+        lora = MultiLoRA(model, adapters)
+    models = served_models(model, tokenizer, model_name, api_key, allow_control_tokens, lora=lora)
+    served = models[model_name]
+    worker = create_worker(model, tokenizer, max_queue, max_batch, slot_tokens, lora)
     created = int(time.time())
 
     @asynccontextmanager
@@ -589,11 +648,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     async def generate(request: Request, chat: bool):
         _authorize(served, request)
         raw = await read_body(request, max_body_bytes)
-        ready = await anyio.to_thread.run_sync(prepare, served, raw, chat)  # off the event loop: /health answers
-        job, render = _job(served, ready, asyncio.get_running_loop())
+        ready = await anyio.to_thread.run_sync(prepare, models, raw, chat)  # off the event loop: /health answers
+        job, render = _job(ready, asyncio.get_running_loop())
         worker.submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": served.name}
+                "model": ready.served.name}
         if ready.req.stream:
             options = ready.req.stream_options
             return StreamingResponse(_stream(job, head, render, bool(options and options.include_usage)),
@@ -606,13 +665,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "waiting": worker.jobs.qsize(), "max_queue": max_queue}
+        return {"status": "ok", "model": served.name, "waiting": worker.jobs.qsize(), "max_queue": max_queue,
+                "running": getattr(worker, "busy", None), "max_batch": max_batch}
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def list_models(request: Request):
         _authorize(served, request)
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
-                                            "owned_by": "baichuan-tune"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "baichuan-tune"} for name in models]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
