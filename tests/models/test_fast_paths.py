@@ -222,9 +222,9 @@ def test_compiled_layers_equal_eager_layers_under_qlora_nf4(fresh_dynamo):
 
 
 def test_chunked_loss_keeps_no_normalised_head_for_backward():
-    """NormHead under the chunked loss: the normalised [V, hidden] weight is recomputed in backward per
-    chunk, so the only head-sized tensor autograd saves is the stored weight itself (the plain path keeps
-    the normalised copy)."""
+    """NormHead under the chunked loss scales each chunk's logits by 1 / |row| instead of normalising the
+    [V, hidden] weight, so the only head-sized tensor autograd saves is the stored weight itself (the plain
+    path keeps the normalised copy)."""
     model = tiny_model("tiny-baichuan2-7b").train()
     ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     head = model.lm_head.weight

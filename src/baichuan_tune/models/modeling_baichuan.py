@@ -230,6 +230,12 @@ class NormHead(nn.Module):
             self._cached_key = key
         return self._cached
 
+    def inverse_row_norms(self) -> torch.Tensor:
+        """1 / |W_i| in fp32 ([V], as F.normalize clamps it): hidden @ normalize(W).T equals
+        (hidden @ W.T) * this, without the normalised [V, hidden] copy (1 GiB for Baichuan2)."""
+        norms = torch.linalg.vector_norm(self.weight, dim=-1, dtype=torch.float32)
+        return 1.0 / norms.clamp_min(1e-12)
+
     def train(self, mode: bool = True):
         # Fused AdamW and bitsandbytes optimizers write the weight without bumping its version counter, so
         # the cache is also dropped at every train()/eval() switch.
@@ -413,26 +419,23 @@ class BaichuanModel(BaichuanPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
 
-def _chunk_loss_sums(hidden, weight, labels, ignore_index: int, normalize: bool = False):
-    """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens.
-
-    `normalize`: NormHead's row normalisation of `weight` is done here, inside the chunk's checkpoint, so the
-    normalised copy (1 GiB for Baichuan2) is recomputed in backward instead of kept from forward to backward."""
-    if normalize:
-        weight = F.normalize(weight, dim=-1)
+def _chunk_loss_sums(hidden, weight, labels, ignore_index: int, column_scale=None):
+    """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens."""
     logits = F.linear(hidden, weight).float()  # [n, V], only this chunk's
+    if column_scale is not None:
+        logits = logits * column_scale
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return ce, logits.max(dim=-1).values.pow(2).sum()
 
 
 def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, chunk_size: int = 1024,
-                           ignore_index: int = -100, normalize: bool = False):
-    """`causal_lm_loss(hidden @ weight.T, labels)` without materialising the [B, T, V] logits.
+                           ignore_index: int = -100, column_scale=None):
+    """`causal_lm_loss((hidden @ weight.T) * column_scale, labels)` without materialising the [B, T, V] logits.
 
     Tokens go through the head `chunk_size` at a time, each chunk under activation checkpointing, so only
     one chunk's fp32 logits exist at once (forward and backward), as in Liger's fused linear cross-entropy.
-    Without z-loss only labelled positions pass through the head at all. `normalize`: the head is
-    NormHead's, `weight` its stored (un-normalised) weight, normalised per chunk.
+    Without z-loss only labelled positions pass through the head at all. `column_scale` ([V], fp32) is
+    NormHead's 1 / |row| of the stored weight: the normalised weight itself is never built.
     """
     shift_hidden = hidden[..., :-1, :].reshape(-1, hidden.size(-1))  # [N, hidden]
     shift_labels = labels[..., 1:].to(hidden.device).reshape(-1)  # [N]
@@ -444,7 +447,7 @@ def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, c
     for start in range(0, shift_labels.numel(), chunk_size):
         part = slice(start, start + chunk_size)
         ce_part, z_part = torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, normalize,
+            _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, column_scale,
             use_reentrant=False)
         ce, z = ce + ce_part, z + z_part
     loss = ce / shift_labels.ne(ignore_index).sum()  # the mean over labelled tokens, as cross_entropy takes it
@@ -530,12 +533,12 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return self
 
     def chunkable_head_weight(self):
-        """(the head's stored weight, whether it is NormHead's) when the chunked loss applies, else None."""
+        """(the head's stored weight, its column scale or None) when the chunked loss applies, else None."""
         if not self.loss_chunk_size:
             return None
         if isinstance(self.lm_head, NormHead):
-            return self.lm_head.weight, True  # normalised per chunk; the gradient flows through it
-        return (self.lm_head.weight, False) if type(self.lm_head) is nn.Linear else None  # not quantised/wrapped
+            return self.lm_head.weight, self.lm_head.inverse_row_norms()  # the gradient flows through both
+        return (self.lm_head.weight, None) if type(self.lm_head) is nn.Linear else None  # not quantised/wrapped
 
     def forward(
         self,
@@ -564,7 +567,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         head = self.chunkable_head_weight() if labels is not None and self.training else None
         if head is not None:
             loss = chunked_causal_lm_loss(hidden_states, head[0], labels, self.config.z_loss_weight,
-                                          self.loss_chunk_size, normalize=head[1])
+                                          self.loss_chunk_size, column_scale=head[1])
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         logits = self.lm_head(hidden_states)
         loss = None
