@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", default="", help="extra sft options for our runs, e.g. '--attention flex'")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-packing", action="store_true")
+    ap.add_argument("--no-ours", action="store_true", help="the baseline only (e.g. in a second process)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep the random checkpoints in --workdir and reuse those already there")
     ap.add_argument("--profile", action="store_true", help="profile two more steps of our unpacked runs")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few samples")
     ap.add_argument("--workdir", default="")
@@ -243,10 +246,13 @@ def main(argv=None) -> int:
     for recipe in args.recipes.split(","):
         _, config_dir, tokenizer_dir, data_file = RECIPES[recipe]
         t0 = time.perf_counter()
-        model = write_checkpoint(shared / "reference", config_dir, tokenizer_dir, workdir / recipe, args.smoke, device)
-        print(f"{recipe}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+        model = workdir / recipe
+        if not (args.keep_checkpoints and (model / "config.json").is_file()):
+            write_checkpoint(shared / "reference", config_dir, tokenizer_dir, model, args.smoke, device)
+            print(f"{recipe}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         data = shared / "data" / data_file
         cases = [("ours", []), ("ours+packing", ["--packing", "true"])][: 1 if args.no_packing else 2]
+        cases = [] if args.no_ours else cases
         for name, extra in cases:
             try:
                 row = run_ours(recipe, model, data, workdir, args.steps, args.warmup, args.smoke,
@@ -270,7 +276,8 @@ def main(argv=None) -> int:
                 mem = f"{ours['peak_gib'] / base['peak_gib']:.3f}" if ours["peak_gib"] and base["peak_gib"] else "n/a"
                 print(f"RATIO {recipe} {ours['run']}/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
                       f"s/step {ours['s_per_step'] / base['s_per_step']:.3f}, peak memory {mem}", flush=True)
-        shutil.rmtree(workdir / recipe, ignore_errors=True)
+        if not args.keep_checkpoints:
+            shutil.rmtree(workdir / recipe, ignore_errors=True)
         shutil.rmtree(workdir / "llama", ignore_errors=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

@@ -149,12 +149,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _lora_model(preset, finetuning_type="lora", **overrides):
+def _lora_model(preset, finetuning_type="lora", device="cpu", **overrides):
     """A tiny model with LoRA on every linear (dropout 0: a compiled graph draws other random masks) and
-    non-zero B matrices, so that every layer's gradient path is live; gradient checkpointing on."""
+    non-zero B matrices, so that every layer's gradient path is live; gradient checkpointing on. QLoRA
+    quantises on `device` (on a GPU bitsandbytes' kernels take any shape)."""
     from baichuan_tune.train.adapters import prepare_for_training
 
-    model = tiny_model(preset, **overrides)
+    model = tiny_model(preset, **overrides).to(device)
     if finetuning_type == "qlora":
         model = model.to(torch.bfloat16).quantize(4)
     torch.manual_seed(5)
@@ -244,3 +245,28 @@ def test_chunked_loss_keeps_no_normalised_head_for_backward():
     assert False in head_sized_saves()  # the plain NormHead keeps its normalised copy
     set_fast_paths(model, loss_chunk_size=5)
     assert head_sized_saves() and all(head_sized_saves())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset,method", [("tiny-baichuan2-7b", "lora"), ("tiny-baichuan-13b", "lora"),
+                                           ("tiny-baichuan2-13b", "qlora")])
+def test_compiled_layers_on_gpu_bf16_follow_the_plain_path(preset, method, fresh_dynamo):
+    """On a GPU in bf16, inductor-compiled layers + FlexAttention + the chunked loss (LoRA or QLoRA NF4,
+    gradient checkpointing) give the eager dense path's loss and LoRA gradients on a packed, padded batch."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    model = _lora_model(preset, method, "cuda", z_loss_weight=0.01)
+    ids, mask, _ = _packed_and_padded(_samples(512))
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = ids.masked_fill(mask.eq(0), -100)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+        set_fast_paths(model, attention="flex", loss_chunk_size=4, compile=True)
+        fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=2e-2, atol=2e-2)
+    assert plain_grads.keys() == fast_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.99, (name, float(cos))
