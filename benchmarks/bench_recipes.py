@@ -107,32 +107,35 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
 
 
 class _Profile:
-    """A torch.profiler over the optimizer steps after the measured ones (sft's loop is patched to step it)."""
+    """A torch.profiler over the optimizer steps after the measured ones (the training engine's step is
+    patched to step it)."""
 
     def __init__(self, skip: int, active: int):
         from torch.profiler import ProfilerActivity, profile, schedule
 
+        from baichuan_tune.train.engine import Engine
+
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self.prof = profile(activities=activities, schedule=schedule(wait=skip, warmup=0, active=active, repeat=1))
-        self.original = sft._Loop.optimizer_step
+        self.engine, self.original = Engine, Engine._step
         self.active, self.wall = active, 0.0
         profiler, bench = self.prof, self
 
-        def optimizer_step(loop, group, progress):
+        def optimizer_step(engine, batches, progress):
             t0 = time.perf_counter()
-            bench.original(loop, group, progress)
+            bench.original(engine, batches, progress)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if profiler.current_action.name == "RECORD" or profiler.current_action.name == "RECORD_AND_SAVE":
                 bench.wall += time.perf_counter() - t0
             profiler.step()
 
-        sft._Loop.optimizer_step = optimizer_step
+        Engine._step = optimizer_step
         self.prof.start()
 
     def summary(self) -> str:
         self.prof.stop()
-        sft._Loop.optimizer_step = self.original
+        self.engine._step = self.original
         events = self.prof.key_averages()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         kernels = sum(e.self_device_time_total for e in events  # kernels only, not the step ranges

@@ -110,6 +110,23 @@ def _train_step(model, ids, autocast, opt):
     return loss
 
 
+def _phase_peaks(model, ids, autocast, opt) -> dict:
+    """GiB allocated before a step, the forward's peak, what the forward leaves for backward, the step's peak."""
+    gib = lambda n: round(n / 2**30, 3)  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
+    forward_peak, kept = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    loss.backward()
+    backward_peak = torch.cuda.max_memory_allocated()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return dict(before=gib(before), forward_peak=gib(forward_peak), kept_for_backward=gib(kept - before),
+                step_peak=gib(max(backward_peak, torch.cuda.max_memory_allocated())))
+
+
 def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None, breakdown=False):
     torch.manual_seed(0)
     if device.startswith("cuda"):
@@ -137,18 +154,24 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None,
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
+    from torch._dynamo.utils import counters  # graphs compiled so far in this process (--compile)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     result = dict(model=kind, preset=preset, method=method, fast=_describe(fast) if kind != "llama" else None,
                   step_s=round(step, 4),
                   tokens_per_s=round(batch * seq / step, 1), weights_gib=round(resident, 2), peak_gib=round(peak, 2),
-                  loss=round(float(loss.detach()), 4))
-    if breakdown and device.startswith("cuda"):  # one more step, recorded: what the peak holds
+                  loss=round(float(loss.detach()), 4), compiled_graphs=counters["stats"]["unique_graphs"])
+    if breakdown and device.startswith("cuda"):  # more steps: what the peak holds
+        result["phases_gib"] = _phase_peaks(model, ids, autocast, opt)
         base = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
-        _train_step(model, ids, autocast, opt)
-        snapshot = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        result["breakdown"] = f"held before the step: {base / 2**30:.3f} GiB\n" + peak_breakdown(snapshot)
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+        try:
+            _train_step(model, ids, autocast, opt)
+            result["breakdown"] = f"held before the step: {base / 2**30:.3f} GiB\n" + peak_breakdown(
+                torch.cuda.memory._snapshot())
+        except Exception as exc:  # noqa: BLE001 - the measured figures above stand without it
+            result["breakdown"] = f"no breakdown: {type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
     del model, opt, loss
     gc.collect()
     return result
