@@ -270,3 +270,19 @@ def test_compiled_layers_on_gpu_bf16_follow_the_plain_path(preset, method, fresh
     for name, grad in plain_grads.items():
         cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
         assert cos > 0.99, (name, float(cos))
+
+
+def test_compile_option_reaches_every_decoder_stack():
+    """`--compile true` (ModelOptions.compile) goes through fast_path_kwargs and prepare_for_training to the
+    model inside the PEFT wrapper; off, the layers run eagerly (the reference)."""
+    from baichuan_tune.commands.sft import SFTConfig
+    from baichuan_tune.config import read_options
+    from baichuan_tune.models.modeling_baichuan import BaichuanModel
+    from baichuan_tune.train.adapters import prepare_for_training
+    from baichuan_tune.train.training import fast_path_kwargs
+
+    for flag, backend in (("true", "inductor"), ("false", None)):
+        cfg = read_options(SFTConfig, ["--compile", flag])
+        model = prepare_for_training(tiny_model("tiny-baichuan2-13b"), "lora", **fast_path_kwargs(cfg, None))
+        stacks = [m for m in model.modules() if isinstance(m, BaichuanModel)]
+        assert len(stacks) == 1 and stacks[0].compile_backend == backend
