@@ -107,32 +107,35 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
 
 
 class _Profile:
-    """A torch.profiler over the optimizer steps after the measured ones (sft's loop is patched to step it)."""
+    """A torch.profiler over the optimizer steps after the measured ones (the training engine's step is
+    patched to step it)."""
 
     def __init__(self, skip: int, active: int):
         from torch.profiler import ProfilerActivity, profile, schedule
 
+        from baichuan_tune.train.engine import Engine
+
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self.prof = profile(activities=activities, schedule=schedule(wait=skip, warmup=0, active=active, repeat=1))
-        self.original = sft._Loop.optimizer_step
+        self.engine, self.original = Engine, Engine._step
         self.active, self.wall = active, 0.0
         profiler, bench = self.prof, self
 
-        def optimizer_step(loop, group, progress):
+        def optimizer_step(engine, batches, progress):
             t0 = time.perf_counter()
-            bench.original(loop, group, progress)
+            bench.original(engine, batches, progress)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if profiler.current_action.name == "RECORD" or profiler.current_action.name == "RECORD_AND_SAVE":
                 bench.wall += time.perf_counter() - t0
             profiler.step()
 
-        sft._Loop.optimizer_step = optimizer_step
+        Engine._step = optimizer_step
         self.prof.start()
 
     def summary(self) -> str:
         self.prof.stop()
-        sft._Loop.optimizer_step = self.original
+        self.engine._step = self.original
         events = self.prof.key_averages()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         kernels = sum(e.self_device_time_total for e in events  # kernels only, not the step ranges
@@ -229,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", default="", help="extra sft options for our runs, e.g. '--attention flex'")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-packing", action="store_true")
+    ap.add_argument("--no-ours", action="store_true", help="the baseline only (e.g. in a second process)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep the random checkpoints in --workdir and reuse those already there")
     ap.add_argument("--profile", action="store_true", help="profile two more steps of our unpacked runs")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few samples")
     ap.add_argument("--workdir", default="")
@@ -243,10 +249,13 @@ def main(argv=None) -> int:
     for recipe in args.recipes.split(","):
         _, config_dir, tokenizer_dir, data_file = RECIPES[recipe]
         t0 = time.perf_counter()
-        model = write_checkpoint(shared / "reference", config_dir, tokenizer_dir, workdir / recipe, args.smoke, device)
-        print(f"{recipe}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+        model = workdir / recipe
+        if not (args.keep_checkpoints and (model / "config.json").is_file()):
+            write_checkpoint(shared / "reference", config_dir, tokenizer_dir, model, args.smoke, device)
+            print(f"{recipe}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         data = shared / "data" / data_file
         cases = [("ours", []), ("ours+packing", ["--packing", "true"])][: 1 if args.no_packing else 2]
+        cases = [] if args.no_ours else cases
         for name, extra in cases:
             try:
                 row = run_ours(recipe, model, data, workdir, args.steps, args.warmup, args.smoke,
@@ -270,7 +279,8 @@ def main(argv=None) -> int:
                 mem = f"{ours['peak_gib'] / base['peak_gib']:.3f}" if ours["peak_gib"] and base["peak_gib"] else "n/a"
                 print(f"RATIO {recipe} {ours['run']}/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
                       f"s/step {ours['s_per_step'] / base['s_per_step']:.3f}, peak memory {mem}", flush=True)
-        shutil.rmtree(workdir / recipe, ignore_errors=True)
+        if not args.keep_checkpoints:
+            shutil.rmtree(workdir / recipe, ignore_errors=True)
         shutil.rmtree(workdir / "llama", ignore_errors=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

@@ -70,7 +70,64 @@ def build(kind: str, preset: str, device: str, method: str, fast: dict | None = 
     return model, cfg.vocab_size
 
 
-def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None):
+def peak_breakdown(snapshot: dict, rows: int = 12) -> str:
+    """What was live at the peak of a `torch.cuda.memory._snapshot()` taken while recording one step:
+    the trace is replayed, and the blocks live at its maximum are grouped by the innermost Python frame
+    outside torch (the code that asked for them)."""
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    live, current, peak, peak_at = {}, 0, 0, -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            current += e["size"]
+            if current > peak:
+                peak, peak_at = current, i
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            current -= live.pop(e["addr"])
+    live = {}
+    for e in events[: peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] in ("free_requested", "free_completed"):
+            live.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        frames = [f for f in e.get("frames", []) if "/torch/" not in f["filename"] and f["line"] > 0]
+        where = f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+        groups.setdefault(where, []).append(e["size"])
+    lines = [f"allocated during the step and live at its peak: {peak / 2**30:.3f} GiB"]
+    for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"  {sum(sizes) / 2**30:7.3f} GiB  {len(sizes):4d} blocks  {where}")
+    return "\n".join(lines)
+
+
+def _train_step(model, ids, autocast, opt):
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _phase_peaks(model, ids, autocast, opt) -> dict:
+    """GiB allocated before a step, the forward's peak, what the forward leaves for backward, the step's peak."""
+    gib = lambda n: round(n / 2**30, 3)  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
+    forward_peak, kept = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    loss.backward()
+    backward_peak = torch.cuda.max_memory_allocated()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return dict(before=gib(before), forward_peak=gib(forward_peak), kept_for_backward=gib(kept - before),
+                step_peak=gib(max(backward_peak, torch.cuda.max_memory_allocated())))
+
+
+def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None, breakdown=False):
     torch.manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -91,21 +148,30 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _train_step(model, ids, autocast, opt)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
+    from torch._dynamo.utils import counters  # graphs compiled so far in this process (--compile)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     result = dict(model=kind, preset=preset, method=method, fast=_describe(fast) if kind != "llama" else None,
                   step_s=round(step, 4),
                   tokens_per_s=round(batch * seq / step, 1), weights_gib=round(resident, 2), peak_gib=round(peak, 2),
-                  loss=round(float(loss.detach()), 4))
+                  loss=round(float(loss.detach()), 4), compiled_graphs=counters["stats"]["unique_graphs"])
+    if breakdown and device.startswith("cuda"):  # more steps: what the peak holds
+        result["phases_gib"] = _phase_peaks(model, ids, autocast, opt)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+        try:
+            _train_step(model, ids, autocast, opt)
+            result["breakdown"] = f"held before the step: {base / 2**30:.3f} GiB\n" + peak_breakdown(
+                torch.cuda.memory._snapshot())
+        except Exception as exc:  # noqa: BLE001 - the measured figures above stand without it
+            result["breakdown"] = f"no breakdown: {type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
     del model, opt, loss
     gc.collect()
     return result
@@ -131,8 +197,12 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"])
     ap.add_argument("--loss-chunk-size", type=int, default=0)
     ap.add_argument("--qlora-bf16-frozen", default="true", choices=["true", "false"])
+    ap.add_argument("--compile", default="false", choices=["true", "false"])
+    ap.add_argument("--no-baseline", action="store_true", help="our model only")
+    ap.add_argument("--memory-breakdown", action="store_true",
+                    help="record one more step of ours and print what the peak holds, by the code that allocated it")
     args = ap.parse_args()
-    fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size,
+    fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, compile=args.compile == "true",
                 qlora_keep_dtype=torch.bfloat16 if args.qlora_bf16_frozen == "true" else None)
     presets, methods = args.presets.split(","), args.methods.split(",")
     if args.device.startswith("cuda"):
@@ -141,8 +211,13 @@ def main() -> None:
     for method in methods:
         for preset in presets:
             results.append(run_case("baichuan", preset, method, args.device, args.batch, args.seq, args.steps,
-                                    args.warmup, fast))
+                                    args.warmup, fast, args.memory_breakdown))
+            breakdown = results[-1].pop("breakdown", None)
             print(json.dumps(results[-1]), flush=True)
+            if breakdown:
+                print(f"MEMORY {preset} {method}\n{breakdown}", flush=True)
+        if args.no_baseline:
+            continue
         base = run_case("llama", presets[0], method, args.device, args.batch, args.seq, args.steps, args.warmup)
         results.append(base)
         print(json.dumps(base), flush=True)

@@ -133,3 +133,156 @@ def test_flex_and_chunked_loss_on_gpu_bf16_follow_the_plain_path(preset):
     for name, grad in plain_grads.items():
         cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
         assert cos > 0.99, (name, float(cos))
+
+
+# ----------------------------------------------------------------------------- compiled decoder layers
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from an empty cache (tiny configs differ in shapes) and counts its own graphs."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def _lora_model(preset, finetuning_type="lora", device="cpu", **overrides):
+    """A tiny model with LoRA on every linear (dropout 0: a compiled graph draws other random masks) and
+    non-zero B matrices, so that every layer's gradient path is live; gradient checkpointing on. QLoRA
+    quantises on `device` (on a GPU bitsandbytes' kernels take any shape)."""
+    from baichuan_tune.train.adapters import prepare_for_training
+
+    model = tiny_model(preset, **overrides).to(device)
+    if finetuning_type == "qlora":
+        model = model.to(torch.bfloat16).quantize(4)
+    torch.manual_seed(5)
+    model = prepare_for_training(model, finetuning_type, lora_rank=4, lora_dropout=0.0, gradient_checkpointing=True,
+                                 qlora_keep_dtype=torch.bfloat16 if finetuning_type == "qlora" else None)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_layers_equal_eager_layers_with_lora_and_checkpointing(preset, fresh_dynamo):
+    """`compile` (each decoder layer through torch.compile; aot_eager here, as it traces and runs the same
+    graph inductor would compile) gives the eager path's loss and LoRA gradients under gradient
+    checkpointing on a packed, padded batch, and its logits in eval (FlexAttention too); the chunked loss
+    on top changes nothing either."""
+    model = _lora_model(preset, z_loss_weight=0.05)
+    ids, mask, _ = _packed_and_padded(_samples(model.config.vocab_size))
+    labels = ids.masked_fill(mask.eq(0), -100)
+    plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+    with torch.no_grad():
+        plain_logits = model.eval()(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    set_fast_paths(model, compile=True, compile_backend="aot_eager", loss_chunk_size=4)
+    fast, fast_grads = _loss_and_grads(model.train(), ids, mask, labels)
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1  # the compiled path ran
+    with torch.no_grad():
+        set_fast_paths(model, compile=True, compile_backend="aot_eager", attention="flex")
+        fast_logits = model.eval()(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys() and any(".layers.0." in n for n in fast_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    real = mask.ne(0)
+    torch.testing.assert_close(fast_logits[real], plain_logits[real], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_layers_compile_once_for_all_layers_and_once_more_for_all_lengths(fresh_dynamo):
+    """One graph serves every layer, and batches of new lengths reuse a second, dynamic-shape graph:
+    4 lengths x 2 layers x (forward + recomputation) compile 2 graphs, not 16."""
+    model = _lora_model("tiny-baichuan2-7b")
+    set_fast_paths(model, compile=True, compile_backend="aot_eager")
+    for length in (9, 13, 17, 22):
+        ids = torch.randint(3, 512, (2, length), generator=torch.Generator().manual_seed(length))
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2
+    assert not fresh_dynamo["graph_break"]
+
+
+def test_compiled_layers_equal_eager_layers_under_qlora_nf4(fresh_dynamo):
+    """bitsandbytes' NF4 layers (its torch.library ops stay opaque in the graph) under compile: the QLoRA
+    loss and LoRA gradients of the eager path in bf16, with no graph break."""
+    model = _lora_model("tiny-baichuan2-7b", "qlora", hidden_size=64, num_attention_heads=4, intermediate_size=192)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = _loss_and_grads(model, ids, None, ids)
+        set_fast_paths(model, compile=True, compile_backend="aot_eager")
+        fast, fast_grads = _loss_and_grads(model, ids, None, ids)
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1 and not fresh_dynamo["graph_break"]
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-2, atol=1e-2)
+    assert plain_grads.keys() == fast_grads.keys() and len(fast_grads) == 20
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.999, (name, float(cos))
+
+
+def test_chunked_loss_keeps_no_normalised_head_for_backward():
+    """NormHead under the chunked loss scales each chunk's logits by 1 / |row| instead of normalising the
+    [V, hidden] weight, so the only head-sized tensor autograd saves is the stored weight itself (the plain
+    path keeps the normalised copy)."""
+    model = tiny_model("tiny-baichuan2-7b").train()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    head = model.lm_head.weight
+
+    def head_sized_saves():
+        saved = []
+
+        def pack(t):
+            if t.shape == head.shape:
+                saved.append(t.data_ptr() == head.data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return saved
+
+    assert False in head_sized_saves()  # the plain NormHead keeps its normalised copy
+    set_fast_paths(model, loss_chunk_size=5)
+    assert head_sized_saves() and all(head_sized_saves())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset,method", [("tiny-baichuan2-7b", "lora"), ("tiny-baichuan-13b", "lora"),
+                                           ("tiny-baichuan2-13b", "qlora")])
+def test_compiled_layers_on_gpu_bf16_follow_the_plain_path(preset, method, fresh_dynamo):
+    """On a GPU in bf16, inductor-compiled layers + FlexAttention + the chunked loss (LoRA or QLoRA NF4,
+    gradient checkpointing) give the eager dense path's loss and LoRA gradients on a packed, padded batch."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    model = _lora_model(preset, method, "cuda", z_loss_weight=0.01)
+    ids, mask, _ = _packed_and_padded(_samples(512))
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = ids.masked_fill(mask.eq(0), -100)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+        set_fast_paths(model, attention="flex", loss_chunk_size=4, compile=True)
+        fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=2e-2, atol=2e-2)
+    assert plain_grads.keys() == fast_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_compile_option_reaches_every_decoder_stack():
+    """`--compile true` (ModelOptions.compile) goes through fast_path_kwargs and prepare_for_training to the
+    model inside the PEFT wrapper; off, the layers run eagerly (the reference)."""
+    from baichuan_tune.commands.sft import SFTConfig
+    from baichuan_tune.config import read_options
+    from baichuan_tune.models.modeling_baichuan import BaichuanModel
+    from baichuan_tune.train.adapters import prepare_for_training
+    from baichuan_tune.train.training import fast_path_kwargs
+
+    for flag, backend in (("true", "inductor"), ("false", None)):
+        cfg = read_options(SFTConfig, ["--compile", flag])
+        model = prepare_for_training(tiny_model("tiny-baichuan2-13b"), "lora", **fast_path_kwargs(cfg, None))
+        stacks = [m for m in model.modules() if isinstance(m, BaichuanModel)]
+        assert len(stacks) == 1 and stacks[0].compile_backend == backend

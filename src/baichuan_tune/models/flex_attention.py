@@ -41,7 +41,9 @@ def _compiled_flex():
 def _flex(device: torch.device):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return _compiled_flex() if device.type == "cuda" else flex_attention
+    if device.type != "cuda" or torch.compiler.is_compiling():  # inside a compiled layer: traced into its graph
+        return flex_attention
+    return _compiled_flex()
 
 
 def flex_mask(segments: torch.Tensor, alibi_slopes: torch.Tensor | None) -> FlexMask:

@@ -23,6 +23,7 @@ with 0 for the slots not yet written), so each decoding step has the same shapes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -229,6 +230,12 @@ class NormHead(nn.Module):
             self._cached_key = key
         return self._cached
 
+    def inverse_row_norms(self) -> torch.Tensor:
+        """1 / |W_i| in fp32 ([V], as F.normalize clamps it): hidden @ normalize(W).T equals
+        (hidden @ W.T) * this, without the normalised [V, hidden] copy (1 GiB for Baichuan2)."""
+        norms = torch.linalg.vector_norm(self.weight, dim=-1, dtype=torch.float32)
+        return 1.0 / norms.clamp_min(1e-12)
+
     def train(self, mode: bool = True):
         # Fused AdamW and bitsandbytes optimizers write the weight without bumping its version counter, so
         # the cache is also dropped at every train()/eval() switch.
@@ -303,10 +310,25 @@ class BaichuanPreTrainedModel(PreTrainedModel):
             hf_init.copy_(module.alibi_slopes, alibi_slopes(self.config.num_attention_heads))
 
 
+def _layer_step(layer, hidden_states, attn_bias, rotary, cache, is_causal):
+    return layer(hidden_states, attn_bias, rotary, cache, is_causal)
+
+
+@functools.cache
+def compiled_layer_step(backend: str):
+    """`_layer_step` under torch.compile: every decoder layer runs the same code, so one graph serves all
+    layers (their weights are graph inputs). Shapes are static for the first length seen and dynamic from
+    the second (torch's automatic dynamic shapes), so varying lengths cost one more compile, not one each."""
+    return torch.compile(_layer_step, backend=backend)
+
+
 class BaichuanModel(BaichuanPreTrainedModel):
     # "sdpa": a dense bias for padded/packed rows and ALiBi (the reference); "flex": FlexAttention block
     # masks and an ALiBi score_mod (set by `set_fast_paths`; a runtime choice, not saved in config.json).
     attention_backend = "sdpa"
+    # None: layers run eagerly (the reference); a torch.compile backend name ("inductor"): forwards without
+    # a KV cache run each decoder layer compiled (set by `set_fast_paths`; not saved in config.json).
+    compile_backend = None
 
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
@@ -376,8 +398,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache, cache = False, None  # recomputation would write the cache twice
+        if (self.gradient_checkpointing or self.compile_backend) and self.training and torch.is_grad_enabled():
+            # recomputation would write the cache twice; a compiled layer would specialise on each cache slot
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         batch, q_len, _ = hidden_states.shape
@@ -385,31 +408,34 @@ class BaichuanModel(BaichuanPreTrainedModel):
             attention_mask, position_ids, batch, q_len, cache if use_cache else None, hidden_states.device,
             hidden_states.dtype,
         )
+        step = compiled_layer_step(self.compile_backend) if self.compile_backend and not use_cache else _layer_step
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, bias, rotary, None, is_causal
-                )
+                hidden_states = self._gradient_checkpointing_func(step, layer, hidden_states, bias, rotary, None,
+                                                                  is_causal)
             else:
-                hidden_states = layer(hidden_states, bias, rotary, cache if use_cache else None, is_causal)
+                hidden_states = step(layer, hidden_states, bias, rotary, cache if use_cache else None, is_causal)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
 
-def _chunk_loss_sums(hidden, weight, labels, ignore_index: int):
+def _chunk_loss_sums(hidden, weight, labels, ignore_index: int, column_scale=None):
     """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens."""
     logits = F.linear(hidden, weight).float()  # [n, V], only this chunk's
+    if column_scale is not None:
+        logits = logits * column_scale
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return ce, logits.max(dim=-1).values.pow(2).sum()
 
 
 def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, chunk_size: int = 1024,
-                           ignore_index: int = -100):
-    """`causal_lm_loss(hidden @ weight.T, labels)` without materialising the [B, T, V] logits.
+                           ignore_index: int = -100, column_scale=None):
+    """`causal_lm_loss((hidden @ weight.T) * column_scale, labels)` without materialising the [B, T, V] logits.
 
     Tokens go through the head `chunk_size` at a time, each chunk under activation checkpointing, so only
     one chunk's fp32 logits exist at once (forward and backward), as in Liger's fused linear cross-entropy.
-    Without z-loss only labelled positions pass through the head at all.
+    Without z-loss only labelled positions pass through the head at all. `column_scale` ([V], fp32) is
+    NormHead's 1 / |row| of the stored weight: the normalised weight itself is never built.
     """
     shift_hidden = hidden[..., :-1, :].reshape(-1, hidden.size(-1))  # [N, hidden]
     shift_labels = labels[..., 1:].to(hidden.device).reshape(-1)  # [N]
@@ -421,7 +447,8 @@ def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, c
     for start in range(0, shift_labels.numel(), chunk_size):
         part = slice(start, start + chunk_size)
         ce_part, z_part = torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, use_reentrant=False)
+            _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, column_scale,
+            use_reentrant=False)
         ce, z = ce + ce_part, z + z_part
     loss = ce / shift_labels.ne(ignore_index).sum()  # the mean over labelled tokens, as cross_entropy takes it
     if z_loss_weight:
@@ -506,12 +533,12 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return self
 
     def chunkable_head_weight(self):
-        """The head's (normalised) weight when the chunked loss applies to this head, else None."""
+        """(the head's stored weight, its column scale or None) when the chunked loss applies, else None."""
         if not self.loss_chunk_size:
             return None
         if isinstance(self.lm_head, NormHead):
-            return self.lm_head.normalized_weight()  # once per forward; the gradient flows through it
-        return self.lm_head.weight if type(self.lm_head) is nn.Linear else None  # not a quantised/wrapped head
+            return self.lm_head.weight, self.lm_head.inverse_row_norms()  # the gradient flows through both
+        return (self.lm_head.weight, None) if type(self.lm_head) is nn.Linear else None  # not quantised/wrapped
 
     def forward(
         self,
@@ -537,10 +564,10 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        head_weight = self.chunkable_head_weight() if labels is not None and self.training else None
-        if head_weight is not None:
-            loss = chunked_causal_lm_loss(hidden_states, head_weight, labels, self.config.z_loss_weight,
-                                          self.loss_chunk_size)
+        head = self.chunkable_head_weight() if labels is not None and self.training else None
+        if head is not None:
+            loss = chunked_causal_lm_loss(hidden_states, head[0], labels, self.config.z_loss_weight,
+                                          self.loss_chunk_size, column_scale=head[1])
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         logits = self.lm_head(hidden_states)
         loss = None
@@ -549,8 +576,10 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
 
-def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0):
-    """Choose the attention backend and the chunked loss of a BaichuanForCausalLM (or a PEFT model around one)."""
+def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, compile: bool = False,
+                   compile_backend: str = "inductor"):
+    """Choose the attention backend, the chunked loss and compiled decoder layers (`compile`, through
+    `compile_backend`) of a BaichuanForCausalLM (or a PEFT model around one)."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if loss_chunk_size < 0:
@@ -564,6 +593,7 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0):
     for module in model.modules():
         if isinstance(module, BaichuanModel):
             module.attention_backend = attention
+            module.compile_backend = compile_backend if compile else None
         elif isinstance(module, BaichuanForCausalLM):
             module.loss_chunk_size = loss_chunk_size
     return model

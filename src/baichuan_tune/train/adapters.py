@@ -75,10 +75,11 @@ def enable_checkpointing(model) -> None:
 
 def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
                          lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False,
-                         attention="sdpa", loss_chunk_size=0, qlora_keep_dtype: torch.dtype | None = None):
+                         attention="sdpa", loss_chunk_size=0, compile=False,
+                         qlora_keep_dtype: torch.dtype | None = None):
     """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora).
 
-    `attention` and `loss_chunk_size` choose the fast paths (`modeling_baichuan.set_fast_paths`);
+    `attention`, `loss_chunk_size` and `compile` choose the fast paths (`modeling_baichuan.set_fast_paths`);
     `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in that dtype (see `attach_lora`)."""
     if finetuning_type not in FINETUNING_TYPES:
         raise BaichuanTuneError(f"finetuning_type must be one of {FINETUNING_TYPES}, got {finetuning_type!r}")
@@ -97,7 +98,7 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
         model.requires_grad_(True)
     from ..models.modeling_baichuan import set_fast_paths
 
-    return set_fast_paths(model, attention=attention, loss_chunk_size=loss_chunk_size)
+    return set_fast_paths(model, attention=attention, loss_chunk_size=loss_chunk_size, compile=compile)
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
