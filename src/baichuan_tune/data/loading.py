@@ -334,7 +334,7 @@ def _refuse_preference_fields(obj: dict) -> None:
                             "train on pairs with `baichuan-tune rm` or `baichuan-tune dpo`")
     for key in PREFERENCE_LABELS:
         if isinstance(obj.get(key), bool):
-            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training (planned as "
+            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training ("
                             "`baichuan-tune kto`); sft would learn every answer, the bad ones too. Use rm/dpo with "
                             "paired chosen/rejected data, or drop the field to train on every answer")
 
@@ -378,7 +378,7 @@ def _require_a_pair(obj: dict) -> None:
     label = next((key for key in PREFERENCE_LABELS if isinstance(obj.get(key), bool)), None)
     if label is not None:
         raise _Bad(label, "an unpaired preference record (one answer labelled good or bad, KTO-style data for KTO "
-                          "training, planned as `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
+                          "training with `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
                           "'chosen' and a 'rejected' answer")
     raise _Bad("chosen", "missing: rm and dpo learn from preference pairs, a prompt with a 'chosen' and a 'rejected' "
                          "answer (instruction data with one answer is for `baichuan-tune sft`)")
@@ -486,6 +486,11 @@ def _make_record(obj: Any, where: str, kind: str, fill: _Filler, input_join: str
     if kind == "pair":
         prompt, chosen, rejected = pair_fields(obj, input_join)
         return PairExample(fill.turns(prompt), fill(chosen), fill(rejected), where)
+    if kind == "unpaired":  # kto's labelled answers (data/unpaired.py)
+        from .unpaired import UnpairedExample, unpaired_fields
+
+        prompt, answers = unpaired_fields(obj, input_join)
+        return UnpairedExample(fill.turns(prompt), [(fill(a), label) for a, label in answers], where)
     return Example(fill.turns(sft_turns(obj, input_join, preference_fields=kind == "prompt")), where)
 
 
@@ -521,7 +526,7 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt"] = "sft", max_samples: int = 0,
+def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt", "unpaired"] = "sft", max_samples: int = 0,
                  val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False,
                  input_join: str = "\n") -> LoadedData:
     """Read and check every file of `dataset`, split off the eval set, then apply per-file counts/ratios.
