@@ -120,12 +120,16 @@ def load_unpaired_data(files, tokenizer, *, template: str = "baichuan2", cutoff_
     input_join = get_template(template).input_join
     loaded = loading.load_dataset(files, kind="unpaired", max_samples=max_samples, val_size=val_size, seed=seed,
                                   placeholders=placeholders, skip_bad_records=skip_bad_records, input_join=input_join)
+    answers = sum(len(rec.answers) for rec in loaded.train)
+    if answers < 2:
+        raise DataError(f"{', '.join(map(str, loaded.counts))}: {answers} training answer(s); kto needs at least 2 "
+                        "(each answer's KL estimate borrows another record's answer)")
     common = dict(cutoff_len=cutoff_len, max_source_length=max_source_length, max_target_length=max_target_length)
     train, cut_train, drop_train = tokenize_unpaired(loaded.train, tokenizer, template, seed=seed, **common)
     held, cut_eval, drop_eval = tokenize_unpaired(loaded.eval, tokenizer, template, seed=seed + 1, **common)
-    if len(train) < 2:
-        raise DataError(f"{', '.join(map(str, loaded.counts))}: {len(train)} training answer(s); kto needs at least 2 "
-                        "(each answer's KL estimate borrows another record's answer)")
+    if not train:
+        raise DataError(f"{', '.join(map(str, loaded.counts))}: no training answer left after tokenisation "
+                        f"(cutoff_len {cutoff_len} too small?)")
     good = sum(s["label"] for s in train)
     report = loading.data_report(loaded.read, len(train), len(held), "samples", drawn=loaded.drawn,
                                  skipped=loaded.skipped, problems=loaded.problems, truncated=cut_train + cut_eval,
