@@ -50,25 +50,25 @@ def unpaired(records: list[dict]) -> list[dict]:
 
 
 def test_kto_raises_held_out_reward_accuracy_and_margin(tmp_path):
-    """200 demo pairs split into 400 labelled answers (40 pairs, 80 answers held out), one epoch of LoRA: before
+    """120 demo pairs split into 240 labelled answers (30 pairs, 60 answers held out), one epoch of LoRA: before
     training the policy is the reference, so every reward is 0 (accuracy 0, margin 0, loss lambda (1 - sigmoid 0)
     = 0.5); after it most held-out answers' rewards have their label's sign and the margin is clearly positive."""
-    pairs = write_json(tmp_path / "pairs.json", demo_preference_records(200))
+    pairs = write_json(tmp_path / "pairs.json", demo_preference_records(120))
     out = tmp_path / "run"
-    assert kto.main(["--model", "default", "--dataset", str(pairs), "--val_size", "40", "--lora_rank", "16",
-                     "--lora_alpha", "32", "--learning_rate", "2e-3", "--per_device_train_batch_size", "8",
+    assert kto.main(["--model", "default", "--dataset", str(pairs), "--val_size", "30", "--lora_rank", "16",
+                     "--lora_alpha", "32", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
                      "--cutoff_len", "64", "--device", "cpu", "--output_dir", str(out), "--logging_steps", "5",
                      *FAST]) == 0
     r = results_of(out)
-    assert (r["train_samples"], r["eval_samples"], r["desirable"], r["undesirable"]) == (320, 80, 160, 160)
+    assert (r["train_samples"], r["eval_samples"], r["desirable"], r["undesirable"]) == (180, 60, 90, 90)
     assert r["eval_loss_before"] == pytest.approx(0.5, abs=1e-6)
     assert r["eval_accuracy_before"] == 0.0 and r["eval_margin_before"] == pytest.approx(0.0, abs=1e-6)
-    assert r["eval_accuracy"] >= 0.6, r  # stated margin: +0.6 over the start (0.5 would be a coin's)
-    assert r["eval_margin"] >= 0.5, r
+    assert r["eval_accuracy"] >= 0.6, r  # stated margin: +0.6 over the start (0.72 measured)
+    assert r["eval_margin"] >= 0.5, r  # 1.5 measured
     assert r["eval_loss"] < 0.5 - 0.05, r
     assert r["eval_desirable_reward"] > r["eval_undesirable_reward"]
-    for name in ("adapter_model.safetensors", "training_accuracy.png", "training_margin.png", "demo_pairs.json"):
-        assert (out / name).is_file() or name == "demo_pairs.json", name
+    for name in ("adapter_model.safetensors", "training_accuracy.png", "training_margin.png", "training_loss.png"):
+        assert (out / name).is_file(), name
     assert not (out / "reference_logps.pt").exists()  # LoRA: the reference is the adapter-off base
 
 

@@ -195,7 +195,8 @@ def kto_forward(cfg, model, batch: dict, reference, split: str, dist):
     policy = sequence_logps(logits, labels[:n])
     ref, ref_mismatched = reference.logps(batch, split, average=False)
     z0 = kto_kl_estimate(mismatched, ref_mismatched)
-    if dist is not None and dist.world > 1:  # the batch estimate over the global batch (equal shares)
-        z0 = z0.new_tensor(dist.sum([float(z0)], z0.device)[0] / dist.world)
+    if dist is not None and dist.world > 1:  # the global batch's estimate (equal shares): clamp the mean of means
+        mean = dist.sum([float((mismatched - ref_mismatched).float().mean())], z0.device)[0] / dist.world
+        z0 = z0.new_tensor(max(mean, 0.0))
     return kto_loss(policy, ref, batch["desirable"], z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                     undesirable_weight=cfg.undesirable_weight)
