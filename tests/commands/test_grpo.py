@@ -169,3 +169,25 @@ def test_two_processes_under_torchrun_share_the_prompts(tmp_path):
     assert [r["step"] for r in log if "eval_reward" in r] == [0, 2]
     assert "2 processes, global batch 4" in done.stdout + done.stderr
     assert results_of(out)["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_model_and_a_rule_together(tmp_path):
+    """The reward model (trained as a LoRA adapter on the same base: loaded as a second adapter) plus a weighted rule;
+    both parts are logged, and the saved adapter is the policy's alone."""
+    from baichuan_tune.commands import rm
+    from baichuan_tune.data.builtin_pref import demo_preference_records
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(demo_preference_records(16), ensure_ascii=False))
+    assert rm.main(["--model", "default", "--dataset", str(pairs), "--max_steps", "2", "--cutoff_len", "48",
+                    "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "rm"), "--cache_dir", "none",
+                    "--preprocessing_num_workers", "1", "--device", "cpu", *FAST]) == 0
+    out = tmp_path / "grpo"
+    assert grpo.main([*TINY, "--reward_model", str(tmp_path / "rm"), "--reward_weights", "0.5,1.0", "--max_steps", "1",
+                      "--output_dir", str(out)]) == 0
+    record = steps(read_log(out), "reward_model")
+    assert len(record) == 1
+    first = next(r for r in read_log(out) if "reward_model" in r)
+    assert first["reward"] == pytest.approx(0.5 * first["reward_chinese_ratio"] + first["reward_model"], abs=1e-4)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved and not any(".reward." in k for k in saved)
