@@ -191,3 +191,14 @@ def test_a_reward_model_and_a_rule_together(tmp_path):
     assert first["reward"] == pytest.approx(0.5 * first["reward_chinese_ratio"] + first["reward_model"], abs=1e-4)
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert saved and not any(".reward." in k for k in saved)
+
+
+def test_the_demo_settings(tmp_path, monkeypatch):
+    """The demo's flags parse, carry the small KL weight, and a reward of the user's own replaces the demo's rule."""
+    monkeypatch.chdir(tmp_path)  # no outputs/sft-demo here: the demo starts from the default model
+    cfg = parse_config(grpo.GRPOConfig, grpo._demo_argv([]))
+    assert (cfg.model, cfg.beta, cfg.num_generations, cfg.reward_function) == (
+        "default", 0.04, 4, ["baichuan_tune.rewards:chinese_ratio"])
+    own = parse_config(grpo.GRPOConfig, grpo._demo_argv(["--reward_function", "baichuan_tune.rewards:shorter_than"]))
+    assert own.reward_function == ["baichuan_tune.rewards:shorter_than"]
+    assert parse_config(grpo.GRPOConfig, grpo._demo_argv(["--reward_model", "rm"])).reward_function == []

@@ -235,3 +235,8 @@ def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_pat
         assert [r[key] for r in read_log(tmp_path / "two") if "loss" in r] == pytest.approx(
             [r[key] for r in read_log(tmp_path / "one") if "loss" in r], abs=1e-4)
     assert "2 processes, global batch 4" in two.stdout + two.stderr
+
+
+def test_the_demo_settings():
+    cfg = parse_config(kto.KTOConfig, kto.DEMO_OVERRIDES)
+    assert (cfg.model, cfg.finetuning_type, cfg.dataset, cfg.val_size) == ("default", "lora", [], 80)
