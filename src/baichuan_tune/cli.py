@@ -20,6 +20,8 @@ COMMANDS = {
     "rm": "rm",
     "ppo": "ppo",
     "dpo": "dpo",
+    "kto": "kto",
+    "grpo": "grpo",
     "chat": "chat",
     "serve": "serve",
     "webui": "webui",

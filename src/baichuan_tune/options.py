@@ -155,3 +155,20 @@ class PPOOptions:
     adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(6.0, "adaptive KL: target KL per answer (nats)")
     kl_horizon: float = opt(10000.0, "adaptive KL: horizon in answers")
+
+
+@dataclass
+class GRPOOptions:
+    """The GRPO algorithm's settings (groups, rollout, clipped objective); `grpo`'s config holds them too."""
+
+    rollout_batch_size: int = opt(8, "prompts per GRPO step, over all processes (each answered num_generations times)")
+    num_generations: int = opt(4, "G: answers sampled per prompt, the group its advantages are relative to")
+    max_new_tokens: int = opt(64, "answer length limit")
+    min_new_tokens: int = opt(0, "force at least this many answer tokens")
+    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so the log-probs match)")
+    grpo_epochs: int = opt(1, "optimisation passes over each step's answers (mu of the paper)")
+    cliprange: float = opt(0.2, "policy ratio clip epsilon")
+    beta: float = opt(0.0, "weight of the k3 KL to the reference in the loss (0: none, as DAPO and Dr. GRPO)")
+    loss_normalization: Literal["sequence", "token"] = opt(
+        "sequence", "sequence: mean over each answer's tokens, then answers (the paper); token: over all tokens (DAPO)")
+    scale_rewards: bool = opt(True, "divide advantages by the group's reward std (false: Dr. GRPO's mean shift only)")

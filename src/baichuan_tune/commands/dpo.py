@@ -162,8 +162,8 @@ class Reference:
     before training, and saved with the run (a resumed run reads them back).
     """
 
-    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype, dist=None):
-        self.needed = cfg.loss_type in ("sigmoid", "ipo")
+    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype, dist=None, needed: bool | None = None):
+        self.needed = cfg.loss_type in ("sigmoid", "ipo") if needed is None else needed  # kto passes True
         self.adapter_off = cfg.finetuning_type in ("lora", "qlora")
         self.model, self.table = model, None
         if self.needed and not self.adapter_off:

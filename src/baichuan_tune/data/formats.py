@@ -169,7 +169,7 @@ def _refuse_preference_fields(obj: dict) -> None:
                             "train on pairs with `baichuan-tune rm` or `baichuan-tune dpo`")
     for key in PREFERENCE_LABELS:
         if isinstance(obj.get(key), bool):
-            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training (planned as "
+            raise _Bad(key, "a preference label (true/false) marks KTO-style data, for KTO training ("
                             "`baichuan-tune kto`); sft would learn every answer, the bad ones too. Use rm/dpo with "
                             "paired chosen/rejected data, or drop the field to train on every answer")
 
@@ -213,7 +213,7 @@ def _require_a_pair(obj: dict) -> None:
     label = next((key for key in PREFERENCE_LABELS if isinstance(obj.get(key), bool)), None)
     if label is not None:
         raise _Bad(label, "an unpaired preference record (one answer labelled good or bad, KTO-style data for KTO "
-                          "training, planned as `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
+                          "training with `baichuan-tune kto`); rm and dpo learn from pairs: give each prompt a "
                           "'chosen' and a 'rejected' answer")
     raise _Bad("chosen", "missing: rm and dpo learn from preference pairs, a prompt with a 'chosen' and a 'rejected' "
                          "answer (instruction data with one answer is for `baichuan-tune sft`)")

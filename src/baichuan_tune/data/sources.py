@@ -218,6 +218,11 @@ def _make_record(obj: Any, where: str, kind: str, fill: _Filler, input_join: str
     if kind == "pair":
         prompt, chosen, rejected = pair_fields(obj, input_join)
         return PairExample(fill.turns(prompt), fill(chosen), fill(rejected), where)
+    if kind == "unpaired":  # kto's labelled answers (data/unpaired.py)
+        from .unpaired import UnpairedExample, unpaired_fields
+
+        prompt, answers = unpaired_fields(obj, input_join)
+        return UnpairedExample(fill.turns(prompt), [(fill(a), label) for a, label in answers], where)
     return Example(fill.turns(sft_turns(obj, input_join, preference_fields=kind == "prompt")), where)
 
 
@@ -253,7 +258,7 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt"] = "sft", max_samples: int = 0,
+def load_dataset(dataset: str | list[str], *, kind: Literal["sft", "pair", "prompt", "unpaired"] = "sft", max_samples: int = 0,
                  val_size: float = 0.0, seed: int = 42, placeholders=None, skip_bad_records: bool = False,
                  input_join: str = "\n") -> LoadedData:
     """Read and check every file of `dataset`, split off the eval set, then apply per-file counts/ratios.
