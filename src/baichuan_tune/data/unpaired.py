@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from . import loading
+from . import loading, sources
 from .formats import PREFERENCE_LABELS, Turn, _Bad, pair_fields, sft_turns
 
 
@@ -38,7 +38,7 @@ class UnpairedExample:
 
 
 def unpaired_fields(obj: Any, input_join: str = "\n") -> tuple[list[Turn], list[tuple[str, bool]]]:
-    """One record -> (prompt turns, [(answer, desirable)]); raises loading._Bad(field, problem)."""
+    """One record -> (prompt turns, [(answer, desirable)]); raises formats._Bad(field, problem)."""
     if not isinstance(obj, dict):
         raise _Bad("record", f"expected a JSON object, got {type(obj).__name__}")
     if "chosen" in obj or "rejected" in obj:
@@ -118,7 +118,7 @@ def load_unpaired_data(files, tokenizer, *, template: str = "baichuan2", cutoff_
     from .templates import get_template
 
     input_join = get_template(template).input_join
-    loaded = loading.load_dataset(files, kind="unpaired", max_samples=max_samples, val_size=val_size, seed=seed,
+    loaded = sources.load_dataset(files, kind="unpaired", max_samples=max_samples, val_size=val_size, seed=seed,
                                   placeholders=placeholders, skip_bad_records=skip_bad_records, input_join=input_join)
     answers = sum(len(rec.answers) for rec in loaded.train)
     if answers < 2:
