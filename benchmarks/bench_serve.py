@@ -81,7 +81,7 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "baichuan_tune.cli", "serve", "--model", model, "--port", "0", "--dtype", args.dtype,
            "--log-level", "warning", "--max-batch", str(args.clients), "--max-queue", str(max(64, args.requests)),
            *(["--device", "cpu"] if args.smoke else []), *args.serve_args.split()]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     env.pop("BAICHUAN_TUNE_API_KEY", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -99,6 +99,17 @@ def make_requests(args, vocab: int) -> list[dict]:
              "max_tokens": rng.randint(n_lo, n_hi)} for _ in range(args.requests)]
 
 
+def sse_data(response):
+    """The `data:` lines of a server-sent event stream. Events end at a blank line and lines at CR/LF only, as
+    the SSE spec says: httpx's iter_lines would also split at U+2028 and the like, which random tokens decode to."""
+    buffer = ""
+    for text in response.iter_text():
+        buffer += text.replace("\r\n", "\n")
+        *events, buffer = buffer.split("\n\n")
+        for event in events:
+            yield from (line for line in event.split("\n") if line.startswith("data: "))
+
+
 def send(client, url: str, model: str, request: dict) -> dict:
     """One streamed greedy completion: its text, completion tokens, latency and time to first chunk."""
     body = {"model": model, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **request}
@@ -106,7 +117,7 @@ def send(client, url: str, model: str, request: dict) -> dict:
     with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
-        for line in response.iter_lines():
+        for line in sse_data(response):
             if not line.startswith("data: {"):
                 continue
             first = first or time.perf_counter() - start
@@ -118,6 +129,16 @@ def send(client, url: str, model: str, request: dict) -> dict:
             for choice in chunk["choices"]:
                 text += choice["text"]
     return {"text": text, "tokens": tokens, "latency": time.perf_counter() - start, "ttft": first}
+
+
+def agreeing_prefix(alone: list[dict], together: list[dict]) -> float:
+    """The mean share of each answer alone that its concurrent answer repeats before the first differing
+    character: 1.0 when all agree; near 0 when they part at once (a prompt-stage fault, not a late near-tie)."""
+    shares = []
+    for a, b in zip(alone, together):
+        same = next((k for k, (x, y) in enumerate(zip(a["text"], b["text"])) if x != y), min(len(a["text"]), len(b["text"])))
+        shares.append(same / max(len(a["text"]), 1))
+    return round(sum(shares) / max(len(shares), 1), 3)
 
 
 def phase(url: str, model: str, requests: list[dict], clients: int) -> tuple[list[dict], float]:
@@ -182,7 +203,8 @@ def main(argv=None) -> dict:
     differ = [i for i, (a, b) in enumerate(zip(alone, together)) if a["text"] != b["text"]]
     result = {"clients": args.clients, "ratio": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
               "target_ratio": 10 if args.clients >= 32 else None, "greedy_equal": not differ,
-              "differing_requests": differ, "one_client": one, "many_clients": many}
+              "differing_requests": differ, "agreeing_prefix": agreeing_prefix(alone, together),
+              "one_client": one, "many_clients": many}
     print("RESULT " + json.dumps(result), flush=True)
     if differ:
         raise SystemExit(f"{len(differ)} concurrent answers differ from the same request alone: {differ[:10]}")
