@@ -123,7 +123,7 @@ def test_unknown_model_names_every_served_one(setup):
 
 
 def test_serve_adapter_option_forms():
-    from baichuan_tune.commands.serve import ServeConfig, split_adapters
+    from baichuan_tune.serve.launch import ServeConfig, split_adapters
     from baichuan_tune.config import ConfigError, parse_config
 
     cfg = parse_config(ServeConfig, ["--adapter", "a=/x/one", "--adapter", "b=/x/two"])

@@ -59,7 +59,7 @@ def ask(i: int) -> list[dict]:
 
 def test_binds_to_loopback_only(server):
     assert server.host == "127.0.0.1" and server.port > 0
-    from baichuan_tune.commands.serve import ServeConfig
+    from baichuan_tune.serve.launch import ServeConfig
 
     assert ServeConfig().host == "127.0.0.1"
 
@@ -771,7 +771,7 @@ def test_health_answers_while_a_large_request_is_tokenised(model_and_tokenizer):
 
 
 def test_serve_checks_its_body_limit_option():
-    from baichuan_tune.commands.serve import ServeConfig
+    from baichuan_tune.serve.launch import ServeConfig
     from baichuan_tune.config import ConfigError
 
     assert ServeConfig().max_body_bytes == 4 * 1024 * 1024

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import opt, parse_config
-from .serve import ServeConfig, serve
+from ..serve.launch import ServeConfig, run_server
 
 
 @dataclass
@@ -24,4 +24,4 @@ class WebUIConfig(ServeConfig):
 
 
 def main(argv: list[str]) -> int:
-    return serve(parse_config(WebUIConfig, argv, prog="baichuan-tune webui"), "webui")
+    return run_server(parse_config(WebUIConfig, argv, prog="baichuan-tune webui"), "webui")
