@@ -25,6 +25,17 @@ SFT_DEMO_DIR = Path("outputs/sft-demo")  # where `baichuan-tune sft` with no opt
 
 ASSISTANT_NAME = "Baichuan-Tune Demo"
 
+
+def online_demo_model() -> str:
+    """The model the ppo and grpo demos start from: the sft demo's when there is one (RLHF starts from a
+    fine-tuned model), else the untrained default model."""
+    if (SFT_DEMO_DIR / "config.json").is_file():
+        print(f"Starting from the sft demo's model in {SFT_DEMO_DIR}.")
+        return str(SFT_DEMO_DIR)
+    print(f"No {SFT_DEMO_DIR} (run `baichuan-tune sft` first for the sft -> ppo pipeline): starting from the "
+          "untrained default model, whose near-uniform answers improve slowly.")
+    return "default"
+
 CAPITALS = [
     ("France", "Paris", "法国", "巴黎"), ("Japan", "Tokyo", "日本", "东京"), ("China", "Beijing", "中国", "北京"),
     ("Italy", "Rome", "意大利", "罗马"), ("Germany", "Berlin", "德国", "柏林"), ("Spain", "Madrid", "西班牙", "马德里"),

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from baichuan_tune import cli
 from baichuan_tune.train import rlhf
+from baichuan_tune.train.reward_setup import load_reward
 from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import ppo
 from baichuan_tune.config import ConfigError, parse_config
@@ -122,7 +123,9 @@ def test_shared_reward_adapter_scores_like_the_separate_reward_model(small_rm):
 
     cfg = parse_config(ppo.PPOConfig, ["--reward_model", str(small_rm), "--model", "default", "--device", "cpu"])
     lm, tok = load_trainable(cfg, torch.device("cpu"), None)
-    reward = ppo._make_reward(cfg, lm, torch.device("cpu"), None)
+    reward = load_reward(cfg.reward_model, cfg.reward_function, {}, lm=lm, base_model=cfg.model,
+                         finetuning_type=cfg.finetuning_type, template=cfg.template, batch_size=2,
+                         device=torch.device("cpu"), amp_dtype=None)
     assert isinstance(reward, rlhf.SharedAdapterReward)
     prompts = ["What is the capital of Japan?", "你是谁？"]
     answers = ["The capital of Japan is Tokyo.", "我不知道。"]
@@ -192,7 +195,8 @@ def test_resume_continues_exactly(tmp_path, capsys):
 
 def test_reward_function_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="exactly one"):
-        ppo._make_reward(parse_config(ppo.PPOConfig, []), None, torch.device("cpu"), None)
+        load_reward("", "", {}, lm=None, base_model="default", finetuning_type="lora", template="baichuan2",
+                    batch_size=1, device=torch.device("cpu"), amp_dtype=None)
     for spec, message in (("no_colon", "module:function"), ("baichuan_tune.rewards:nope", "no function 'nope'"),
                           ("missing_file.py:f", "not found"), ("no_such_module_xyz:f", "cannot import")):
         code = cli.main(["ppo", *TINY, "--reward_function", spec, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"])

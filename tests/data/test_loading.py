@@ -193,10 +193,10 @@ def test_pair_data_names_unpaired_records(tmp_path, record, field, problem):
 
 
 def test_ppo_reads_the_prompts_of_labelled_data(tmp_path):
-    from baichuan_tune.commands import ppo
+    from baichuan_tune.data.prompts import prompt_turns
 
     path = _write_jsonl(tmp_path / "kto.jsonl", KTO)
-    assert ppo._prompt_turns(str(path), 0) == [[("user", "2+2?")], [("user", "2+2?")]]
+    assert prompt_turns(str(path), 0) == [[("user", "2+2?")], [("user", "2+2?")]]
 
 def test_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"missing.json: data file not found"):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from baichuan_tune.train import rlhf
-from baichuan_tune.commands import ppo
 from baichuan_tune.config import ConfigError
 
 
@@ -74,8 +73,6 @@ def test_reward_function_from_a_file(tmp_path):
     rollout = rlhf.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 1), ["a", "b"],
                            ["xy", "xyz"])
     assert reward(rollout).tolist() == [2.5, 3.5]
-    assert ppo._parse_kwargs(["max_tokens=16", "keyword=Paris", "x=1.5"]) == {"max_tokens": 16, "keyword": "Paris",
-                                                                               "x": 1.5}
 
 
 def test_reward_function_gets_only_the_arguments_it_takes(tmp_path):

@@ -103,7 +103,8 @@ def main(argv: list[str]) -> int:
     from ..train.grpo import ResponseLM
     from ..train.training import (load_trainable, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
                                   write_results)
-    from .ppo import _frozen_copy, _load_prompts
+    from ..data.prompts import load_prompts
+    from ..train.adapters import frozen_copy
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -112,9 +113,10 @@ def main(argv: list[str]) -> int:
     seed_everything(cfg.seed)
     amp_dtype = precision_dtype(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
-    reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
+    reference = frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
     reward = make_reward(cfg, lm, device, amp_dtype)
-    train_prompts, eval_prompts, report = distributed.main_first(dist, lambda: _load_prompts(cfg, tokenizer, out))
+    train_prompts, eval_prompts, report = distributed.main_first(dist, lambda: load_prompts(
+        cfg.dataset, tokenizer, cfg.template, cfg.max_prompt_length, cfg.max_samples, cfg.val_size, cfg.seed, out))
     policy = ResponseLM(lm)
     method = GRPOMethod(cfg, policy, reference, reward, tokenizer, train_prompts, eval_prompts, dist, device, amp_dtype)
     schedule = grpo_schedule(cfg, len(train_prompts), dist.world)
@@ -139,32 +141,29 @@ def main(argv: list[str]) -> int:
 
 def _demo_argv(argv: list[str]) -> list[str]:
     """The demo's settings, then the user's own (a --reward_model or --reward_function replaces the demo's rule)."""
-    from .ppo import _demo_model
+    from ..builtin import online_demo_model
 
     demo = list(DEMO_OVERRIDES)
     if any(a.startswith(("--reward_model", "--reward_function")) for a in argv):
         i = demo.index("--reward_function")
         del demo[i : i + 2]
     if not any(a.startswith("--model") for a in argv):
-        demo += ["--model", _demo_model()]
+        demo += ["--model", online_demo_model()]
     return demo + list(argv)
 
 
 def make_reward(cfg, lm, device, amp_dtype):
     """The weighted reward: each rule function, then the reward model (as ppo loads it) when given."""
-    from types import SimpleNamespace
-
     from ..train import rlhf
     from ..train.grpo import WeightedReward
-    from .ppo import _make_reward, _parse_kwargs
+    from ..train.reward_setup import load_reward, parse_reward_kwargs
 
-    kwargs = _parse_kwargs(cfg.reward_kwargs)
+    kwargs = parse_reward_kwargs(cfg.reward_kwargs)
     parts = [(spec.rpartition(":")[2] or spec, rlhf.FunctionReward(spec, kwargs)) for spec in cfg.reward_function]
     if cfg.reward_model:
-        rm_cfg = SimpleNamespace(reward_model=cfg.reward_model, reward_function="", model=cfg.model,
-                                 finetuning_type=cfg.finetuning_type, template=cfg.template,
-                                 per_device_train_batch_size=cfg.per_device_train_batch_size)
-        parts.append(("model", _make_reward(rm_cfg, lm, device, amp_dtype)))
+        parts.append(("model", load_reward(
+            cfg.reward_model, "", {}, lm=lm, base_model=cfg.model, finetuning_type=cfg.finetuning_type,
+            template=cfg.template, batch_size=cfg.per_device_train_batch_size, device=device, amp_dtype=amp_dtype)))
     names = [name for name, _ in parts]
     parts = [(name if names.count(name) == 1 else f"{name}{i}", fn) for i, (name, fn) in enumerate(parts)]
     return WeightedReward(parts, list(cfg.reward_weights) or [1.0] * len(parts))

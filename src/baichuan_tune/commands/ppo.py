@@ -20,17 +20,14 @@ base with `baichuan-tune export` and pass that folder as --model, so it is also 
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..builtin import SFT_DEMO_DIR
+from ..builtin import online_demo_model
 from ..config import ConfigError, opt, parse_config
-from ..errors import DataError
 from ..train.methods import Method
 from ..lazy import no_grad
 from ..options import ModelOptions, PPOOptions, TrainOptions
@@ -94,7 +91,10 @@ def main(argv: list[str]) -> int:
     from ..train.engine import Engine
     from ..train.training import (load_trainable, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
                                   write_results)
+    from ..data.prompts import load_prompts
     from ..models.value_head import PolicyWithValue, ValueHead
+    from ..train.adapters import frozen_copy
+    from ..train.reward_setup import describe_reward, load_reward, parse_reward_kwargs
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -103,17 +103,20 @@ def main(argv: list[str]) -> int:
     seed_everything(cfg.seed)
     amp_dtype = precision_dtype(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
-    reference = _frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
-    reward = _make_reward(cfg, lm, device, amp_dtype)
+    reference = frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
+    reward = load_reward(cfg.reward_model, cfg.reward_function, parse_reward_kwargs(cfg.reward_kwargs), lm=lm,
+                         base_model=cfg.model, finetuning_type=cfg.finetuning_type, template=cfg.template,
+                         batch_size=cfg.per_device_train_batch_size, device=device, amp_dtype=amp_dtype)
     policy = PolicyWithValue(lm, ValueHead(lm.config.hidden_size).to(device))
-    train_prompts, eval_prompts, report = distributed.main_first(dist, lambda: _load_prompts(cfg, tokenizer, out))
+    train_prompts, eval_prompts, report = distributed.main_first(dist, lambda: load_prompts(
+        cfg.dataset, tokenizer, cfg.template, cfg.max_prompt_length, cfg.max_samples, cfg.val_size, cfg.seed, out))
     method = PPOMethod(cfg, policy, reference, reward, tokenizer, train_prompts, eval_prompts, dist, device, amp_dtype)
     schedule = _schedule(cfg, len(train_prompts), dist.world)
     engine = Engine(policy, method, cfg, out, schedule, dist, device, amp_dtype)
     trainable, total = count_parameters(policy)
 
     # ---- train
-    results = engine.run(f"{report}; reward: {_describe(reward)}; {schedule.total_steps} PPO steps x "
+    results = engine.run(f"{report}; reward: {describe_reward(reward)}; {schedule.total_steps} PPO steps x "
                          f"{schedule.updates_per_step} updates; trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
                          f"parameters ({cfg.finetuning_type})")
     distributed.shutdown(dist)
@@ -268,149 +271,8 @@ def _demo_argv(argv: list[str]) -> list[str]:
         i = demo.index("--reward_function")
         del demo[i : i + 2]
     if not any(a.startswith("--model") for a in argv):
-        demo += ["--model", _demo_model()]
+        demo += ["--model", online_demo_model()]
     return demo + list(argv)
-
-
-def _demo_model() -> str:
-    if (SFT_DEMO_DIR / "config.json").is_file():
-        print(f"Starting from the sft demo's model in {SFT_DEMO_DIR}.")
-        return str(SFT_DEMO_DIR)
-    print(f"No {SFT_DEMO_DIR} (run `baichuan-tune sft` first for the sft -> ppo pipeline): starting from the "
-          "untrained default model, whose near-uniform answers improve slowly.")
-    return "default"
-
-
-def _frozen_copy(model):
-    """Freeze/full training changes the base itself, so the reference is a separate frozen copy."""
-    import copy
-
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-def _make_reward(cfg, lm, device, amp_dtype):
-    """The configured reward: a rule function, the reward model as a second adapter, or a separate model."""
-    import torch
-
-    from ..train import rlhf
-    from ..train.alignment import model_reference
-    from ..models.value_head import RewardScorer, load_head, load_reward_model, read_reward_meta
-
-    if bool(cfg.reward_model) == bool(cfg.reward_function):
-        raise ConfigError("give exactly one of --reward_model DIR and --reward_function module:function")
-    if cfg.reward_function:
-        return rlhf.FunctionReward(cfg.reward_function, _parse_kwargs(cfg.reward_kwargs))
-    meta = read_reward_meta(Path(cfg.reward_model))
-    shared = (meta["adapter"] and cfg.finetuning_type in ("lora", "qlora") and meta.get("template") == cfg.template
-              and meta["base_model"] == model_reference(cfg.model))
-    if shared:
-        lm.load_adapter(cfg.reward_model, adapter_name="reward", is_trainable=False)
-        head = load_head(Path(cfg.reward_model), meta["hidden_size"]).to(device)
-        return rlhf.SharedAdapterReward(lm, head, cfg.per_device_train_batch_size)
-    dtype = "bf16" if amp_dtype == torch.bfloat16 else "fp16" if amp_dtype == torch.float16 else "auto"
-    rm, rm_tokenizer = load_reward_model(cfg.reward_model, dtype=dtype, device=str(device))
-    scorer = RewardScorer(rm, rm_tokenizer, meta.get("template", "baichuan2"), meta.get("cutoff_len", 0),
-                          cfg.per_device_train_batch_size)
-    return rlhf.SeparateModelReward(scorer)
-
-
-def _describe(reward) -> str:
-    from ..train import rlhf
-
-    if isinstance(reward, rlhf.FunctionReward):
-        return f"rule {reward.spec}"
-    if isinstance(reward, rlhf.SharedAdapterReward):
-        return "reward model as a second adapter on the policy's base"
-    return "reward model loaded separately"
-
-
-def _parse_kwargs(items: list[str]) -> dict:
-    """["max_tokens=16", "keyword=Paris"] -> {"max_tokens": 16, "keyword": "Paris"} (JSON values when they parse)."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"reward_kwargs: expected key=value, got '{item}'")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value
-    return kwargs
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def _load_prompts(cfg, tokenizer, out: Path) -> tuple[list, list, str]:
-    """(train, held-out) prompts as (token ids, text of the last user turn, all turns), split with cfg.seed, and
-    the data line (counted as sft, rm and dpo count theirs)."""
-    from ..data.loading import data_report
-    from ..data.templates import get_template
-
-    files = list(cfg.dataset)
-    if not files:
-        from ..data.builtin_pref import demo_prompts
-        from ..io_utils import atomic_write_text
-
-        demo_file = out / "demo_prompts.jsonl"
-        atomic_write_text(demo_file, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n"
-                                             for p in demo_prompts()))
-        files = [str(demo_file)]
-    template = get_template(cfg.template)
-    prompts, read, truncated = [], {}, 0
-    for path in files:
-        for turns in _prompt_turns(path, cfg.max_samples, template.input_join):
-            ids = template.encode_prompt(tokenizer, turns)
-            truncated += len(ids) > cfg.max_prompt_length
-            prompts.append((ids[-cfg.max_prompt_length :], turns[-1][1], turns))
-            read[path] = read.get(path, 0) + 1
-    count = int(cfg.val_size) if cfg.val_size >= 1 else round(cfg.val_size * len(prompts))
-    if count >= len(prompts):
-        raise DataError(f"val_size {cfg.val_size} leaves no training prompts (of {len(prompts)})")
-    held = set(random.Random(cfg.seed).sample(range(len(prompts)), count))
-    train, held_out = [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
-    return train, held_out, data_report(read, len(train), len(held_out), "prompts", truncated=truncated)
-
-
-def _prompt_turns(path: str, max_samples: int, input_join: str = "\n") -> list:
-    """Prompt turn lists of one file: {prompt} records directly, others through the data module's readers."""
-    from ..data import sources as data
-
-    first = next(iter(data.iter_json_records(path)), None)
-    if first is None:
-        raise DataError(f"{path}: no records")
-    obj = first[1]
-    if isinstance(obj, dict) and "prompt" in obj and "chosen" not in obj:
-        return _plain_prompts(path, max_samples)
-    if isinstance(obj, dict) and "chosen" in obj:
-        pairs = data.load_dataset([path], kind="pair", max_samples=max_samples, input_join=input_join).train
-        return [r.prompt for r in pairs]
-    records = data.load_dataset([path], kind="prompt", max_samples=max_samples, input_join=input_join).train
-    turns = [r.turns[:-1] for r in records if r.turns[-1][0] == "assistant"]
-    if not turns:
-        raise DataError(f"{path}: no prompts found (plain-text records have no prompt to answer)")
-    return turns
-
-
-def _plain_prompts(path: str, max_samples: int) -> list:
-    from ..data import sources as data
-
-    prompts = []
-    for where, obj, line_error in data.iter_json_records(path):
-        if line_error:
-            raise DataError(line_error)
-        text = obj.get("prompt") if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}, field 'prompt': expected a non-empty string, got {type(text).__name__}")
-        prompts.append([("user", text)])
-        if max_samples and len(prompts) >= max_samples:
-            break
-    return prompts
-
-
-# ----------------------------------------------------------------------------- eval, save
 
 
 def _save(cfg, policy, tokenizer, out: Path) -> None:

@@ -101,6 +101,15 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
     return set_fast_paths(model, attention=attention, loss_chunk_size=loss_chunk_size, compile=compile)
 
 
+def frozen_copy(model):
+    """The reference of freeze/full training, which changes the base itself: a separate frozen copy."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """The tensors a training checkpoint must hold: only those that train (adapter or unfrozen weights)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
