@@ -137,13 +137,25 @@ class LoadOptions:
 
 
 @dataclass
-class PPOOptions:
+class SamplingOptions:
+    """How the online methods (ppo, grpo) sample their answers."""
+
+    max_new_tokens: int = opt(64, "answer length limit")
+    min_new_tokens: int = opt(0, "force at least this many answer tokens (= max_new_tokens: fixed length)")
+    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so the log-probs match)")
+
+    def check_sampling(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens")
+
+
+@dataclass
+class PPOOptions(SamplingOptions):
     """The PPO algorithm's settings (rollout, advantages, losses, KL penalty); `ppo`'s config holds them too."""
 
     rollout_batch_size: int = opt(16, "prompts (answers) per PPO step, over all processes")
-    max_new_tokens: int = opt(64, "answer length limit")
-    min_new_tokens: int = opt(0, "force at least this many answer tokens (= max_new_tokens: fixed length)")
-    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so PPO's log-probs match)")
     ppo_epochs: int = opt(4, "optimisation epochs over each rollout batch")
     gamma: float = opt(1.0, "discount factor")
     lam: float = opt(0.95, "GAE lambda")
@@ -158,14 +170,11 @@ class PPOOptions:
 
 
 @dataclass
-class GRPOOptions:
+class GRPOOptions(SamplingOptions):
     """The GRPO algorithm's settings (groups, rollout, clipped objective); `grpo`'s config holds them too."""
 
     rollout_batch_size: int = opt(8, "prompts per GRPO step, over all processes (each answered num_generations times)")
     num_generations: int = opt(4, "G: answers sampled per prompt, the group its advantages are relative to")
-    max_new_tokens: int = opt(64, "answer length limit")
-    min_new_tokens: int = opt(0, "force at least this many answer tokens")
-    temperature: float = opt(1.0, "sampling temperature (pure sampling: no top-k/top-p, so the log-probs match)")
     grpo_epochs: int = opt(1, "optimisation passes over each step's answers (mu of the paper)")
     cliprange: float = opt(0.2, "policy ratio clip epsilon")
     beta: float = opt(0.0, "weight of the k3 KL to the reference in the loss (0: none, as DAPO and Dr. GRPO)")

@@ -69,10 +69,7 @@ class GRPOConfig(GRPOOptions, ModelOptions, TrainOptions):
     reward_kwargs: list[str] = opt(factory=list, help="key=value arguments passed to every reward function")
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError("need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens")
+        self.check_sampling()
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group of one has no relative reward), "
                               f"got {self.num_generations}")

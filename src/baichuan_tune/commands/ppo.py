@@ -70,10 +70,7 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     reward_clip: float = opt(5.0, "clip (normalised) scores to [-reward_clip, reward_clip] (0: no clipping)")
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError("need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens")
+        self.check_sampling()
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ConfigError("rollout_batch_size and ppo_epochs must be at least 1")
 
