@@ -119,11 +119,13 @@ def grpo_step(lm, args, state, generator, device: str, amp_dtype) -> dict:
 def setup(method: str, lm, args, device: str):
     optimizer, scheduler = optimizer_for(lm, device)
     if method == "kto":
-        from baichuan_tune.commands.dpo import Reference
+        from baichuan_tune.train.reference import Reference
         from baichuan_tune.commands.kto import KTOConfig
 
         cfg = KTOConfig(finetuning_type="lora")
-        return cfg, Reference(cfg, lm, Path("."), {}, torch.device(device), None, needed=True), optimizer, scheduler
+        return cfg, Reference(
+            lm, needed=True, adapter_off=True, out=Path("."), datasets={}, model_name="random", batch_size=args.batch,
+            device=torch.device(device), amp_dtype=None), optimizer, scheduler
     from baichuan_tune.options import GRPOOptions
     from baichuan_tune.train import rlhf
 

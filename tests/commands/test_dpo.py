@@ -13,6 +13,7 @@ import torch
 from baichuan_tune.data.builtin_pref import demo_preference_records
 from baichuan_tune.commands import dpo
 from baichuan_tune.config import ConfigError, parse_config
+from baichuan_tune.train.reference import REFERENCE_FILE, Reference, reference_table
 from documented import ACCURACY_TOLERANCE, assert_near
 
 FAST = ["--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none"]
@@ -48,7 +49,7 @@ def test_demo_raises_held_out_preference_accuracy_and_margin(tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "training_accuracy.png",
                  "training_margin.png", "training_loss.png"):
         assert (out / name).is_file(), name
-    assert not (out / dpo.REFERENCE_FILE).exists()  # LoRA: the reference is the adapter-off base, no table
+    assert not (out / REFERENCE_FILE).exists()  # LoRA: the reference is the adapter-off base, no table
 
 
 def test_the_demo_lands_near_the_documented_figures(tmp_path):
@@ -95,7 +96,8 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path):
         if "lora_B" in name:
             p.data.normal_(0, 0.5)  # a trained-looking adapter, so policy and reference differ
     cfg = parse_config(dpo.DPOConfig, ["--finetuning_type", "lora"])
-    ref = dpo.Reference(cfg, policy, tmp_path, {}, torch.device("cpu"), None)
+    ref = Reference(policy, needed=True, adapter_off=True, out=tmp_path, datasets={}, model_name=cfg.model,
+                    batch_size=4, device=torch.device("cpu"), amp_dtype=None)
     chosen, rejected = ref.logps(batch, "train", average=False)
     torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(_hand_logps(policy, batch), expected, atol=1e-2)
@@ -111,7 +113,7 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
     args = [*SMALL, "--dataset", str(pairs), "--finetuning_type", "full", "--max_steps", "2", "--save_steps", "1",
             "--learning_rate", "1e-4", "--output_dir", str(out)]
     assert dpo.main(args) == 0
-    table = torch.load(out / dpo.REFERENCE_FILE, weights_only=True)
+    table = torch.load(out / REFERENCE_FILE, weights_only=True)
     base, tok = load_model_and_tokenizer("default", dtype="fp32")
     train, _, _ = load_pair_data([str(pairs)], tok, cutoff_len=48, cache_dir="none", num_workers=1)
     batch = pair_batch(train, list(range(len(train))), torch.device("cpu"))
@@ -119,10 +121,10 @@ def test_full_finetuning_precomputes_the_reference_once(tmp_path):
     got = torch.cat([table["train_chosen_sum"], table["train_rejected_sum"]])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # A resumed run reads the table back instead of computing it from the (already trained) weights.
-    before = (out / dpo.REFERENCE_FILE).stat().st_mtime_ns
+    before = (out / REFERENCE_FILE).stat().st_mtime_ns
     assert dpo.main([*args[:-6], "--max_steps", "3", "--save_steps", "1", "--learning_rate", "1e-4",
                      "--output_dir", str(out), "--resume", "true"]) == 0
-    assert (out / dpo.REFERENCE_FILE).stat().st_mtime_ns == before
+    assert (out / REFERENCE_FILE).stat().st_mtime_ns == before
     assert results_of(out)["global_step"] == 3
     assert results_of(out)["resumed_from"] == str(out / "checkpoint-1")  # the first run saved step 1 of 2
 
@@ -138,14 +140,18 @@ def test_a_reference_table_of_other_pairs_is_not_reused(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(records[6:], ensure_ascii=False), encoding="utf-8")
     sets = {name: load_pair_data([str(tmp_path / f"{name}.json")], tok, cutoff_len=48, cache_dir="none",
                                  num_workers=1)[0] for name in ("a", "b")}
-    cfg = parse_config(dpo.DPOConfig, ["--finetuning_type", "full"])
     cpu = torch.device("cpu")
-    first = dpo.Reference(cfg, base, tmp_path, {"train": sets["a"]}, cpu, None).table
-    second = dpo.Reference(cfg, base, tmp_path, {"train": sets["b"]}, cpu, None).table
-    expected = dpo._reference_table(base, sets["b"], "train", 4, cpu, None)
+
+    def reference(pairs):
+        return Reference(base, needed=True, adapter_off=False, out=tmp_path, datasets={"train": pairs},
+                         model_name="default", batch_size=4, device=cpu, amp_dtype=None)
+
+    first = reference(sets["a"]).table
+    second = reference(sets["b"]).table
+    expected = reference_table(base, sets["b"], "train", 4, cpu, None)
     torch.testing.assert_close(second["train_chosen_sum"], expected["train_chosen_sum"])
     assert not torch.allclose(first["train_chosen_sum"], second["train_chosen_sum"])
-    again = dpo.Reference(cfg, base, tmp_path, {"train": sets["b"]}, cpu, None).table  # same pairs: read back
+    again = reference(sets["b"]).table  # same pairs: read back
     assert again["fingerprint"] == second["fingerprint"]
 
 
@@ -168,7 +174,7 @@ def test_other_losses_run(tmp_path, loss_type, extra):
         # the cDPO loss is 0.9 * log 2 + 0.1 * log 2
         assert r["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-4)
     else:
-        assert not (out / dpo.REFERENCE_FILE).exists()  # reference-free
+        assert not (out / REFERENCE_FILE).exists()  # reference-free
 
 
 def test_config_checks():

@@ -133,7 +133,7 @@ def test_the_loss_of_a_batch_by_hand(tmp_path):
     log-probabilities: policy with the adapter, reference with it off, z0 = max(0, mean KL of the mismatched pairs)."""
     from peft import LoraConfig, get_peft_model
 
-    from baichuan_tune.commands.dpo import Reference
+    from baichuan_tune.train.reference import Reference
     from baichuan_tune.data.unpaired import load_unpaired_data
     from baichuan_tune.models.checkpoint import load_model_and_tokenizer
 
@@ -146,7 +146,8 @@ def test_the_loss_of_a_batch_by_hand(tmp_path):
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
     cfg = parse_config(kto.KTOConfig, ["--beta", "0.5", "--desirable_weight", "1.0", "--undesirable_weight", "2.0"])
-    reference = Reference(cfg, policy, tmp_path, {}, torch.device("cpu"), None, needed=True)
+    reference = Reference(policy, needed=True, adapter_off=True, out=tmp_path, datasets={}, model_name=cfg.model,
+                          batch_size=4, device=torch.device("cpu"), amp_dtype=None)
     method = kto.KTOMethod(cfg, data, [], reference, None, torch.device("cpu"), None)
     rows = list(range(len(data)))
     loss, metrics = method.step(policy, method.collate(data, rows, torch.device("cpu")))

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
 from ..data.loading import DataOptions
-from ..lazy import no_grad
 from ..options import ModelOptions, TrainOptions
 
 if TYPE_CHECKING:  # annotations only: torch is imported when the command runs, not for --help
@@ -38,7 +37,6 @@ DEMO_OVERRIDES = [
     "--eval_steps", "20", "--cutoff_len", "64", "--device", "cpu",
     "--overwrite_output_dir", "true",
 ]
-REFERENCE_FILE = "reference_logps.pt"
 
 
 @dataclass
@@ -78,6 +76,7 @@ def main(argv: list[str]) -> int:
     from ..data.loading import load_pair_data
     from ..train.engine import Engine, schedule_for
     from ..train.methods import PairMethod, eval_results
+    from ..train.reference import Reference
     from ..train.training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
                                   final_dtype, save_final, seed_everything, write_results)
 
@@ -91,7 +90,9 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_trainable(cfg, device, amp_dtype)
     train_set, val_set, report = distributed.main_first(  # rank 0 tokenises first and fills the cache
         dist, lambda: load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))
-    reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype, dist)
+    reference = Reference(model, needed=cfg.loss_type in ("sigmoid", "ipo"), adapter_off=cfg.finetuning_type in (
+        "lora", "qlora"), out=out, datasets={"train": train_set, "eval": val_set}, model_name=cfg.model,
+        batch_size=cfg.per_device_train_batch_size, device=device, amp_dtype=amp_dtype, dist=dist)
     trainable, total = count_parameters(model)
     method = PairMethod(cfg.loss_type, train_set, val_set,
                         lambda policy, batch: preference_loss(cfg, policy, batch, reference, "train"),
@@ -152,109 +153,3 @@ def preference_loss(cfg, model, batch: dict, reference, split: str) -> tuple[tor
         "chosen_logp": float(chosen_logp.mean()), "rejected_logp": float(rejected_logp.mean()),
     }
     return out.loss, metrics
-
-
-class Reference:
-    """Log-probabilities of the frozen reference policy for a pair batch.
-
-    LoRA/QLoRA: the policy's own base with the adapter disabled, computed per batch. Freeze/full: the
-    weights change in place, so the initial model's log-probabilities of every pair are computed once,
-    before training, and saved with the run (a resumed run reads them back).
-    """
-
-    def __init__(self, cfg, model, out: Path, datasets: dict, device, amp_dtype, dist=None, needed: bool | None = None):
-        self.needed = cfg.loss_type in ("sigmoid", "ipo") if needed is None else needed  # kto passes True
-        self.adapter_off = cfg.finetuning_type in ("lora", "qlora")
-        self.model, self.table = model, None
-        if self.needed and not self.adapter_off:
-            # Under torchrun every process starts from the same weights and needs the rows of its own pairs,
-            # which change every epoch: rank 0 computes the whole table once, the others read it back.
-            from ..train.distributed import Dist, main_first
-
-            self.table = main_first(dist or Dist(), lambda: self._precomputed(
-                out / REFERENCE_FILE, datasets, _fingerprint(cfg, datasets), cfg.per_device_train_batch_size,
-                device, amp_dtype))
-
-    def describe(self) -> str:
-        if not self.needed:
-            return "none (reference-free)"
-        return "the base with the adapter off" if self.adapter_off else "log-probs precomputed before training"
-
-    @no_grad
-    def logps(self, batch: dict, split: str, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B] chosen, [B] rejected) reference log-probabilities (sums, or per-token means)."""
-        from ..train.losses import sequence_logps
-        from ..train.methods import split_pairs
-
-        if self.table is not None:
-            kind = "avg" if average else "sum"
-            index = batch["index"].cpu()
-            return (self.table[f"{split}_chosen_{kind}"][index].to(batch["index"].device),
-                    self.table[f"{split}_rejected_{kind}"][index].to(batch["index"].device))
-        with self.model.disable_adapter():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return split_pairs(sequence_logps(logits, batch["labels"], average=average))
-
-    def _precomputed(self, path: Path, datasets: dict, fingerprint: str, batch_size: int, device, amp_dtype) -> dict:
-        import torch
-
-        from ..io_utils import atomic_write_bytes
-
-        if path.is_file():
-            # Reused only for the same model and the same tokenised pairs: a table left by an earlier run on
-            # other data (--overwrite_output_dir keeps it, a run without checkpoints is not refused) would
-            # silently give every pair another pair's reference.
-            table = torch.load(path, weights_only=True, map_location="cpu")
-            if table.get("fingerprint") == fingerprint:
-                return table
-            print(f"{path}: written for another model or other pairs; computing the reference again")
-        table = {"fingerprint": fingerprint}
-        for split, dataset in datasets.items():
-            table.update(_reference_table(self.model, dataset, split, batch_size, device, amp_dtype))
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(table, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-        return table
-
-
-def _fingerprint(cfg, datasets: dict) -> str:
-    """sha256 of the reference model's name and every split's token ids, identifying a reference table."""
-    import hashlib
-
-    import numpy as np
-
-    digest = hashlib.sha256(str(cfg.model).encode())
-    for split, dataset in sorted(datasets.items()):
-        digest.update(f"|{split}:{len(dataset)}".encode())
-        for i in range(len(dataset)):
-            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-                ids = np.asarray(dataset[i][key], dtype=np.int64)
-                digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
-    return digest.hexdigest()
-
-
-@no_grad
-def _reference_table(model, dataset, split: str, batch_size: int, device, amp_dtype) -> dict:
-    """Sum and per-token-mean log-probabilities of every chosen/rejected answer of `dataset` ([N] each)."""
-    import torch
-
-    from ..train.losses import sequence_logps
-    from ..train.methods import pair_batch, split_pairs
-    from ..train.training import autocast
-
-    was_training = model.training
-    model.eval()
-    keys = [f"{split}_{side}_{kind}" for side in ("chosen", "rejected") for kind in ("sum", "avg")]
-    parts: dict[str, list] = {key: [] for key in keys}
-    for start in range(0, len(dataset), batch_size):
-        batch = pair_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device)
-        with autocast(device, amp_dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for kind, average in (("sum", False), ("avg", True)):
-            chosen, rejected = split_pairs(sequence_logps(logits, batch["labels"], average=average).cpu())
-            parts[f"{split}_chosen_{kind}"].append(chosen)
-            parts[f"{split}_rejected_{kind}"].append(rejected)
-    model.train(was_training)
-    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     from ..train.methods import eval_results
     from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir,
                                   resolve_device, save_final, seed_everything, write_results)
-    from .dpo import Reference
+    from ..train.reference import Reference
 
     # ---- setup
     dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_trainable(cfg, device, amp_dtype)
     train_set, val_set, report = distributed.main_first(
         dist, lambda: load_unpaired_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))
-    reference = Reference(cfg, model, out, {"train": train_set, "eval": val_set}, device, amp_dtype, dist, needed=True)
+    reference = Reference(model, needed=True, adapter_off=cfg.finetuning_type in ("lora", "qlora"), out=out,
+                          datasets={"train": train_set, "eval": val_set}, model_name=cfg.model,
+                          batch_size=cfg.per_device_train_batch_size, device=device, amp_dtype=amp_dtype, dist=dist)
     method = KTOMethod(cfg, train_set, val_set, reference, dist, device, amp_dtype)
     schedule = schedule_for(cfg, len(train_set), dist.world)
     engine = Engine(model, method, cfg, out, schedule, dist, device, amp_dtype)
