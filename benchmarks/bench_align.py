@@ -71,7 +71,7 @@ def kto_batch(args, vocab: int, generator: torch.Generator, device: str) -> dict
 
 
 def kto_step(lm, args, state, generator, device: str, amp_dtype) -> dict:
-    from baichuan_tune.commands.kto import kto_forward
+    from baichuan_tune.train.kto import kto_forward
     from baichuan_tune.train.training import autocast, optimizer_step
 
     cfg, reference, optimizer, scheduler = state
@@ -80,7 +80,7 @@ def kto_step(lm, args, state, generator, device: str, amp_dtype) -> dict:
     start = time.perf_counter()
     lm.train()
     with autocast(torch.device(device), amp_dtype):
-        out = kto_forward(cfg, lm, batch, reference, "train", None)
+        out = kto_forward(lm, batch, reference, "train", None, beta=cfg["beta"])
     out.loss.backward()
     optimizer_step(lm, optimizer, scheduler, None, 1.0)
     sync(device)
@@ -120,9 +120,7 @@ def setup(method: str, lm, args, device: str):
     optimizer, scheduler = optimizer_for(lm, device)
     if method == "kto":
         from baichuan_tune.train.reference import Reference
-        from baichuan_tune.commands.kto import KTOConfig
-
-        cfg = KTOConfig(finetuning_type="lora")
+        cfg = {"beta": 0.1}  # kto's default
         return cfg, Reference(
             lm, needed=True, adapter_off=True, out=Path("."), datasets={}, model_name="random", batch_size=args.batch,
             device=torch.device(device), amp_dtype=None), optimizer, scheduler

@@ -133,6 +133,7 @@ def test_the_loss_of_a_batch_by_hand(tmp_path):
     log-probabilities: policy with the adapter, reference with it off, z0 = max(0, mean KL of the mismatched pairs)."""
     from peft import LoraConfig, get_peft_model
 
+    from baichuan_tune.train.kto import KTOMethod
     from baichuan_tune.train.reference import Reference
     from baichuan_tune.data.unpaired import load_unpaired_data
     from baichuan_tune.models.checkpoint import load_model_and_tokenizer
@@ -148,7 +149,8 @@ def test_the_loss_of_a_batch_by_hand(tmp_path):
     cfg = parse_config(kto.KTOConfig, ["--beta", "0.5", "--desirable_weight", "1.0", "--undesirable_weight", "2.0"])
     reference = Reference(policy, needed=True, adapter_off=True, out=tmp_path, datasets={}, model_name=cfg.model,
                           batch_size=4, device=torch.device("cpu"), amp_dtype=None)
-    method = kto.KTOMethod(cfg, data, [], reference, None, torch.device("cpu"), None)
+    method = KTOMethod(data, [], reference, None, torch.device("cpu"), None, beta=cfg.beta,
+                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
     rows = list(range(len(data)))
     loss, metrics = method.step(policy, method.collate(data, rows, torch.device("cpu")))
 
