@@ -7,7 +7,7 @@
 A random-weight model of the preset's shape in bf16 gets the memory layout the commands use with LoRA (r=8
 on every linear layer, gradient checkpointing): the policy is adapter `default`, the reference the same
 base with the adapter off, so the base weights exist once. Each step runs the commands' own functions.
-KTO (`commands/kto.py`): a batch of `--batch` labelled answers (prompt + answer of `--prompt_len` +
+KTO (`train/kto.py`): a batch of `--batch` labelled answers (prompt + answer of `--prompt_len` +
 `--response_len` tokens) and their mismatched answers: the policy's log-probs of the mismatched pairs
 (no gradient), the reference's of both, the policy's of the answers with gradient, kto_loss, backward,
 one AdamW update. GRPO (`train/grpo.py`): `--prompts` x `--num_generations` answers sampled with the KV
