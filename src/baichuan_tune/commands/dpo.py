@@ -19,7 +19,6 @@ per-token log-probability, which needs no reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, opt, parse_config
@@ -77,16 +76,12 @@ def main(argv: list[str]) -> int:
     from ..train.engine import Engine, schedule_for
     from ..train.methods import PairMethod, eval_results
     from ..train.reference import Reference
-    from ..train.training import (load_trainable, plot_curves, precision_dtype, prepare_output_dir, resolve_device,
-                                  final_dtype, save_final, seed_everything, write_results)
+    from ..train.training import start_run, load_trainable, plot_curves, final_dtype, save_final, write_results
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    files = cfg.dataset or [write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json")]
-    dist.barrier()
-    seed_everything(cfg.seed)
-    amp_dtype = precision_dtype(cfg)
+    dist, device, out, amp_dtype = start_run(cfg)
+    files = cfg.dataset or [distributed.main_first(  # rank 0 writes the demo pairs; the others then read them
+        dist, lambda: write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json"))]
     model, tokenizer = load_trainable(cfg, device, amp_dtype)
     train_set, val_set, report = distributed.main_first(  # rank 0 tokenises first and fills the cache
         dist, lambda: load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))

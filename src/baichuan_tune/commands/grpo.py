@@ -98,17 +98,12 @@ def main(argv: list[str]) -> int:
     from ..train.adapters import count_parameters
     from ..train.engine import Engine
     from ..train.grpo import ResponseLM
-    from ..train.training import (load_trainable, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
-                                  write_results)
+    from ..train.training import start_run, load_trainable, write_results
     from ..data.prompts import load_prompts
     from ..train.adapters import frozen_copy
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    dist.barrier()
-    seed_everything(cfg.seed)
-    amp_dtype = precision_dtype(cfg)
+    dist, device, out, amp_dtype = start_run(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
     reference = frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
     reward = make_reward(cfg, lm, device, amp_dtype)

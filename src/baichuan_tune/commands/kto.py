@@ -19,7 +19,6 @@ of the desirable answers minus that of the undesirable ones), `kl` (z0) and the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import ConfigError, opt, parse_config
 from ..data.loading import DataOptions
@@ -64,18 +63,14 @@ def main(argv: list[str]) -> int:
     from ..train.alignment import write_demo_pairs
     from ..train.engine import Engine, schedule_for
     from ..train.methods import eval_results
-    from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir,
-                                  resolve_device, save_final, seed_everything, write_results)
+    from ..train.training import start_run, final_dtype, load_trainable, plot_curves, save_final, write_results
     from ..train.kto import KTOMethod
     from ..train.reference import Reference
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    files = cfg.dataset or [write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json")]
-    dist.barrier()
-    seed_everything(cfg.seed)
-    amp_dtype = precision_dtype(cfg)
+    dist, device, out, amp_dtype = start_run(cfg)
+    files = cfg.dataset or [distributed.main_first(  # rank 0 writes the demo pairs; the others then read them
+        dist, lambda: write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json"))]
     model, tokenizer = load_trainable(cfg, device, amp_dtype)
     train_set, val_set, report = distributed.main_first(
         dist, lambda: load_unpaired_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))

@@ -86,19 +86,14 @@ def main(argv: list[str]) -> int:
     from ..train import distributed
     from ..train.adapters import count_parameters
     from ..train.engine import Engine
-    from ..train.training import (load_trainable, precision_dtype, prepare_output_dir, resolve_device, seed_everything,
-                                  write_results)
+    from ..train.training import start_run, load_trainable, write_results
     from ..data.prompts import load_prompts
     from ..models.value_head import PolicyWithValue, ValueHead
     from ..train.adapters import frozen_copy
     from ..train.reward_setup import describe_reward, load_reward, parse_reward_kwargs
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    dist.barrier()
-    seed_everything(cfg.seed)
-    amp_dtype = precision_dtype(cfg)
+    dist, device, out, amp_dtype = start_run(cfg)
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
     reference = frozen_copy(lm) if cfg.finetuning_type in ("freeze", "full") else None
     reward = load_reward(cfg.reward_model, cfg.reward_function, parse_reward_kwargs(cfg.reward_kwargs), lm=lm,

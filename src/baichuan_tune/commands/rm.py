@@ -79,17 +79,13 @@ def main(argv: list[str]) -> int:
     from ..data.loading import load_pair_data
     from ..train.engine import Engine, schedule_for
     from ..train.methods import PairMethod, eval_results
-    from ..train.training import (final_dtype, load_trainable, plot_curves, precision_dtype, prepare_output_dir,
-                                  resolve_device, seed_everything, write_results)
+    from ..train.training import start_run, final_dtype, load_trainable, plot_curves, write_results
     from ..models.value_head import RewardModel, ValueHead, save_reward_model
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    files = cfg.dataset or [write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json")]
-    dist.barrier()
-    seed_everything(cfg.seed)
-    amp_dtype = precision_dtype(cfg)
+    dist, device, out, amp_dtype = start_run(cfg)
+    files = cfg.dataset or [distributed.main_first(  # rank 0 writes the demo pairs; the others then read them
+        dist, lambda: write_demo_pairs(out) if dist.main else str(out / "demo_pairs.json"))]
     lm, tokenizer = load_trainable(cfg, device, amp_dtype)
     train_set, val_set, report = distributed.main_first(  # rank 0 tokenises first and fills the cache
         dist, lambda: load_pair_data(files, tokenizer, **cfg.load_kwargs(cfg.seed)))

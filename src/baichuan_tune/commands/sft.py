@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..builtin import DEMO_PROMPTS, SFT_DEMO_DIR
 from ..config import opt, parse_config
@@ -63,14 +62,11 @@ def main(argv: list[str]) -> int:
     from ..train import distributed
     from ..train.engine import Engine, schedule_for
     from ..train.methods import SFTMethod
-    from ..train.training import fast_path_kwargs, precision_dtype, prepare_output_dir, resolve_device, seed_everything
+    from ..train.training import start_run, fast_path_kwargs, seed_everything
     from ..serve.generation import greedy_answers
 
     # ---- setup
-    dist, device = distributed.setup(resolve_device(cfg.device))  # one process, or one of torchrun's
-    amp_dtype = precision_dtype(cfg)
-    out = prepare_output_dir(cfg) if dist.main else Path(cfg.output_dir)
-    dist.barrier()
+    dist, device, out, amp_dtype = start_run(cfg)
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,

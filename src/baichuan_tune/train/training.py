@@ -154,6 +154,19 @@ def prepare_output_dir(cfg) -> Path:
     return out
 
 
+def start_run(opts) -> tuple:
+    """(dist, device, out, amp_dtype): the opening of every training command. Joins the torchrun group when
+    there is one, rank 0 prepares the output folder while the others wait for it, seeds, and picks the
+    mixed-precision dtype."""
+    from . import distributed
+
+    dist, device = distributed.setup(resolve_device(opts.device))  # one process, or one of torchrun's
+    out = prepare_output_dir(opts) if dist.main else Path(opts.output_dir)
+    dist.barrier()
+    seed_everything(opts.seed)
+    return dist, device, out, precision_dtype(opts)
+
+
 def precision_dtype(cfg) -> torch.dtype | None:
     if cfg.bf16 and cfg.fp16:
         raise TrainingError("choose one of bf16 and fp16")
