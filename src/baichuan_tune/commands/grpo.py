@@ -69,6 +69,9 @@ class GRPOConfig(GRPOOptions, ModelOptions, TrainOptions):
     reward_kwargs: list[str] = opt(factory=list, help="key=value arguments passed to every reward function")
 
     def validate(self) -> None:
+        from ..options import check_parallel
+
+        check_parallel(self, "grpo")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:

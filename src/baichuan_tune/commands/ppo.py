@@ -73,6 +73,9 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     reward_clip: float = opt(5.0, "clip (normalised) scores to [-reward_clip, reward_clip] (0: no clipping)")
 
     def validate(self) -> None:
+        from ..options import check_parallel
+
+        check_parallel(self, "ppo")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:

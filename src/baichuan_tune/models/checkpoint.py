@@ -570,17 +570,19 @@ def _write_template(model, out_dir: Path) -> None:
         write_template_record(out_dir, name)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5GB", safe_serialization=True) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5GB", safe_serialization=True,
+                           state_dict: dict | None = None) -> Path:
     """Write model (+ tokenizer) into `out_dir` in the published layout, atomically (temp folder + rename).
 
     dtype: None keeps the model's dtype; safe_serialization False writes `pytorch_model-0000i-of-0000n.bin`
-    shards with `pytorch_model.bin.index.json`, as the published checkpoints ship.
+    shards with `pytorch_model.bin.index.json`, as the published checkpoints ship. `state_dict`: the weights to
+    write instead of model.state_dict() (a sharded model's, gathered whole).
     """
     _check_saveable(model)
     check_shard_size(shard_size)
     target = None if dtype is None else parse_dtype(dtype)
     target = None if target == "auto" else target
-    state_dict = model.state_dict()
+    state_dict = model.state_dict() if state_dict is None else state_dict
     with atomic_dir(Path(out_dir)) as tmp:
         config = model.config
         if not getattr(config, "architectures", None):
