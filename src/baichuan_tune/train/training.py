@@ -376,6 +376,10 @@ class Checkpoints:
         if not found:
             print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
             return None
+        if (found[-1] / "sharded").is_dir():
+            saved = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+            raise TrainingError(f"{found[-1]}: a sharded checkpoint (--parallel fsdp) of "
+                                f"{saved.get('sharded_processes')} processes; resume it with --parallel fsdp on as many")
         problems = []
         for path in reversed(found):
             try:
