@@ -3,9 +3,9 @@ optimizer states, and gathers a layer's weights only while it computes that laye
 
     torchrun --nproc_per_node 8 -m baichuan_tune.cli sft config.yaml --parallel fsdp
 
-`shard_model` puts every decoder layer in its own FSDP2 group and the rest (embedding, final norm, head, a
-reward model's value head) in the root group: one layer's full weights are gathered at a time, in forward
-and again in backward. Frozen weights (LoRA's base, freeze's lower layers) are sharded too; only the
+`shard_model` puts every decoder layer, the token embedding and the LM head each in its own FSDP2 group and
+the rest (final norm, a reward model's value head) in the root group: one unit's full weights are gathered
+at a time (and the next one prefetched), in forward and again in backward. Frozen weights (LoRA's base, freeze's lower layers) are sharded too; only the
 trainable ones get gradients and optimizer states.
 
 `ShardedCheckpoints` writes checkpoint-<step>/ with `torch.distributed.checkpoint` (every process writes
@@ -49,8 +49,22 @@ def shard_model(model, param_dtype: torch.dtype | None = None):
         raise CheckpointError(f"--parallel fsdp: {type(model).__name__} has no decoder layer to shard")
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
+    for unit in _embedding_and_head(model):
+        fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def _embedding_and_head(model) -> list[torch.nn.Module]:
+    """The token embedding and the LM head, each a unit of its own: in the root group (which FSDP2 keeps
+    gathered from forward through backward) their 2 x vocab x width weights would stay whole all step. A head
+    tied to the embedding stays in the root with it (one parameter cannot be in two units)."""
+    found = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()
+             if name.endswith(("embed_tokens", "lm_head")) and getattr(m, "weight", None) is not None}
+    units = list(found.values())
+    if len(units) == 2 and units[0].weight is units[1].weight:
+        return []
+    return units
 
 
 def is_sharded(model) -> bool:
