@@ -82,9 +82,9 @@ def check_parallel(cfg, command: str = "") -> None:
     if cfg.fp16:
         raise ConfigError("--parallel fsdp does not support --fp16 (loss scaling of sharded gradients): use --bf16 "
                           "true, or --parallel ddp")
-    if getattr(cfg, "finetuning_type", None) == "qlora":
-        raise ConfigError("--parallel fsdp does not support qlora (bitsandbytes' packed NF4 weights lose their "
-                          "quantisation state when sharded): use lora, or --parallel ddp (a QLoRA model fits one GPU)")
+    if getattr(cfg, "finetuning_type", None) == "qlora" and cfg.quantization_bit == 8:
+        raise ConfigError("--parallel fsdp shards 4-bit QLoRA only (bitsandbytes' int8 weights keep side tensors "
+                          "that cannot be sharded): use --quantization_bit 4, or --parallel ddp")
 
 
 # ----------------------------------------------------------------------------- the built-in demos

@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     dist.barrier()
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
-        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
+        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None, sharded=cfg.parallel == "fsdp",
     )
     if cfg.finetuning_type == "qlora":
         from ..models.quantize import keep_4bit_trainable

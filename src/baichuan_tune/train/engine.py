@@ -295,7 +295,7 @@ class Engine:
         else:
             self.end_checkpoint = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
                                                         self.scaler, self._saved_position(), end_of_run=True)
-        self.full_state = full_state_dict(self.model)
+        self.full_state = full_state_dict(self.model, getattr(self.opts, "finetuning_type", "") in ("lora", "qlora"))
 
     def save_checkpoint(self) -> None:
         position = self._saved_position()

@@ -73,11 +73,13 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model) -> dict:
-    """Every process takes part; rank 0 gets the whole state dict on the CPU (the others an empty dict)."""
+def full_state_dict(model, trainable_only: bool) -> dict:
+    """Every process takes part; rank 0 gets the whole state dict on the CPU (the others an empty dict).
+    `trainable_only` (an adapter is the result): the frozen base is not gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
 
 
 def _options():

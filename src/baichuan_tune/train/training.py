@@ -273,7 +273,7 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
 
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
-        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
+        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None, sharded=cfg.parallel == "fsdp",
     )
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
