@@ -4,7 +4,8 @@ A method (methods.py) supplies its data and its step, a function from (model, ba
 `Engine` does the rest, the same for every method:
 
 - batches in the deterministic order of `training.batch_order` (a permutation fixed by seed and epoch),
-  each global batch shared out among the processes of a torchrun group (distributed.py);
+  each global batch shared out among the processes of a torchrun group (distributed.py), each holding the
+  whole model (DDP) or, under `--parallel fsdp`, its shard of it (sharded.py: FSDP2, DCP checkpoints);
 - gradient accumulation, autocast and fp16 loss scaling, clipping, the learning-rate schedule;
 - the NaN policy, agreed by every process (all stop, or all skip the update);
 - held-out evaluation every eval_steps (or at each epoch's end), before training when the method asks;
