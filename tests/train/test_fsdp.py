@@ -111,6 +111,29 @@ def test_dpo_lora_sharded_on_two_processes_equals_one_process_on_the_global_batc
         assert [r[key] for r in two if "loss" in r] == pytest.approx([r[key] for r in one if "loss" in r], abs=1e-4)
 
 
+def test_rm_full_sharded_with_a_held_out_split_equals_one_process(tmp_path):
+    """A full reward model (backbone and value head in one sharded model): the weights, the head and the
+    held-out numbers (evaluated through the sharded model, shared out over both processes) are one
+    process's. Differently padded pairs as for dpo: a fifth of one Adam step (lr 1e-4) on the weights."""
+    from baichuan_tune.data.builtin_pref import demo_preference_records
+
+    pairs = tmp_path / "p.json"
+    pairs.write_text(json.dumps(demo_preference_records(12), ensure_ascii=False), encoding="utf-8")
+    common = ["--dataset", str(pairs), "--cutoff_len", "32", "--max_steps", "2", "--val_size", "4",
+              "--learning_rate", "1e-4", "--finetuning_type", "full", "--save_dtype", "fp32", *FAST]
+    run_cli("rm", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    run_cli("rm", [*common, "--per_device_train_batch_size", "2", "--parallel", "fsdp",
+                   "--output_dir", str(tmp_path / "two")], processes=2)
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("one", "two"))
+        assert_same_weights(a, b, atol=2e-5)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    for key in ("loss", "eval_loss", "eval_accuracy"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], abs=1e-4)
+    evals = [r for r in two if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2] and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.05  # it trained
+
+
 def test_qlora_sharded_equals_ddp_on_the_same_batches(tmp_path):
     """NF4 base weights stored in the compute dtype and sharded: the adapter and losses of DDP on the same
     2 x 2 samples. (Against one process on batches of 4, DDP and FSDP2 alike differ by half an Adam step here:
