@@ -46,7 +46,9 @@ def shard_model(model, param_dtype: torch.dtype | None = None):
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = decoder_layers(model)
     if not layers:
-        raise CheckpointError(f"--parallel fsdp: {type(model).__name__} has no decoder layer to shard")
+        from .training import TrainingError
+
+        raise TrainingError(f"--parallel fsdp: {type(model).__name__} has no decoder layer to shard")
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     for unit in _embedding_and_head(model):
