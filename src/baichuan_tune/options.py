@@ -64,7 +64,27 @@ class TrainOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     plot_loss: bool = opt(True, "write training_loss.png")
     report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and "
+               "optimizer states sharded across the processes)")
 
+
+def check_parallel(cfg, command: str = "") -> None:
+    """--parallel fsdp only with what FSDP2 can shard (a run of one process ignores it)."""
+    if getattr(cfg, "parallel", "ddp") != "fsdp":
+        return
+    if command in ("ppo", "grpo"):
+        raise ConfigError(f"--parallel fsdp is not supported by {command} (its rollouts generate with the policy, "
+                          "which needs the whole model in each process): use --parallel ddp")
+    if cfg.optim != "adamw_torch":
+        raise ConfigError(f"--parallel fsdp needs --optim adamw_torch: {cfg.optim} (bitsandbytes) cannot step "
+                          "sharded parameters")
+    if cfg.fp16:
+        raise ConfigError("--parallel fsdp does not support --fp16 (loss scaling of sharded gradients): use --bf16 "
+                          "true, or --parallel ddp")
+    if getattr(cfg, "finetuning_type", None) == "qlora" and cfg.quantization_bit == 8:
+        raise ConfigError("--parallel fsdp shards 4-bit QLoRA only (bitsandbytes' int8 weights keep side tensors "
+                          "that cannot be sharded): use --quantization_bit 4, or --parallel ddp")
 
 
 # ----------------------------------------------------------------------------- the built-in demos

@@ -51,6 +51,9 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     orpo_lambda: float = opt(0.1, "ORPO: weight lambda of the odds-ratio term next to the NLL")
 
     def validate(self) -> None:
+        from ..options import check_parallel
+
+        check_parallel(self)
         if self.beta is None:  # SimPO's beta scales an average log-prob, on another scale than DPO's KL weight
             self.beta = 2.0 if self.loss_type == "simpo" else 0.1
         if self.beta <= 0:
@@ -105,7 +108,8 @@ def main(argv: list[str]) -> int:
     if not dist.main:
         return 0
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template,
+                   state_dict=engine.full_state)
         if cfg.plot_loss:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"),
                         f"{cfg.loss_type} loss")

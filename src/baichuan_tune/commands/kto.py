@@ -44,6 +44,9 @@ class KTOConfig(ModelOptions, DataOptions, TrainOptions):
     undesirable_weight: float = opt(1.0, "lambda_U, weight of undesirable answers' losses")
 
     def validate(self) -> None:
+        from ..options import check_parallel
+
+        check_parallel(self)
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -93,7 +96,8 @@ def main(argv: list[str]) -> int:
     if not dist.main:
         return 0
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template,
+                   state_dict=engine.full_state)
         if cfg.plot_loss:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "KTO loss")
             plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),

@@ -48,6 +48,11 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     learning_rate: float = opt(1e-4, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
 
+    def validate(self) -> None:
+        from ..options import check_parallel
+
+        check_parallel(self)
+
 
 @dataclass
 class ScoreConfig:
@@ -106,7 +111,7 @@ def main(argv: list[str]) -> int:
     meta = {"adapter": cfg.finetuning_type in ("lora", "qlora"), "base_model": model_reference(cfg.model),
             "finetuning_type": cfg.finetuning_type, "template": cfg.template, "cutoff_len": cfg.cutoff_len}
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg))
+        save_reward_model(rm, tokenizer, out, meta, final_dtype(cfg), state_dict=engine.full_state)
         if cfg.plot_loss:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", ("loss", "eval_loss"), "reward model loss")
             plot_curves(out / "trainer_log.jsonl", out / "training_accuracy.png", ("accuracy", "eval_accuracy"),

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     dist, device, out, amp_dtype = start_run(cfg)
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
-        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
+        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None, sharded=cfg.parallel == "fsdp",
     )
     if cfg.finetuning_type == "qlora":
         from ..models.quantize import keep_4bit_trainable
@@ -112,11 +112,13 @@ def main(argv: list[str]) -> int:
         results["eval_loss"] = engine.evals[-1]["eval_loss"]
         results["eval_perplexity"] = round(math.exp(min(results["eval_loss"], 50)), 3)
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+        save_final(model, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template,
+                   state_dict=engine.full_state)
         if cfg.plot_loss:
             plot_curves(out / "trainer_log.jsonl", out / "training_loss.png", title="sft loss")
         write_results(out, {**results, **data_report.counts})
-    after = greedy_answers(model, tokenizer, cfg.template, prompts)
+    # A sharded model computes only with every process, and the others have left: no answers after training.
+    after = [] if engine.sharded else greedy_answers(model, tokenizer, cfg.template, prompts)
     for prompt, old, new in zip(prompts, before, after):
         print(f"\n> {prompt}\n  before: {old!r}\n  after:  {new!r}")
     print(f"\nDone: outputs in {out}")

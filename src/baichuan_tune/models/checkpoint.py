@@ -330,17 +330,17 @@ def _device_map(device):
     return {"": dev}
 
 
-def _quantization_config(quantize, dtype):
+def _quantization_config(quantize, dtype, sharded: bool = False):
     """transformers' BitsAndBytesConfig for 4-bit (NF4, double quantisation) or 8-bit loading: the one
     `baichuan_tune.models.quantize` defines for both ways of quantising. 4-bit layers compute in `dtype` when it
-    is fp16 (an fp16 run), else in bf16."""
+    is fp16 (an fp16 run), else in bf16; `sharded` (FSDP2) stores the packed NF4 weights in that dtype too."""
     if quantize in (None, 0, "", "none", "None"):
         return None
     from .quantize import bnb_config, check_bits
 
     bits = int(quantize) if isinstance(quantize, str) and quantize.isdigit() else quantize
     compute = torch.float16 if dtype == torch.float16 else torch.bfloat16
-    return bnb_config(check_bits(bits), compute_dtype=compute)
+    return bnb_config(check_bits(bits), compute_dtype=compute, quant_storage=compute if sharded else torch.uint8)
 
 
 def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
@@ -354,13 +354,13 @@ def load_model(path, dtype="auto", device="cpu", quantize=None, adapter=None):
     return _load_validated(path, dtype, device, quantize, adapter, info.config)
 
 
-def _load_validated(path: Path, dtype, device, quantize, adapter, config):
+def _load_validated(path: Path, dtype, device, quantize, adapter, config, sharded: bool = False):
     # Importing this package registered model_type baichuan with the Auto classes. The config is the one
     # validation read (its variant settled with the folder's tokenizer files too), not a second reading.
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=parse_dtype(dtype), device_map=_device_map(device))
-    quantization = _quantization_config(quantize, kwargs["dtype"])
+    quantization = _quantization_config(quantize, kwargs["dtype"], sharded)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         device_map = kwargs["device_map"]
@@ -435,13 +435,14 @@ def load_tokenizer(path):
 
 
 def load_model_and_tokenizer(path, **kwargs):
-    """(model, tokenizer) from one folder; the tokenizer and the checkpoint are checked before the weights load."""
+    """(model, tokenizer) from one folder; the tokenizer and the checkpoint are checked before the weights load.
+    `sharded=True`: 4-bit weights stored for FSDP2 sharding (see `_quantization_config`)."""
     path = resolve_model_path(path)
     info = validate_checkpoint(path)
     tokenizer = load_tokenizer(path)
     model = _load_validated(
         path, kwargs.pop("dtype", "auto"), kwargs.pop("device", "cpu"), kwargs.pop("quantize", None),
-        kwargs.pop("adapter", None), info.config,
+        kwargs.pop("adapter", None), info.config, kwargs.pop("sharded", False),
     )
     if kwargs:
         raise TypeError(f"load_model_and_tokenizer() got unexpected arguments {sorted(kwargs)}")
@@ -570,17 +571,19 @@ def _write_template(model, out_dir: Path) -> None:
         write_template_record(out_dir, name)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5GB", safe_serialization=True) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, shard_size="5GB", safe_serialization=True,
+                           state_dict: dict | None = None) -> Path:
     """Write model (+ tokenizer) into `out_dir` in the published layout, atomically (temp folder + rename).
 
     dtype: None keeps the model's dtype; safe_serialization False writes `pytorch_model-0000i-of-0000n.bin`
-    shards with `pytorch_model.bin.index.json`, as the published checkpoints ship.
+    shards with `pytorch_model.bin.index.json`, as the published checkpoints ship. `state_dict`: the weights to
+    write instead of model.state_dict() (a sharded model's, gathered whole).
     """
     _check_saveable(model)
     check_shard_size(shard_size)
     target = None if dtype is None else parse_dtype(dtype)
     target = None if target == "auto" else target
-    state_dict = model.state_dict()
+    state_dict = model.state_dict() if state_dict is None else state_dict
     with atomic_dir(Path(out_dir)) as tmp:
         config = model.config
         if not getattr(config, "architectures", None):

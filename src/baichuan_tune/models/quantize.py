@@ -90,8 +90,10 @@ def stored_bytes(tensors) -> int:
     return total
 
 
-def bnb_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
-    """transformers' BitsAndBytesConfig for loading a checkpoint in `bits` (same settings as `quantize`)."""
+def bnb_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8):
+    """transformers' BitsAndBytesConfig for loading a checkpoint in `bits` (same settings as `quantize`).
+    `quant_storage`: the dtype the packed NF4 bytes are stored as (the compute dtype for sharded training, so
+    the layer's weights are float-typed like the rest of its FSDP unit and never cast by it)."""
     import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
@@ -102,6 +104,7 @@ def bnb_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
         llm_int8_skip_modules=["lm_head"],
     )
 

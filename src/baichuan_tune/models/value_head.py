@@ -108,17 +108,25 @@ def adapter_active(model, name: str):
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict, dtype: str | None = None) -> None:
-    """Write the adapter (or full weights, in `dtype`), the head and `reward_model.json` (last) into `out`."""
+def save_reward_model(rm: RewardModel, tokenizer, out: Path, meta: dict, dtype: str | None = None,
+                      state_dict: dict | None = None) -> None:
+    """Write the adapter (or full weights, in `dtype`), the head and `reward_model.json` (last) into `out`.
+    `state_dict`: rm's whole state dict to save from instead of its own (a sharded run's, gathered)."""
     from safetensors.torch import save_file
 
     from ..train.training import save_final
 
     out = Path(out)
-    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype, meta.get("template"))
+    lm_state = head_state = None
+    if state_dict is not None:
+        lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
+        head_state = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+    save_final(rm.lm, tokenizer, out, "lora" if meta["adapter"] else "full", dtype, meta.get("template"),
+               state_dict=None if state_dict is None else lm_state)
     with clear_write_errors(out / HEAD_FILE, "the value head"):
         with atomic_dir(out / ".head") as tmp:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in rm.head.state_dict().items()}
+            head = rm.head.state_dict() if head_state is None else head_state
+            state = {k: v.detach().float().cpu().contiguous() for k, v in head.items()}
             save_file(state, str(tmp / HEAD_FILE))
         os.replace(out / ".head" / HEAD_FILE, out / HEAD_FILE)
         (out / ".head").rmdir()

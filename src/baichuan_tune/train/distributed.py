@@ -6,7 +6,8 @@
 GPUs, gloo on CPUs) and gives each process its own device. Every process holds the whole model (LoRA and
 QLoRA fit one card; this is not model sharding), takes its own slice of each global batch of
 `per_device_train_batch_size x world` samples, and DDP averages the gradients, so a step equals one
-process's step on the global batch when every sample carries as many labelled tokens. Only rank 0 writes
+process's step on the global batch when every sample carries as many labelled tokens. `--parallel fsdp`
+shards the model instead (sharded.py); the data are shared out the same way. Only rank 0 writes
 logs, checkpoints and the result. Run by plain `python`, everything here is a no-op.
 """
 
@@ -104,10 +105,30 @@ def unwrap(model):
 
 
 def no_sync(model, sync: bool):
-    """DDP's no_sync() for the micro-batches of an accumulation group before its last one."""
+    """DDP's no_sync() (FSDP2: no gradient reduce-scatter) for the micro-batches of an accumulation group before
+    its last one."""
     import contextlib
 
-    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def _fsdp_no_sync(model):
+    """FSDP2 keeps the unreduced gradients of these micro-batches; the last one's backward reduces them all."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def paused():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return paused()
 
 
 def shutdown(dist: Dist) -> None:

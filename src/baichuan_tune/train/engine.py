@@ -4,7 +4,8 @@ A method (methods.py) supplies its data and its step, a function from (model, ba
 `Engine` does the rest, the same for every method:
 
 - batches in the deterministic order of `training.batch_order` (a permutation fixed by seed and epoch),
-  each global batch shared out among the processes of a torchrun group (distributed.py);
+  each global batch shared out among the processes of a torchrun group (distributed.py), each holding the
+  whole model (DDP) or, under `--parallel fsdp`, its shard of it (sharded.py: FSDP2, DCP checkpoints);
 - gradient accumulation, autocast and fp16 loss scaling, clipping, the learning-rate schedule;
 - the NaN policy, agreed by every process (all stop, or all skip the update);
 - held-out evaluation every eval_steps (or at each epoch's end), before training when the method asks;
@@ -52,10 +53,19 @@ class Engine:
                  amp_dtype: torch.dtype | None):
         self.model, self.method, self.opts, self.out = model, method, opts, Path(out)
         self.schedule, self.dist, self.device, self.amp_dtype = schedule, dist, device, amp_dtype
+        # FSDP2 replaces the parameters by their shards: the optimizer must be built over the shards.
+        self.sharded = getattr(opts, "parallel", "ddp") == "fsdp" and dist.world > 1
+        if self.sharded:
+            from .sharded import ShardedCheckpoints, shard_model
+
+            shard_model(model, amp_dtype)
+            self.checkpoints = ShardedCheckpoints(self.out, opts.save_total_limit, dist)
+        else:
+            self.checkpoints = training.Checkpoints(self.out, opts.save_total_limit)
         self.optimizer = training.make_optimizer(model, opts)
         self.scheduler = training.make_scheduler(self.optimizer, opts, schedule.total_steps * schedule.updates_per_step)
         self.scaler = training.make_grad_scaler(device, amp_dtype)
-        self.checkpoints = training.Checkpoints(self.out, opts.save_total_limit)
+        self.full_state, self.end_checkpoint = None, None  # a sharded run's gathered weights and final state
         self.position = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
         self.step, self.evals, self.log, self.trained = 0, [], training.SilentLog(), model
         self.last_ckpt, self.last_eval_step = None, -1
@@ -68,14 +78,15 @@ class Engine:
         from . import distributed
 
         self._resume()
-        self.trained = distributed.wrap(self.model, self.dist, self.device)
+        self.trained = self.model if self.sharded else distributed.wrap(self.model, self.dist, self.device)
         if self.dist.main:
             self.log = training.RunLog(self.out, self.schedule.total_steps, start_step=self.step,
                                        tensorboard=self.opts.report_to == "tensorboard", desc=self.method.name)
         self.resumed = training.log_resume(self.log, self.checkpoints, self.step)  # {"resumed_from": path or None}
         if summary:
             self.log.write(summary + (f"; {self.dist.world} processes, global batch "
-                                      f"{self.schedule.batch_size * self.dist.world}" if self.dist.world > 1 else ""))
+                                      f"{self.schedule.batch_size * self.dist.world}" if self.dist.world > 1 else "")
+                           + (", weights sharded (FSDP2)" if self.sharded else ""))
         self.start, self.tokens_at_start = time.time(), self.position["tokens"]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -86,6 +97,8 @@ class Engine:
             self._epoch()
         if has_val and self.last_eval_step != self.step:
             self.evaluate()  # the held-out numbers after the last step
+        if self.sharded:
+            self._gather_end_state()
         self.log.close()
         self.trained = None  # no DDP wrapper may outlive the process group
         return self.results()
@@ -270,10 +283,27 @@ class Engine:
         """A context for writing the run's result (rank 0): the finished state is kept as a checkpoint until the
         block succeeds, so a failed final save (a full disk) loses nothing and --resume true finishes it."""
         return training.end_state_kept(self.checkpoints, self.step, self.model, self.optimizer, self.scheduler,
-                                       self.scaler, self._saved_position())
+                                       self.scaler, self._saved_position(), saved=self.end_checkpoint)
+
+    def _gather_end_state(self) -> None:
+        """Sharded runs, every process: the finished state as a checkpoint (kept until the result is written, as
+        `keep_state` does for an unsharded run) and the whole trained weights on rank 0 for the result."""
+        from .sharded import full_state_dict
+
+        path = self.out / f"checkpoint-{self.step}"
+        if (path / "trainer_state.json").is_file():  # a regular checkpoint of the last step, or a resumed end state
+            self.end_checkpoint = path
+        else:
+            self.end_checkpoint = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
+                                                        self.scaler, self._saved_position(), end_of_run=True)
+        self.full_state = full_state_dict(self.model, getattr(self.opts, "finetuning_type", "") in ("lora", "qlora"))
 
     def save_checkpoint(self) -> None:
         position = self._saved_position()
+        if self.sharded:  # every process writes its shards
+            self.last_ckpt = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                                   position)
+            return
         if self.dist.main:  # the processes hold the same weights and optimizer state
             self.last_ckpt = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                                                    position)

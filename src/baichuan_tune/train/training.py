@@ -68,6 +68,9 @@ def check_options(cfg) -> None:
         cfg.check_data_options()
     if getattr(cfg, "finetuning_type", None) == "freeze":
         _check_freeze_layers(cfg)
+    from ..options import check_parallel
+
+    check_parallel(cfg)
 
 
 def base_config_json(cfg) -> dict:
@@ -283,7 +286,7 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
 
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
-        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None,
+        quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None, sharded=cfg.parallel == "fsdp",
     )
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -386,6 +389,10 @@ class Checkpoints:
         if not found:
             print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
             return None
+        if (found[-1] / "sharded").is_dir():
+            saved = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+            raise TrainingError(f"{found[-1]}: a sharded checkpoint (--parallel fsdp) of "
+                                f"{saved.get('sharded_processes')} processes; resume it with --parallel fsdp on as many")
         problems = []
         for path in reversed(found):
             try:
@@ -441,20 +448,25 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 
 
 @contextlib.contextmanager
-def end_state_kept(checkpoints: Checkpoints, step: int, model, optimizer, scheduler, scaler, position: dict):
+def end_state_kept(checkpoints: Checkpoints, step: int, model, optimizer, scheduler, scaler, position: dict,
+                   saved: Path | None = None):
     """Keep the finished run's state as checkpoint-<step> while its result is written, then remove it.
 
     Nothing else holds the trained weights while the final save runs (with --save_steps 0, nothing at all):
     when that save fails (a full disk), the run is not lost; `--resume true` restores this checkpoint, trains
     no further step and writes the result again. Older checkpoints are not rotated out by it, and a regular
-    checkpoint of that step (an earlier run's) is kept as it is.
+    checkpoint of that step (an earlier run's) is kept as it is. `saved`: that state already written (a sharded
+    run writes it with every process, before rank 0 alone writes the result).
     """
     path = checkpoints.output_dir / f"checkpoint-{step}"
     try:
         regular = not json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("end_of_run")
     except (OSError, ValueError, AttributeError):
         regular = False
-    kept = path if regular else checkpoints.save(step, model, optimizer, scheduler, scaler, position, end_of_run=True)
+    if regular or saved is not None:
+        kept = path
+    else:
+        kept = checkpoints.save(step, model, optimizer, scheduler, scaler, position, end_of_run=True)
     try:
         yield kept
     except WriteError as exc:
@@ -621,12 +633,13 @@ def final_dtype(cfg) -> str:
 
 
 def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | None = None,
-               template: str | None = None) -> Path:
+               template: str | None = None, state_dict: dict | None = None) -> Path:
     """The run's result beside its logs: a PEFT adapter for lora/qlora, or full weights in the published layout
     (in `dtype`: None keeps the model's), with `template.json` recording the chat `template` it was trained in.
 
     Everything is written into a hidden folder first and then renamed file by file into `out`, so an
-    interrupted save never leaves a half-written adapter or shard under its final name.
+    interrupted save never leaves a half-written adapter or shard under its final name. `state_dict`: the
+    model's whole state dict to save from instead of its own (a sharded run's, gathered on rank 0).
     """
     import os
 
@@ -639,14 +652,14 @@ def save_final(model, tokenizer, out: Path, finetuning_type: str, dtype: str | N
     with clear_write_errors(out, what):  # weights, tokenizer files and PEFT's model card (README.md)
         if finetuning_type in ("lora", "qlora"):
             with atomic_dir(staging) as tmp:
-                model.save_pretrained(str(tmp))
+                model.save_pretrained(str(tmp), state_dict=state_dict)
                 tokenizer.save_pretrained(str(tmp))
                 if template is not None:
                     write_template_record(tmp, template)
         else:
             from ..models.checkpoint import save_pretrained_atomic
 
-            save_pretrained_atomic(model, tokenizer, staging, dtype=dtype)
+            save_pretrained_atomic(model, tokenizer, staging, dtype=dtype, state_dict=state_dict)
         for item in staging.iterdir():
             os.replace(item, out / item.name)
         staging.rmdir()

@@ -1,0 +1,186 @@
+"""Sharded training with FSDP2 (`--parallel fsdp`): each process holds 1/N of the weights, gradients and
+optimizer states, and gathers a layer's weights only while it computes that layer.
+
+    torchrun --nproc_per_node 8 -m baichuan_tune.cli sft config.yaml --parallel fsdp
+
+`shard_model` puts every decoder layer, the token embedding and the LM head each in its own FSDP2 group and
+the rest (final norm, a reward model's value head) in the root group: one unit's full weights are gathered
+at a time (and the next one prefetched), in forward and again in backward. Frozen weights (LoRA's base, freeze's lower layers) are sharded too; only the
+trainable ones get gradients and optimizer states.
+
+`ShardedCheckpoints` writes checkpoint-<step>/ with `torch.distributed.checkpoint` (every process writes
+its shards, so output_dir must be one folder that every node sees), beside the scheduler state, each
+process's RNG state and the position, as `training.Checkpoints` does. A sharded checkpoint resumes on as
+many processes as wrote it (the batch position is counted in that many shards); another number is refused.
+`full_state_dict` gathers the trained weights on rank 0 for the result in the published layout or a PEFT
+adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..io_utils import atomic_write_json
+from .distributed import Dist
+
+STATE = "sharded"  # the DCP folder inside checkpoint-<step>
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (any module class named *DecoderLayer), in order."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def shard_model(model, param_dtype: torch.dtype | None = None):
+    """Apply FSDP2 `fully_shard` to each decoder layer, then to the root; returns the model (sharded in place).
+
+    `param_dtype`: the dtype the gathered weights compute in (bf16 under --bf16); the shards and the optimizer
+    stay in the dtype they were loaded in (fp32 master weights for full/freeze)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    if not layers:
+        from .training import TrainingError
+
+        raise TrainingError(f"--parallel fsdp: {type(model).__name__} has no decoder layer to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    for unit in _embedding_and_head(model):
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def _embedding_and_head(model) -> list[torch.nn.Module]:
+    """The token embedding and the LM head, each a unit of its own: in the root group (which FSDP2 keeps
+    gathered from forward through backward) their 2 x vocab x width weights would stay whole all step. A head
+    tied to the embedding stays in the root with it (one parameter cannot be in two units)."""
+    found = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()
+             if name.endswith(("embed_tokens", "lm_head")) and getattr(m, "weight", None) is not None}
+    units = list(found.values())
+    if len(units) == 2 and units[0].weight is units[1].weight:
+        return []
+    return units
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model, trainable_only: bool) -> dict:
+    """Every process takes part; rank 0 gets the whole state dict on the CPU (the others an empty dict).
+    `trainable_only` (an adapter is the result): the frozen base is not gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen base weights never change: they come from the base model, not the checkpoint.
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+class ShardedCheckpoints:
+    """checkpoint-<step>/ of a sharded run: `sharded/` (DCP: trainable weights and optimizer states),
+    `scheduler.pt`, `rng-<rank>.pt` and `trainer_state.json` (written last: a folder without it is incomplete).
+
+    Written under a hidden name and renamed by rank 0 once every process has written its part, so a kill
+    mid-save leaves the previous checkpoint as the latest complete one."""
+
+    def __init__(self, output_dir: Path, keep: int, dist: Dist):
+        self.output_dir, self.keep, self.dist = Path(output_dir), keep, dist
+        self.resumed_from: Path | None = None
+
+    def all(self) -> list[Path]:
+        found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, model, optimizer, scheduler, scaler, position: dict, end_of_run: bool = False) -> Path:
+        """Every process calls this. Returns checkpoint-<step>."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from .training import _rng_state
+
+        final, tmp = self.output_dir / f"checkpoint-{step}", self.output_dir / f".checkpoint-{step}.tmp"
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        weights, optim = get_state_dict(model, optimizer, options=_options())
+        dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(tmp / STATE))
+        torch.save(_rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.dist.main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {**position, "step": step, "sharded_processes": self.dist.world}
+            state.pop("end_of_run", None)
+            atomic_write_json(tmp / "trainer_state.json", {**state, "end_of_run": True} if end_of_run else state)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.all()[: -self.keep] if self.keep > 0 and not end_of_run else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def resume(self, model, optimizer, scheduler, scaler) -> dict | None:
+        """Restore the latest complete checkpoint (every process); None when there is none yet."""
+        path = self.latest()
+        if path is None:
+            if self.dist.main:
+                print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
+            return None
+        return self.load(path, model, optimizer, scheduler)
+
+    def load(self, path: Path, model, optimizer, scheduler) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from ..models.checkpoint import load_torch_file
+        from .training import TrainingError, _set_rng_state
+
+        position = _read_position(path)
+        saved_world = position.get("sharded_processes")
+        if saved_world is None:
+            raise TrainingError(f"{path}: written by a run without --parallel fsdp; resume it with --parallel ddp")
+        if saved_world != self.dist.world:
+            raise TrainingError(f"{path}: this sharded checkpoint was written by {saved_world} process(es); resume "
+                                f"it with as many (this run has {self.dist.world}): the saved batch position counts "
+                                "that many shards of each global batch")
+        weights, optim = get_state_dict(model, optimizer, options=_options())
+        state = {"model": weights, "optimizer": optim}
+        try:
+            dcp.load(state, checkpoint_id=str(path / STATE))
+        except Exception as exc:  # DCP reports a missing or unreadable shard in its own terms
+            raise CheckpointError(f"{path / STATE}: cannot be read ({exc})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_options())
+        scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
+        _set_rng_state(load_torch_file(path / f"rng-{self.dist.rank}.pt"))
+        self.resumed_from = Path(path)
+        return position
+
+
+def _read_position(path: Path) -> dict:
+    try:
+        position = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
+    if not isinstance(position, dict) or not isinstance(position.get("step"), int):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: has no step")
+    return position
