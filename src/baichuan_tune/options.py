@@ -64,6 +64,9 @@ class TrainOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     plot_loss: bool = opt(True, "write training_loss.png")
     report_to: Literal["tensorboard", "none"] = opt("tensorboard", "where to log besides trainer_log.jsonl")
+    fuse_accumulation: bool = opt(True, "sft: run each accumulation group as one packed forward/backward with "
+                                  "per-token loss weights (the same update, fewer kernel launches)")
+    fuse_max_tokens: int = opt(2048, "fuse an accumulation group only up to this many tokens (else the plain loop)")
 
 
 
