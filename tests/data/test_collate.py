@@ -175,6 +175,7 @@ def test_fuse_micro_batches_weights_each_label_by_its_micro_batch_by_hand():
     assert fuse_micro_batches([[a], [b, c]], max_tokens=8) is None  # too many tokens
     assert fuse_micro_batches([[a]], max_tokens=9) is None  # nothing to fuse
     assert fuse_micro_batches([[a], [{"input_ids": [1, 2], "labels": [-100, -100]}]], 9) is None  # 0/0 loss
-    assert fuse_micro_batches([[a, b]], 9, z_loss=True) is None  # padding inside a micro-batch under z-loss
+    assert fuse_micro_batches([[a, b], [c]], 9, z_loss=True) is None  # padding inside a micro-batch under z-loss
+    assert fuse_micro_batches([[a, b]], 9) is None  # one micro-batch: no launches to save
     packed = {**a, "attention_mask": [1, 1, 2]}
     assert fuse_micro_batches([[packed], [b]], 9) is None

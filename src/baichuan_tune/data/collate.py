@@ -144,11 +144,12 @@ def fuse_micro_batches(micro_batches: Sequence[Sequence[dict]], max_tokens: int,
     A label of micro-batch m (of G) weighs 1 / (G * its labelled tokens). With `z_loss`, each sample's
     shifted positions weigh 1 / (G * the micro-batch's shifted positions), which is exact only without
     padding, so then every micro-batch's samples must have one length. None (run the plain loop) for
-    packed features, a micro-batch without labels, more than `max_tokens` tokens or a single sample.
+    packed features, a micro-batch without labels, more than `max_tokens` tokens or a single micro-batch
+    (no launches to save: its padded batch stays as it is).
     """
     samples = [f for mb in micro_batches for f in mb]
     total = sum(len(f["input_ids"]) for f in samples)
-    if len(samples) < 2 or total > max_tokens or any("attention_mask" in f for f in samples):
+    if len(micro_batches) < 2 or total > max_tokens or any("attention_mask" in f for f in samples):
         return None
     groups = len(micro_batches)
     rows, ce_w, z_w = [], [], []
