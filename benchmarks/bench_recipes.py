@@ -83,7 +83,9 @@ def recipe_argv(recipe: str, model: Path, data: Path, out: Path, steps: int, smo
 
 
 def steady(times: list[float], tokens: list[int], warmup: int) -> tuple[float, float]:
-    """(tokens/s, s/step) between the end of step `warmup` and the last step."""
+    """(tokens/s, s/step) between the end of step `warmup` and the last step (from the start when the run
+    has no step past the warmup: a smoke run's few packed rows)."""
+    warmup = warmup if len(times) > warmup else 0
     steps = len(times) - warmup
     dt = times[-1] - times[warmup - 1] if warmup else times[-1]
     dn = tokens[-1] - (tokens[warmup - 1] if warmup else 0)

@@ -67,6 +67,9 @@ class TrainOptions:
     parallel: Literal["ddp", "fsdp"] = opt(
         "ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and "
                "optimizer states sharded across the processes)")
+    fuse_accumulation: bool = opt(True, "sft: run each accumulation group as one packed forward/backward with "
+                                  "per-token loss weights (the same update, fewer kernel launches)")
+    fuse_max_tokens: int = opt(2048, "fuse an accumulation group only up to this many tokens (else the plain loop)")
 
 
 def check_parallel(cfg, command: str = "") -> None:

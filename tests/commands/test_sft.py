@@ -434,3 +434,30 @@ def test_chunked_loss_and_group_by_length_train_like_the_plain_run(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     results = run_sft(tmp_path / "grouped", "--max_steps", "2", "--group_by_length", "true")
     assert results["global_step"] == 2 and math.isfinite(results["train_loss_last"])
+
+
+def test_fused_accumulation_trains_like_the_plain_loop(tmp_path, monkeypatch):
+    """batch 1 x accumulation 4: one packed pass per update (the default) gives the plain loop's logged
+    losses, token counts and adapter after 2 updates; a fuse_max_tokens below any group falls back."""
+    common = ("--max_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "1",
+              "--gradient_accumulation_steps", "4", "--lora_dropout", "0")  # dropout draws per pass
+    runs = {"plain": ("--fuse_accumulation", "false"), "fused": (), "fallback": ("--fuse_max_tokens", "4")}
+    from baichuan_tune.train.engine import Engine
+
+    passes, one_pass = {}, Engine._fused_update
+    for name, flags in runs.items():
+        monkeypatch.setattr(Engine, "_fused_update", lambda self, batch, name=name: (
+            passes.__setitem__(name, passes.get(name, 0) + 1), one_pass(self, batch))[1])
+        run_sft(tmp_path / name, *common, *flags)
+    assert passes == {"fused": 2}  # the fused run took one pass per update, the others the plain loop
+    logs = {name: [r for r in read_log(tmp_path / name) if "loss" in r] for name in runs}
+    assert len(logs["plain"]) == 2
+    for name in ("fused", "fallback"):
+        for mine, plain in zip(logs[name], logs["plain"], strict=True):
+            assert mine["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+            assert mine["tokens"] == plain["tokens"]
+        a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)  # Adam steps are 1e-3

@@ -152,3 +152,30 @@ def test_collate_pairs_real_dpo(shared_reference, shared_data):
             assert batch["input_ids"][row, :n].tolist() == p + answer
             assert batch["labels"][row, :n].tolist() == [IGN] * len(p) + answer
             assert answer[-1] == 2 or len(p) + len(answer) == 512
+
+
+def test_fuse_micro_batches_weights_each_label_by_its_micro_batch_by_hand():
+    from baichuan_tune.data.collate import fuse_micro_batches
+
+    a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}  # 2 labelled tokens
+    b = {"input_ids": [8, 9], "labels": [8, 9]}  # the first label is nobody's target: 1 counts
+    c = {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6]}  # 2
+    fused = fuse_micro_batches([[a], [b, c]], max_tokens=9)
+    assert fused["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4, 5, 6]]
+    assert fused["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3]]
+    assert fused["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, 5, 6]]
+    # group of 2: micro-batch 1 has 2 labels -> 1/4 each; micro-batch 2 has 1 + 2 labels -> 1/6 each
+    q, s = 1 / 4, 1 / 6
+    assert fused["loss_weights"][0].tolist() == pytest.approx([0, q, q, 0, s, 0, 0, s, s])
+    assert "z_loss_weights" not in fused
+    # z-loss: 3 and 2 shifted positions -> 1/(2*3), 1/(2*2); none before a sample's start
+    zfused = fuse_micro_batches([[c], [a]], max_tokens=9, z_loss=True)
+    assert zfused["z_loss_weights"][0].tolist() == pytest.approx([0, s, s, s, 0, q, q])
+    assert zfused["loss_weights"][0].tolist() == pytest.approx([0, 0, q, q, 0, q, q])
+    assert fuse_micro_batches([[a], [b, c]], max_tokens=8) is None  # too many tokens
+    assert fuse_micro_batches([[a]], max_tokens=9) is None  # nothing to fuse
+    assert fuse_micro_batches([[a], [{"input_ids": [1, 2], "labels": [-100, -100]}]], 9) is None  # 0/0 loss
+    assert fuse_micro_batches([[a, b], [c]], 9, z_loss=True) is None  # padding inside a micro-batch under z-loss
+    assert fuse_micro_batches([[a, b]], 9) is None  # one micro-batch: no launches to save
+    packed = {**a, "attention_mask": [1, 1, 2]}
+    assert fuse_micro_batches([[packed], [b]], 9) is None

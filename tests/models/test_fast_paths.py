@@ -286,3 +286,61 @@ def test_compile_option_reaches_every_decoder_stack():
         model = prepare_for_training(tiny_model("tiny-baichuan2-13b"), "lora", **fast_path_kwargs(cfg, None))
         stacks = [m for m in model.modules() if isinstance(m, BaichuanModel)]
         assert len(stacks) == 1 and stacks[0].compile_backend == backend
+
+
+def _group(vocab: int, sizes=((1,), (2,), (1,), (3,)), seed: int = 3, same_length: bool = False):
+    """Micro-batches of features of random ids; labels -100 on a prompt of 2 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    group = []
+    for (b,) in sizes:
+        n = 6 if same_length else None
+        rows = []
+        for _ in range(b):
+            length = n or int(torch.randint(4, 10, (1,), generator=gen))
+            ids = torch.randint(3, vocab, (length,), generator=gen).tolist()
+            rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+        group.append(rows)
+    return group
+
+
+def _plain_and_fused_grads(model, group, z_loss):
+    from baichuan_tune.data.collate import collate_padded, fuse_micro_batches
+
+    model.zero_grad(set_to_none=True)
+    plain = 0.0
+    for mb in group:
+        loss = model(**collate_padded(mb), use_cache=False).loss / len(group)
+        loss.backward()
+        plain += float(loss.detach())
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    fused = model(**fuse_micro_batches(group, 4096, z_loss=z_loss), use_cache=False).loss
+    fused.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return plain, float(fused.detach()), want, got
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fused_group_loss_and_gradients_equal_the_plain_accumulation(preset, chunk):
+    """One packed row with per-token weights gives the plain loop's mean loss and summed gradients:
+    RoPE (7b) and ALiBi (13b), Baichuan2's NormHead with its z-loss (same-length rows: no padding)."""
+    model = tiny_model(preset, **({"z_loss_weight": 1e-2} if "baichuan2" in preset else {})).train()
+    set_fast_paths(model, loss_chunk_size=chunk)
+    z_loss = bool(model.config.z_loss_weight)
+    group = _group(model.config.vocab_size, same_length=z_loss)
+    plain, fused, want, got = _plain_and_fused_grads(model, group, z_loss)
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_group_with_z_loss_and_lora_equals_the_plain_accumulation():
+    model = _lora_model("tiny-baichuan2-13b", z_loss_weight=1e-2)
+    group = _group(model.config.vocab_size, same_length=True)
+    plain, fused, want, got = _plain_and_fused_grads(model, group, True)
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert any("lora_A" in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

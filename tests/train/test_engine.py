@@ -100,3 +100,44 @@ def test_nan_policy_skip_drops_the_update_and_keeps_the_schedule_stop_names_the_
     with pytest.raises(TrainingError, match="loss is nan at optimizer step 2; no checkpoint was written yet"):
         run_engine(tmp_path / "stop", Regression(x, y, poison={2}), options(tmp_path / "stop", max_steps=3,
                                                                               gradient_accumulation_steps=1))
+
+
+class FusedRegression(Regression):
+    """Regression whose accumulation group fuses into one batch: each row weighs 1 / (G x its micro-batch's size)."""
+
+    def fused_batch(self, dataset, group, device, max_tokens):
+        rows = [i for mb in group for i in mb]
+        w = torch.tensor([1 / (len(group) * len(mb)) for mb in group for _ in mb])
+        return {"x": self.x[rows], "y": self.y[rows], "w": w, "attention_mask": torch.ones(len(rows), 3)}
+
+    def step(self, model, batch):
+        if "w" not in batch:
+            return super().step(model, batch)
+        self.calls += 1
+        return (batch["w"] * (model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).sum(), {}
+
+
+def test_fused_update_equals_the_plain_loop_and_every_process_must_agree(tmp_path):
+    x, y = data()
+    runs = {}
+    for fuse in (False, True):
+        method = FusedRegression(x, y)
+        model, engine, _ = run_engine(tmp_path / str(fuse), method, options(tmp_path / str(fuse), fuse_accumulation=fuse,
+                                                                            gradient_accumulation_steps=4))
+        runs[fuse] = (model, method.calls, [r["loss"] for r in map(json.loads, (
+            tmp_path / str(fuse) / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r])
+    (plain, plain_calls, plain_losses), (fused, fused_calls, fused_losses) = runs[False], runs[True]
+    assert fused_calls * 4 == plain_calls  # one pass per update instead of four
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-6)
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-6, atol=1e-7)
+
+    class HalfAgrees(Dist):  # the other process of two could not fuse its part
+        def sum(self, values, device):
+            return [float(v) for v in values]
+
+    opts = options(tmp_path / "ddp")
+    engine = Engine(torch.nn.Linear(3, 1), FusedRegression(x, y), opts, tmp_path / "ddp", schedule_for(opts, 10, 1),
+                    HalfAgrees(world=2), torch.device("cpu"), None)
+    assert engine._fused_batch(list(range(10)), [[0, 1], [2, 3]]) is None
+    engine.dist = Dist()
+    assert engine._fused_batch(list(range(10)), [[0, 1], [2, 3]]) is not None

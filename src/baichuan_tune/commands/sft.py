@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
     )
     trainable, total = count_parameters(model)
     schedule = schedule_for(cfg, len(rows), dist.world)
-    engine = Engine(model, SFTMethod(rows, val_set), cfg, out, schedule, dist, device, amp_dtype)
+    method = SFTMethod(rows, val_set, z_loss=bool(getattr(model.config, "z_loss_weight", 0)))
+    engine = Engine(model, method, cfg, out, schedule, dist, device, amp_dtype)
 
     # ---- train
     summary = (f"{data_report}" + (f"; packed into {len(rows)} rows" if cfg.packing else "")

@@ -134,3 +134,45 @@ def collate_pairs(features: Sequence[dict], pad_token_id: int = PAD_TOKEN_ID,
             labels[:1] = IGNORE_INDEX
             rows.append({"input_ids": np.concatenate([prompt, answer]), "labels": labels})
     return collate_padded(rows, pad_token_id, pad_to_multiple_of)
+
+
+def fuse_micro_batches(micro_batches: Sequence[Sequence[dict]], max_tokens: int,
+                       z_loss: bool = False) -> dict[str, torch.Tensor] | None:
+    """One packed [1, T] row of every sample of an accumulation group, with per-token loss weights that
+    make its weighted loss the plain loop's: the mean over micro-batches of each one's token-mean loss.
+
+    A label of micro-batch m (of G) weighs 1 / (G * its labelled tokens). With `z_loss`, each sample's
+    shifted positions weigh 1 / (G * the micro-batch's shifted positions), which is exact only without
+    padding, so then every micro-batch's samples must have one length. None (run the plain loop) for
+    packed features, a micro-batch without labels, more than `max_tokens` tokens or a single micro-batch
+    (no launches to save: its padded batch stays as it is).
+    """
+    samples = [f for mb in micro_batches for f in mb]
+    total = sum(len(f["input_ids"]) for f in samples)
+    if len(micro_batches) < 2 or total > max_tokens or any("attention_mask" in f for f in samples):
+        return None
+    groups = len(micro_batches)
+    rows, ce_w, z_w = [], [], []
+    for mb in micro_batches:
+        labels = [np.asarray(f["labels"], dtype=np.int64) for f in mb]
+        labelled = sum(int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels)
+        lengths = {len(lab) for lab in labels}
+        if labelled == 0 or (z_loss and len(lengths) > 1) or min(lengths) < 2:
+            return None
+        positions = sum(len(lab) - 1 for lab in labels)
+        for f, lab in zip(mb, labels):
+            lab = lab.copy()
+            lab[:1] = IGNORE_INDEX  # the first token is nobody's target, as in a row of its own
+            rows.append((np.asarray(f["input_ids"], dtype=np.int64), lab))
+            ce_w.append(np.where(lab != IGNORE_INDEX, 1.0 / (groups * labelled), 0.0))
+            z = np.full(len(lab), 1.0 / (groups * positions))
+            z[0] = 0.0  # the logit before a sample's first token belongs to the sample before
+            z_w.append(z)
+    out = {"input_ids": torch.from_numpy(np.concatenate([r[0] for r in rows]))[None],
+           "labels": torch.from_numpy(np.concatenate([r[1] for r in rows]))[None],
+           "attention_mask": torch.from_numpy(np.concatenate(
+               [np.full(len(r[0]), k, dtype=np.int64) for k, r in enumerate(rows, 1)]))[None],
+           "loss_weights": torch.from_numpy(np.concatenate(ce_w)).float()[None]}
+    if z_loss:
+        out["z_loss_weights"] = torch.from_numpy(np.concatenate(z_w)).float()[None]
+    return out

@@ -419,54 +419,82 @@ class BaichuanModel(BaichuanPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
 
-def _chunk_loss_sums(hidden, weight, labels, ignore_index: int, column_scale=None):
-    """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens."""
+def _chunk_loss_sums(hidden, weight, labels, ignore_index: int, column_scale=None, ce_w=None, z_w=None):
+    """(sum of cross-entropy over labelled rows, sum of max_logit**2 over all rows) for one chunk of tokens;
+    each term weighted per token by `ce_w` / `z_w` when given."""
     logits = F.linear(hidden, weight).float()  # [n, V], only this chunk's
     if column_scale is not None:
         logits = logits * column_scale
-    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    return ce, logits.max(dim=-1).values.pow(2).sum()
+    z = logits.max(dim=-1).values.pow(2)
+    if ce_w is None:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"), z.sum()
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    return (ce * ce_w).sum(), (z * z_w).sum() if z_w is not None else z.sum()
+
+
+def _shifted_weights(loss_weights, z_loss_weights, z_loss_weight: float, device):
+    """Per-token weights aligned with labels[..., 1:] ([N] fp32), checked: a z-loss needs its own weights."""
+    if loss_weights is None:
+        return None, None
+    if z_loss_weight and z_loss_weights is None:
+        raise ValueError("per-token loss_weights under a z-loss need z_loss_weights too")
+    ce_w = loss_weights[..., 1:].to(device, torch.float32).reshape(-1)
+    z_w = z_loss_weights[..., 1:].to(device, torch.float32).reshape(-1) if z_loss_weight else None
+    return ce_w, z_w
 
 
 def chunked_causal_lm_loss(hidden, weight, labels, z_loss_weight: float = 0.0, chunk_size: int = 1024,
-                           ignore_index: int = -100, column_scale=None):
+                           ignore_index: int = -100, column_scale=None, loss_weights=None, z_loss_weights=None):
     """`causal_lm_loss((hidden @ weight.T) * column_scale, labels)` without materialising the [B, T, V] logits.
 
     Tokens go through the head `chunk_size` at a time, each chunk under activation checkpointing, so only
     one chunk's fp32 logits exist at once (forward and backward), as in Liger's fused linear cross-entropy.
     Without z-loss only labelled positions pass through the head at all. `column_scale` ([V], fp32) is
     NormHead's 1 / |row| of the stored weight: the normalised weight itself is never built.
+    `loss_weights` / `z_loss_weights` ([B, T], aligned with labels): weighted sums instead of the means.
     """
     shift_hidden = hidden[..., :-1, :].reshape(-1, hidden.size(-1))  # [N, hidden]
     shift_labels = labels[..., 1:].to(hidden.device).reshape(-1)  # [N]
     positions = shift_labels.numel()
+    ce_w, z_w = _shifted_weights(loss_weights, z_loss_weights, z_loss_weight, hidden.device)
     if not z_loss_weight:  # rows without a label add nothing: skip them
         keep = shift_labels.ne(ignore_index).nonzero().squeeze(-1)
         shift_hidden, shift_labels = shift_hidden.index_select(0, keep), shift_labels.index_select(0, keep)
+        ce_w = ce_w.index_select(0, keep) if ce_w is not None else None
     ce = z = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, shift_labels.numel(), chunk_size):
         part = slice(start, start + chunk_size)
         ce_part, z_part = torch.utils.checkpoint.checkpoint(
             _chunk_loss_sums, shift_hidden[part], weight, shift_labels[part], ignore_index, column_scale,
-            use_reentrant=False)
+            None if ce_w is None else ce_w[part], None if z_w is None else z_w[part], use_reentrant=False)
         ce, z = ce + ce_part, z + z_part
+    if ce_w is not None:  # the weights already hold the normalisation
+        return ce + z_loss_weight * z if z_loss_weight else ce
     loss = ce / shift_labels.ne(ignore_index).sum()  # the mean over labelled tokens, as cross_entropy takes it
     if z_loss_weight:
         loss = loss + z_loss_weight * z / positions
     return loss
 
 
-def causal_lm_loss(logits, labels, z_loss_weight: float = 0.0, ignore_index: int = -100):
+def causal_lm_loss(logits, labels, z_loss_weight: float = 0.0, ignore_index: int = -100, loss_weights=None,
+                   z_loss_weights=None):
     """Next-token cross-entropy in fp32, plus Baichuan2's z-loss `z_loss_weight * mean(max_logit**2)`.
 
     The z-loss (Baichuan2 technical report, sec. 2.6) keeps the softmax normaliser small; it is averaged
-    over every shifted position, as the authors' code does.
+    over every shifted position, as the authors' code does. With `loss_weights` (and `z_loss_weights`,
+    [B, T] aligned with labels) both terms are weighted sums instead of means.
     """
     shift_logits = logits[..., :-1, :].float()  # [B, T-1, V]
     shift_labels = labels[..., 1:].to(shift_logits.device)  # [B, T-1]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=ignore_index
-    )
+    flat_logits, flat_labels = shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1)
+    ce_w, z_w = _shifted_weights(loss_weights, z_loss_weights, z_loss_weight, shift_logits.device)
+    if ce_w is not None:
+        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="none")
+        loss = (ce * ce_w).sum()
+        if z_loss_weight:
+            loss = loss + z_loss_weight * (flat_logits.max(dim=-1).values.pow(2) * z_w).sum()
+        return loss
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
     if z_loss_weight:
         loss = loss + z_loss_weight * shift_logits.max(dim=-1).values.pow(2).mean()
     return loss
@@ -551,6 +579,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep: int = 0,
         cache=None,
+        loss_weights=None,
+        z_loss_weights=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -567,12 +597,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         head = self.chunkable_head_weight() if labels is not None and self.training else None
         if head is not None:
             loss = chunked_causal_lm_loss(hidden_states, head[0], labels, self.config.z_loss_weight,
-                                          self.loss_chunk_size, column_scale=head[1])
+                                          self.loss_chunk_size, column_scale=head[1], loss_weights=loss_weights,
+                                          z_loss_weights=z_loss_weights)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, self.config.z_loss_weight)
+            loss = causal_lm_loss(logits, labels, self.config.z_loss_weight, loss_weights=loss_weights,
+                                  z_loss_weights=z_loss_weights)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
 

@@ -192,6 +192,9 @@ class Engine:
         """Forward/backward over one accumulation group and an optimizer update: (metrics, grad norm, tokens),
         or None when a non-finite loss made it skip (nan_policy skip; `stop` raises)."""
         self.model.train()
+        fused = self._fused_batch(dataset, group)
+        if fused is not None:
+            return self._fused_update(fused)
         sums, tokens = {}, 0
         for n, indices in enumerate(group):
             batch = self.method.collate(dataset, indices, self.device)
@@ -209,6 +212,28 @@ class Engine:
             tokens += self.method.tokens(batch)
         norm = training.optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.opts.max_grad_norm)
         return sums, norm, tokens
+
+    def _fused_batch(self, dataset, group: list[list[int]]) -> dict | None:
+        """The method's fused batch of the group when every process has one (DDP: the same all-reduces)."""
+        if not getattr(self.opts, "fuse_accumulation", False):
+            return None
+        fused = self.method.fused_batch(dataset, group, self.device, self.opts.fuse_max_tokens)
+        if self.dist.world > 1:
+            agreed = self.dist.sum([float(fused is not None)], self.device)[0]
+            return fused if agreed == self.dist.world else None
+        return fused
+
+    def _fused_update(self, batch: dict):
+        """_update's forward/backward as one pass: the batch's loss weights already divide by the group's size."""
+        with training.autocast(self.device, self.amp_dtype):
+            loss, metrics = self.method.step(self.trained, batch)
+        if training.loss_is_bad(self._agreed(loss), self.step + 1, self.opts.nan_policy, self.last_ckpt):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return None
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        norm = training.optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.opts.max_grad_norm)
+        return {"loss": float(loss.detach()), **metrics}, norm, self.method.tokens(batch)
 
     def _agreed(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss, or NaN on every process when any process's loss is not finite: all skip or stop together."""

@@ -47,6 +47,10 @@ class Method:
     def tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].ne(0).sum())
 
+    def fused_batch(self, dataset, group: list[list[int]], device: torch.device, max_tokens: int) -> dict | None:
+        """One batch whose step gives the whole accumulation group's loss and gradients (None: the plain loop)."""
+        return None
+
     def plan(self, engine, batches: list[list[int]]) -> tuple[object, list[list[list[int]]]]:
         """(dataset, updates) of one step: each update is a list of micro-batches (indices into dataset)."""
         return self.train_set, [batches]
@@ -71,6 +75,16 @@ class SFTMethod(Method):
     """Supervised fine-tuning: the model's own next-token cross-entropy over the answer labels."""
 
     name = "sft"
+
+    def __init__(self, train_set, val_set=(), z_loss: bool = False):
+        super().__init__(train_set, val_set)
+        self.z_loss = z_loss  # the model adds Baichuan2's z-loss: fused rows need its per-token weights too
+
+    def fused_batch(self, dataset, group, device, max_tokens):
+        from ..data.collate import fuse_micro_batches
+
+        fused = fuse_micro_batches([[dataset[i] for i in mb] for mb in group], max_tokens, self.z_loss)
+        return None if fused is None else {k: v.to(device) for k, v in fused.items()}
 
     def collate(self, dataset, indices, device):
         from ..data.collate import collate_padded
