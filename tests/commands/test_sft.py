@@ -361,6 +361,45 @@ def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_pat
     assert "2 processes, global batch 4" in two.stdout + two.stderr
 
 
+def test_fused_accumulation_under_torchrun_trains_as_one_process_on_the_global_batch(tmp_path):
+    """2 CPU processes x 1 sample x 2 accumulated micro-batches, fused (the default: each process runs its two
+    samples as one packed row) and not, end with the adapter of one process on batches of 4; every sample is
+    cut to the same 16 tokens, so each update is the global batch's mean loss."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not built in")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
+    records = [{"text": " ".join(words[(i + k) % len(words)] for k in range(30))} for i in range(12)]
+    data = tmp_path / "texts.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    common = ["--model", "default", "--dataset", str(data), "--template", "base", "--cutoff_len", "16",
+              "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "2", "--device", "cpu",
+              "--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none", "--logging_steps", "1"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {"one": ([sys.executable], ["--per_device_train_batch_size", "4"]),
+            "fused": (torchrun, ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]),
+            "plain": (torchrun, ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                                 "--fuse_accumulation", "false"])}
+    for name, (launcher, args) in runs.items():
+        done = subprocess.run([*launcher, "-m", "baichuan_tune.cli", "sft", *common, *args, "--output_dir",
+                               str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    adapters = {name: load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in runs}
+    assert any(v.abs().sum() > 0 for k, v in adapters["one"].items() if "lora_B" in k)
+    for name in ("fused", "plain"):
+        for key, value in adapters["one"].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=0, atol=1e-5)
+    losses = {name: [r["loss"] for r in read_log(tmp_path / name) if "loss" in r] for name in runs}
+    assert losses["fused"] == pytest.approx(losses["one"], abs=1e-4) and len(losses["fused"]) == 2
+    assert losses["plain"] == pytest.approx(losses["one"], abs=1e-4)
+    fused = {name: json.loads((tmp_path / name / "train_results.json").read_text())["fused_updates"] for name in runs}
+    assert fused == {"one": 0, "fused": 2, "plain": 0}  # both updates of the default run took the fused pass
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_gpus_under_torchrun_qlora_bf16(tmp_path):

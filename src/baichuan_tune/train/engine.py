@@ -69,6 +69,7 @@ class Engine:
         self.position = {"epoch": 0, "batch": 0, "skipped_steps": 0, "tokens": 0, "processes": dist.world}
         self.step, self.evals, self.log, self.trained = 0, [], training.SilentLog(), model
         self.last_ckpt, self.last_eval_step = None, -1
+        self.fused_updates = 0  # updates of this run that fused their accumulation group (fuse_accumulation)
         self.resumed: dict = {"resumed_from": None}
 
     # ------------------------------------------------------------------ run
@@ -105,7 +106,7 @@ class Engine:
 
     def results(self) -> dict:
         elapsed = max(time.time() - self.start, 1e-9)
-        results = {"global_step": self.step, "train_runtime_s": round(elapsed, 1),
+        results = {"global_step": self.step, "train_runtime_s": round(elapsed, 1), "fused_updates": self.fused_updates,
                    "skipped_steps": self.position["skipped_steps"], "tokens": self.position["tokens"],
                    "tokens_per_s": round((self.position["tokens"] - self.tokens_at_start) / elapsed, 1)}
         return {**results, **self._peak_memory(), **self.resumed}
@@ -194,6 +195,7 @@ class Engine:
         self.model.train()
         fused = self._fused_batch(dataset, group)
         if fused is not None:
+            self.fused_updates += 1
             return self._fused_update(fused)
         sums, tokens = {}, 0
         for n, indices in enumerate(group):
