@@ -43,6 +43,8 @@ bench_recipes.SMOKE_WIDTH.update({"baichuan2-7b-chat": (64, 4), "baichuan2-13b-c
 COMMON = ["--logging_steps", "1", "--save_steps", "0", "--plot_loss", "false", "--report_to", "none",
           "--overwrite_output_dir", "true", "--lora_rank", "8", "--lora_target", "all"]
 # case -> (command, published config folder, parallelism, fewest GPUs it fits, extra options)
+# The published folder whose tokenizer.model a config's checkpoint gets (the Baichuan2 models share theirs).
+TOKENIZER_OF = {"baichuan2-7b-chat": "baichuan2-13b-chat", "baichuan2-13b-chat": "baichuan2-13b-chat"}
 CASES = {
     "sft-lora": ("sft", "baichuan2-7b-chat", "ddp", 1, ["--finetuning_type", "lora", "--packing", "true",
                                                         "--cutoff_len", "1024", "--dataset", "{data}/belle_dev1k.jsonl"]),
@@ -152,8 +154,9 @@ def main(argv=None) -> int:
             config_dir = CASES[case][1]
             if config_dir not in models:
                 device = "cpu" if args.smoke else "cuda"
-                models[config_dir] = bench_recipes.write_checkpoint(shared / "reference", config_dir, config_dir,
-                                                      work / config_dir, args.smoke, device)
+                models[config_dir] = bench_recipes.write_checkpoint(shared / "reference", config_dir,
+                                                                    TOKENIZER_OF[config_dir], work / config_dir,
+                                                                    args.smoke, device)
             fewest = 1 if args.smoke else CASES[case][3]
             for n in sorted({fewest, *counts} - set(range(fewest))):
                 row = run_case(case, models[config_dir], shared / "data", work, n, args)

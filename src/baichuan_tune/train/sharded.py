@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..io_utils import atomic_write_json
 from .distributed import Dist
+from .training import Checkpoints, write_trainer_state
 
 STATE = "sharded"  # the DCP folder inside checkpoint-<step>
 
@@ -91,7 +91,7 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True)
 
 
-class ShardedCheckpoints:
+class ShardedCheckpoints(Checkpoints):
     """checkpoint-<step>/ of a sharded run: `sharded/` (DCP: trainable weights and optimizer states),
     `scheduler.pt`, `rng-<rank>.pt` and `trainer_state.json` (written last: a folder without it is incomplete).
 
@@ -99,16 +99,8 @@ class ShardedCheckpoints:
     mid-save leaves the previous checkpoint as the latest complete one."""
 
     def __init__(self, output_dir: Path, keep: int, dist: Dist):
-        self.output_dir, self.keep, self.dist = Path(output_dir), keep, dist
-        self.resumed_from: Path | None = None
-
-    def all(self) -> list[Path]:
-        found = [p for p in self.output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
+        super().__init__(output_dir, keep)
+        self.dist = dist
 
     def save(self, step: int, model, optimizer, scheduler, scaler, position: dict, end_of_run: bool = False) -> Path:
         """Every process calls this. Returns checkpoint-<step>."""
@@ -128,13 +120,10 @@ class ShardedCheckpoints:
         self.dist.barrier()
         if self.dist.main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {**position, "step": step, "sharded_processes": self.dist.world}
-            state.pop("end_of_run", None)
-            atomic_write_json(tmp / "trainer_state.json", {**state, "end_of_run": True} if end_of_run else state)
+            write_trainer_state(tmp, position, step, end_of_run, sharded_processes=self.dist.world)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in self.all()[: -self.keep] if self.keep > 0 and not end_of_run else []:
-                shutil.rmtree(old, ignore_errors=True)
+            self.prune(end_of_run)
         self.dist.barrier()
         return final
 

@@ -374,12 +374,14 @@ class Checkpoints:
             if scaler is not None:
                 extra["scaler"] = scaler.state_dict()
             torch.save(extra, tmp / "training_state.pt")
-            state = {**position, "step": step}  # after the position: a resumed position holds an older step
-            state.pop("end_of_run", None)
-            atomic_write_json(tmp / "trainer_state.json", {**state, "end_of_run": True} if end_of_run else state)
+            write_trainer_state(tmp, position, step, end_of_run)
+        self.prune(end_of_run)
+        return final
+
+    def prune(self, end_of_run: bool = False) -> None:
+        """Delete the oldest checkpoints beyond `keep` (none after the `end_of_run` one of `end_state_kept`)."""
         for old in self.all()[: -self.keep] if self.keep > 0 and not end_of_run else []:
             shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def resume(self, model, optimizer, scheduler, scaler) -> dict | None:
         """Restore the latest readable checkpoint and return its position; None (and a note) when there is none
@@ -426,6 +428,13 @@ class Checkpoints:
         _set_rng_state(extra["rng"])
         self.resumed_from = Path(path)
         return position
+
+
+def write_trainer_state(folder: Path, position: dict, step: int, end_of_run: bool = False, **extra) -> None:
+    """trainer_state.json, written last into a checkpoint folder: a folder without it is incomplete."""
+    state = {**position, "step": step, **extra}  # after the position: a resumed position holds an older step
+    state.pop("end_of_run", None)
+    atomic_write_json(folder / "trainer_state.json", {**state, "end_of_run": True} if end_of_run else state)
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
