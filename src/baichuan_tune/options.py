@@ -73,9 +73,6 @@ def check_parallel(cfg, command: str = "") -> None:
     """--parallel fsdp only with what FSDP2 can shard (a run of one process ignores it)."""
     if getattr(cfg, "parallel", "ddp") != "fsdp":
         return
-    if command in ("ppo", "grpo"):
-        raise ConfigError(f"--parallel fsdp is not supported by {command} (its rollouts generate with the policy, "
-                          "which needs the whole model in each process): use --parallel ddp")
     if cfg.optim != "adamw_torch":
         raise ConfigError(f"--parallel fsdp needs --optim adamw_torch: {cfg.optim} (bitsandbytes) cannot step "
                           "sharded parameters")

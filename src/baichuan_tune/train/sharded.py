@@ -14,12 +14,17 @@ process's RNG state and the position, as `training.Checkpoints` does. A sharded 
 many processes as wrote it (the batch position is counted in that many shards); another number is refused.
 `full_state_dict` gathers the trained weights on rank 0 for the result in the published layout or a PEFT
 adapter.
+
+`gathered_for_generation` (ppo and grpo rollouts, their held-out answers): every unit's whole weights on every
+process for the length of a generation, so that each process decodes its own prompts, for as many steps as
+they take, without a collective per token (which would wait forever once one process's answers have ended).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,6 +78,32 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered_for_generation(model):
+    """Within the block every FSDP2 unit of `model` holds its whole weights (every process gathers them on
+    entry, together, then computes on its own); on exit each process frees them again. A no-op for a model
+    that is not sharded. Submodules may be called directly inside it (the policy's LM without its root)."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # The first forward through an FSDP2 module makes it the root; a generation calling the LM inside the
+    # root before any training forward would otherwise make the first layer a root of its own.
+    model._get_fsdp_state()._lazy_init()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)  # each decoding step would free the weights again
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # As shard_model left them: the root keeps its weights from forward through backward.
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 def full_state_dict(model, trainable_only: bool) -> dict:
