@@ -69,7 +69,7 @@ class TrainOptions:
                "optimizer states sharded across the processes)")
 
 
-def check_parallel(cfg, command: str = "") -> None:
+def check_parallel(cfg) -> None:
     """--parallel fsdp only with what FSDP2 can shard (a run of one process ignores it)."""
     if getattr(cfg, "parallel", "ddp") != "fsdp":
         return

@@ -72,7 +72,7 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     def validate(self) -> None:
         from ..options import check_parallel
 
-        check_parallel(self, "ppo")
+        check_parallel(self)
         self.check_sampling()
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ConfigError("rollout_batch_size and ppo_epochs must be at least 1")
