@@ -198,6 +198,26 @@ def test_grpo_lora_sharded_equals_ddp_on_two_processes(tmp_path):
                              ("adapter_model.safetensors",))
 
 
+def test_grpo_with_a_reward_adapter_sharded_equals_ddp(tmp_path):
+    """A LoRA reward model on the same base is a second adapter of the sharded policy, scored with the weights
+    gathered for the rollout: its scores, the weighted reward and the policy adapter (without the reward
+    adapter) are DDP's."""
+    from baichuan_tune.commands import rm
+    from baichuan_tune.data.builtin_pref import demo_preference_records
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(demo_preference_records(16), ensure_ascii=False), encoding="utf-8")
+    assert rm.main(["--dataset", str(pairs), "--max_steps", "2", "--cutoff_len", "48", "--learning_rate", "1e-2",
+                    "--output_dir", str(tmp_path / "rm"), "--plot_loss", "false", *FAST]) == 0
+    common = [*ONLINE, "--rollout_batch_size", "4", "--num_generations", "2", "--reward_model", str(tmp_path / "rm"),
+              "--reward_weights", "0.5,1.0"]
+    run_cli("grpo", [*common, "--output_dir", str(tmp_path / "ddp")], processes=2)
+    run_cli("grpo", [*common, "--parallel", "fsdp", "--output_dir", str(tmp_path / "fsdp")], processes=2)
+    assert_online_runs_agree(tmp_path / "ddp", tmp_path / "fsdp", ("reward", "reward_model", "loss", "grad_norm"),
+                             ("adapter_model.safetensors",))
+    assert not any(".reward." in k for k in load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors")))
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.is_file() else []
