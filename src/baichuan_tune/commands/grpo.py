@@ -5,6 +5,7 @@
     baichuan-tune grpo --model DIR --dataset prompts.jsonl --num_generations 8 \
         --reward_function my_rewards.py:correct,baichuan_tune.rewards:shorter_than --reward_weights 1.0,0.2
     torchrun --nproc_per_node 4 -m baichuan_tune.cli grpo CONFIG.yaml  # data-parallel on 4 GPUs of one node
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli grpo CONFIG.yaml --parallel fsdp  # the policy sharded
 
 Group relative policy optimisation (Shao et al. 2024, DeepSeekMath): each step samples `num_generations`
 answers to each of `rollout_batch_size` prompts (batched, KV cache), scores them with reward functions

@@ -3,6 +3,7 @@
     baichuan-tune ppo                                  # built-in demo: tiny default model, rule reward, CPU
     baichuan-tune ppo CONFIG.yaml --model DIR --dataset prompts.jsonl --reward_model outputs/rm
     torchrun --nproc_per_node 4 -m baichuan_tune.cli ppo CONFIG.yaml   # data-parallel on 4 GPUs of one node
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli ppo CONFIG.yaml --parallel fsdp   # the policy sharded
     baichuan-tune ppo --model DIR --dataset prompts.jsonl --reward_function baichuan_tune.rewards:contains_keyword \
         --reward_kwargs keyword=Paris
 
