@@ -218,6 +218,26 @@ def test_grpo_with_a_reward_adapter_sharded_equals_ddp(tmp_path):
     assert not any(".reward." in k for k in load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors")))
 
 
+def test_a_sharded_ppo_lora_run_resumed_from_its_checkpoint_ends_alike(tmp_path):
+    """Resuming a sharded LoRA checkpoint (the frozen base is not in it) with the adaptive KL controller's state:
+    a run that restarts from checkpoint-2 of an uninterrupted one ends with the same adapter, critic head and
+    step figures."""
+    import shutil
+
+    common = [*ONLINE, "--max_steps", "4", "--save_steps", "2", "--rollout_batch_size", "8", "--ppo_epochs", "2",
+              "--adaptive_kl", "true", "--kl_target", "0.5", "--kl_horizon", "100", "--parallel", "fsdp"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli("ppo", [*common, "--output_dir", str(straight)], processes=2)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    run_cli("ppo", [*common, "--output_dir", str(resumed), "--resume", "true"], processes=2)
+    for name in ("adapter_model.safetensors", "critic/value_head.safetensors"):
+        assert_same_weights(load_file(str(straight / name)), load_file(str(resumed / name)), atol=0)
+    figures = [[(r["step"], r["reward"], r["kl_coef"]) for r in read_log(out) if "reward" in r and r["step"] > 2]
+               for out in (straight, resumed)]
+    assert len(figures[0]) == 2 and figures[1] == figures[0]
+    assert figures[0][-1][2] != 0.05  # the controller moved, so its restored state mattered
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.is_file() else []

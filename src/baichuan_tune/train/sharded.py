@@ -115,11 +115,11 @@ def full_state_dict(model, trainable_only: bool) -> dict:
     return get_model_state_dict(model, options=options)
 
 
-def _options():
+def _options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Frozen base weights never change: they come from the base model, not the checkpoint.
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 class ShardedCheckpoints:
@@ -199,8 +199,10 @@ class ShardedCheckpoints:
             dcp.load(state, checkpoint_id=str(path / STATE))
         except Exception as exc:  # DCP reports a missing or unreadable shard in its own terms
             raise CheckpointError(f"{path / STATE}: cannot be read ({exc})") from None
+        # dcp.load filled every trainable key asked for (a missing one is an error there); the frozen base,
+        # which is not in the checkpoint, must not count as missing here (LoRA, freeze).
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_options())
+                       options=_options(strict=False))
         scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
         _set_rng_state(load_torch_file(path / f"rng-{self.dist.rank}.pt"))
         self.resumed_from = Path(path)
