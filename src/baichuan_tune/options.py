@@ -72,13 +72,10 @@ class TrainOptions:
     fuse_max_tokens: int = opt(2048, "fuse an accumulation group only up to this many tokens (else the plain loop)")
 
 
-def check_parallel(cfg, command: str = "") -> None:
+def check_parallel(cfg) -> None:
     """--parallel fsdp only with what FSDP2 can shard (a run of one process ignores it)."""
     if getattr(cfg, "parallel", "ddp") != "fsdp":
         return
-    if command in ("ppo", "grpo"):
-        raise ConfigError(f"--parallel fsdp is not supported by {command} (its rollouts generate with the policy, "
-                          "which needs the whole model in each process): use --parallel ddp")
     if cfg.optim != "adamw_torch":
         raise ConfigError(f"--parallel fsdp needs --optim adamw_torch: {cfg.optim} (bitsandbytes) cannot step "
                           "sharded parameters")

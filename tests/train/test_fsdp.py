@@ -150,6 +150,94 @@ def test_qlora_sharded_equals_ddp_on_the_same_batches(tmp_path):
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4)
 
 
+ONLINE = ["--finetuning_type", "lora", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--max_steps", "2",
+          "--val_size", "4", "--per_device_train_batch_size", "4", "--reward_function",
+          "baichuan_tune.rewards:chinese_ratio", "--plot_loss", "false", "--report_to", "none", "--device", "cpu",
+          "--logging_steps", "1", "--model", "default"]
+
+
+def assert_online_runs_agree(ddp: Path, fsdp: Path, keys: tuple[str, ...], weights: tuple[str, ...]) -> None:
+    """Each process samples its share with its own seeded generator in both runs, so the same answers come out
+    and everything downstream is deterministic: the logged figures and the saved weights must agree."""
+    one, two = read_log(ddp), read_log(fsdp)
+    for key in keys:
+        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
+        assert a and b == pytest.approx(a, abs=1e-4), key
+    assert [r["step"] for r in two if "eval_reward" in r] == [0, 2]
+    for name in weights:
+        a, b = load_file(str(ddp / name)), load_file(str(fsdp / name))
+        assert_same_weights(a, b, atol=1e-4)
+    a = load_file(str(ddp / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 1e-4 for k, v in a.items() if "lora_B" in k)  # it trained
+    assert not any(".default." in k for k in load_file(str(fsdp / "adapter_model.safetensors")))
+
+
+def test_ppo_lora_sharded_equals_ddp_on_two_processes(tmp_path):
+    """PPO with the policy and its value head (in the root unit) sharded: the rollouts and held-out answers are
+    generated with the weights gathered on each process, the experience and the updates go through the shards.
+    The rewards, KL, losses, the adapter and the critic head are DDP's on the same 2 x 4 answers."""
+    common = [*ONLINE, "--rollout_batch_size", "8", "--ppo_epochs", "2"]
+    run_cli("ppo", [*common, "--output_dir", str(tmp_path / "ddp")], processes=2)
+    two = run_cli("ppo", [*common, "--parallel", "fsdp", "--output_dir", str(tmp_path / "fsdp")], processes=2)
+    assert "weights sharded (FSDP2)" in two.stdout + two.stderr
+    assert_online_runs_agree(tmp_path / "ddp", tmp_path / "fsdp",
+                             ("reward", "kl", "policy_loss", "value_loss", "grad_norm", "eval_reward",
+                              "eval_response_length"),
+                             ("adapter_model.safetensors", "critic/value_head.safetensors"))
+
+
+def test_grpo_lora_sharded_equals_ddp_on_two_processes(tmp_path):
+    """GRPO (2 answers per prompt, a KL term to the adapter-off base) sharded against DDP on 2 processes: the
+    rewards, KL, clip fractions, held-out numbers and the adapter agree."""
+    common = [*ONLINE, "--rollout_batch_size", "4", "--num_generations", "2", "--beta", "0.04"]
+    run_cli("grpo", [*common, "--output_dir", str(tmp_path / "ddp")], processes=2)
+    two = run_cli("grpo", [*common, "--parallel", "fsdp", "--output_dir", str(tmp_path / "fsdp")], processes=2)
+    assert "weights sharded (FSDP2)" in two.stdout + two.stderr
+    assert_online_runs_agree(tmp_path / "ddp", tmp_path / "fsdp",
+                             ("reward", "kl", "loss", "kl_k3", "grad_norm", "eval_reward", "eval_response_length"),
+                             ("adapter_model.safetensors",))
+
+
+def test_grpo_with_a_reward_adapter_sharded_equals_ddp(tmp_path):
+    """A LoRA reward model on the same base is a second adapter of the sharded policy, scored with the weights
+    gathered for the rollout: its scores, the weighted reward and the policy adapter (without the reward
+    adapter) are DDP's."""
+    from baichuan_tune.commands import rm
+    from baichuan_tune.data.builtin_pref import demo_preference_records
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(demo_preference_records(16), ensure_ascii=False), encoding="utf-8")
+    assert rm.main(["--dataset", str(pairs), "--max_steps", "2", "--cutoff_len", "48", "--learning_rate", "1e-2",
+                    "--output_dir", str(tmp_path / "rm"), "--plot_loss", "false", *FAST]) == 0
+    common = [*ONLINE, "--rollout_batch_size", "4", "--num_generations", "2", "--reward_model", str(tmp_path / "rm"),
+              "--reward_weights", "0.5,1.0"]
+    run_cli("grpo", [*common, "--output_dir", str(tmp_path / "ddp")], processes=2)
+    run_cli("grpo", [*common, "--parallel", "fsdp", "--output_dir", str(tmp_path / "fsdp")], processes=2)
+    assert_online_runs_agree(tmp_path / "ddp", tmp_path / "fsdp", ("reward", "reward_model", "loss", "grad_norm"),
+                             ("adapter_model.safetensors",))
+    assert not any(".reward." in k for k in load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors")))
+
+
+def test_a_sharded_ppo_lora_run_resumed_from_its_checkpoint_ends_alike(tmp_path):
+    """Resuming a sharded LoRA checkpoint (the frozen base is not in it) with the adaptive KL controller's state:
+    a run that restarts from checkpoint-2 of an uninterrupted one ends with the same adapter, critic head and
+    step figures."""
+    import shutil
+
+    common = [*ONLINE, "--max_steps", "4", "--save_steps", "2", "--rollout_batch_size", "8", "--ppo_epochs", "2",
+              "--adaptive_kl", "true", "--kl_target", "0.5", "--kl_horizon", "100", "--parallel", "fsdp"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli("ppo", [*common, "--output_dir", str(straight)], processes=2)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    run_cli("ppo", [*common, "--output_dir", str(resumed), "--resume", "true"], processes=2)
+    for name in ("adapter_model.safetensors", "critic/value_head.safetensors"):
+        assert_same_weights(load_file(str(straight / name)), load_file(str(resumed / name)), atol=0)
+    figures = [[(r["step"], r["reward"], r["kl_coef"]) for r in read_log(out) if "reward" in r and r["step"] > 2]
+               for out in (straight, resumed)]
+    assert len(figures[0]) == 2 and figures[1] == figures[0]
+    assert figures[0][-1][2] != 0.05  # the controller moved, so its restored state mattered
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.is_file() else []
@@ -193,8 +281,6 @@ def test_a_killed_sharded_run_resumes_to_the_same_weights(tmp_path):
     ("sft", ["--fp16", "true"], "--parallel fsdp does not support --fp16"),
     ("sft", ["--optim", "adamw_8bit"], "--parallel fsdp needs --optim adamw_torch"),
     ("dpo", ["--finetuning_type", "qlora", "--quantization_bit", "8"], "--parallel fsdp shards 4-bit QLoRA only"),
-    ("ppo", [], "--parallel fsdp is not supported by ppo"),
-    ("grpo", [], "--parallel fsdp is not supported by grpo"),
 ])
 def test_what_fsdp_cannot_shard_is_refused_before_loading(command, flags, message, tmp_path, capsys):
     from baichuan_tune import cli

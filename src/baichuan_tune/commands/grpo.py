@@ -5,6 +5,7 @@
     baichuan-tune grpo --model DIR --dataset prompts.jsonl --num_generations 8 \
         --reward_function my_rewards.py:correct,baichuan_tune.rewards:shorter_than --reward_weights 1.0,0.2
     torchrun --nproc_per_node 4 -m baichuan_tune.cli grpo CONFIG.yaml  # data-parallel on 4 GPUs of one node
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli grpo CONFIG.yaml --parallel fsdp  # the policy sharded
 
 Group relative policy optimisation (Shao et al. 2024, DeepSeekMath): each step samples `num_generations`
 answers to each of `rollout_batch_size` prompts (batched, KV cache), scores them with reward functions
@@ -71,7 +72,7 @@ class GRPOConfig(GRPOOptions, ModelOptions, TrainOptions):
     def validate(self) -> None:
         from ..options import check_parallel
 
-        check_parallel(self, "grpo")
+        check_parallel(self)
         self.check_sampling()
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group of one has no relative reward), "
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> int:
     if not dist.main:
         return 0
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        _save(cfg, lm, tokenizer, out)
+        _save(cfg, lm, tokenizer, out, _lm_state(engine.full_state))
         write_results(out, {**results, **_results(out, engine.evals), **report.counts})
     print(f"Done: policy in {out}")
     return 0
@@ -210,13 +211,16 @@ class GRPOMethod(Method):
 
         from ..train import distributed, rlhf
         from ..train.grpo import group_experience
+        from ..train.sharded import gathered_for_generation
 
         cfg, g = self.cfg, self.cfg.num_generations
         chosen = [self.train_set[i] for i in batches[0] for _ in range(g)]  # each group's G answers consecutive
-        rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
-                                        self.sample_cfg, [p[2] for p in chosen])
-        total, scores = self.reward(rollout)
-        exp = group_experience(self.policy.lm, self.reference, rollout, total, cfg, cfg.per_device_train_batch_size,
+        # Sharded: the whole policy on each process while it answers and scores (the reward adapter is on its base).
+        with gathered_for_generation(self.policy):
+            rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chosen],
+                                            [p[1] for p in chosen], self.sample_cfg, [p[2] for p in chosen])
+            total, scores = self.reward(rollout)
+        exp = group_experience(self.policy, self.reference, rollout, total, cfg, cfg.per_device_train_batch_size,
                                self.device, self.amp_dtype)
         everyone = distributed.gather(self.dist, total.to(self.device)).cpu()
         self.stats = self._statistics(exp, total, scores, everyone, rollout)
@@ -253,17 +257,19 @@ class GRPOMethod(Method):
     def evaluate(self, engine) -> dict:
         """Greedy answers to the held-out prompts (shared out among the processes): mean reward and length."""
         from ..train import rlhf
+        from ..train.sharded import gathered_for_generation
 
         cfg, dist = self.cfg, self.dist
         mine = self.val_set[dist.rank :: dist.world]
         scores, lengths, example = 0.0, 0.0, None
-        for start in range(0, len(mine), cfg.rollout_batch_size * cfg.num_generations):
-            chunk = mine[start : start + cfg.rollout_batch_size * cfg.num_generations]
-            rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chunk],
-                                            [p[1] for p in chunk], self.greedy_cfg, [p[2] for p in chunk])
-            scores += float(self.reward(rollout)[0].sum())
-            lengths += float(rollout.response_mask.sum())
-            example = example or (rollout.prompts[0], rollout.responses[0])
+        with gathered_for_generation(self.policy):  # the processes' shares may take different numbers of chunks
+            for start in range(0, len(mine), cfg.rollout_batch_size * cfg.num_generations):
+                chunk = mine[start : start + cfg.rollout_batch_size * cfg.num_generations]
+                rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chunk],
+                                                [p[1] for p in chunk], self.greedy_cfg, [p[2] for p in chunk])
+                scores += float(self.reward(rollout)[0].sum())
+                lengths += float(rollout.response_mask.sum())
+                example = example or (rollout.prompts[0], rollout.responses[0])
         scores, lengths = dist.sum([scores, lengths], self.device)
         record = {"eval_reward": round(scores / len(self.val_set), 5),
                   "eval_response_length": round(lengths / len(self.val_set), 2)}
@@ -274,12 +280,17 @@ class GRPOMethod(Method):
         return record
 
 
-def _save(cfg, lm, tokenizer, out: Path) -> None:
+def _lm_state(full_state: dict | None) -> dict | None:
+    """A sharded run's gathered ResponseLM state as the LM's own (None: the LM's own weights are whole)."""
+    return None if full_state is None else {k.removeprefix("lm."): v for k, v in full_state.items()}
+
+
+def _save(cfg, lm, tokenizer, out: Path, state_dict: dict | None = None) -> None:
     from ..train.training import final_dtype, plot_curves, save_final
 
     if "reward" in getattr(lm, "peft_config", {}):
         lm.delete_adapter("reward")  # the result is the policy alone
-    save_final(lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+    save_final(lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template, state_dict=state_dict)
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "grpo_reward.png", ("reward", "eval_reward"), "GRPO reward")
         plot_curves(out / "trainer_log.jsonl", out / "grpo_kl.png", ("kl",), "KL(policy || reference) per answer")

@@ -3,6 +3,7 @@
     baichuan-tune ppo                                  # built-in demo: tiny default model, rule reward, CPU
     baichuan-tune ppo CONFIG.yaml --model DIR --dataset prompts.jsonl --reward_model outputs/rm
     torchrun --nproc_per_node 4 -m baichuan_tune.cli ppo CONFIG.yaml   # data-parallel on 4 GPUs of one node
+    torchrun --nproc_per_node 4 -m baichuan_tune.cli ppo CONFIG.yaml --parallel fsdp   # the policy sharded
     baichuan-tune ppo --model DIR --dataset prompts.jsonl --reward_function baichuan_tune.rewards:contains_keyword \
         --reward_kwargs keyword=Paris
 
@@ -72,7 +73,7 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     def validate(self) -> None:
         from ..options import check_parallel
 
-        check_parallel(self, "ppo")
+        check_parallel(self)
         self.check_sampling()
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ConfigError("rollout_batch_size and ppo_epochs must be at least 1")
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> int:
     if not dist.main:
         return 0
     with engine.keep_state():  # the trained state stays on disk until the result is written
-        _save(cfg, policy, tokenizer, out)
+        _save(cfg, policy, tokenizer, out, engine.full_state)
         write_results(out, {**results, **_results(out, engine.step, engine.evals, method.kl_ctl), **report.counts})
     print(f"Done: policy in {out}")
     return 0
@@ -176,12 +177,15 @@ class PPOMethod(Method):
         import torch
 
         from ..train import distributed, rlhf
+        from ..train.sharded import gathered_for_generation
 
         cfg = self.cfg
         chosen = [self.train_set[i] for i in batches[0]]
-        rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chosen], [p[1] for p in chosen],
-                                        self.sample_cfg, [p[2] for p in chosen])
-        raw = self.reward(rollout)
+        # Sharded: the whole policy on each process while it answers and scores (the reward adapter is on its base).
+        with gathered_for_generation(self.policy):
+            rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chosen],
+                                            [p[1] for p in chosen], self.sample_cfg, [p[2] for p in chosen])
+            raw = self.reward(rollout)
         everyone = distributed.gather(self.dist, raw.to(self.device)).cpu()  # the statistics see every answer
         scores = rlhf.normalized_scores(everyone, self.moments, cfg.reward_clip)
         scores = scores[self.dist.rank * len(raw) : (self.dist.rank + 1) * len(raw)]
@@ -226,17 +230,19 @@ class PPOMethod(Method):
     def evaluate(self, engine) -> dict:
         """Greedy answers to the held-out prompts (shared out among the processes): mean raw reward and length."""
         from ..train import rlhf
+        from ..train.sharded import gathered_for_generation
 
         cfg, dist = self.cfg, self.dist
         mine = self.val_set[dist.rank :: dist.world]
         scores, lengths, example = 0.0, 0.0, None
-        for start in range(0, len(mine), cfg.rollout_batch_size):
-            chunk = mine[start : start + cfg.rollout_batch_size]
-            rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chunk],
-                                            [p[1] for p in chunk], self.greedy_cfg, [p[2] for p in chunk])
-            scores += float(self.reward(rollout).sum())
-            lengths += float(rollout.response_mask.sum())
-            example = example or (rollout.prompts[0], rollout.responses[0])
+        with gathered_for_generation(self.policy):  # the processes' shares may take different numbers of chunks
+            for start in range(0, len(mine), cfg.rollout_batch_size):
+                chunk = mine[start : start + cfg.rollout_batch_size]
+                rollout = rlhf.generate_rollout(self.policy.lm, self.tokenizer, [p[0] for p in chunk],
+                                                [p[1] for p in chunk], self.greedy_cfg, [p[2] for p in chunk])
+                scores += float(self.reward(rollout).sum())
+                lengths += float(rollout.response_mask.sum())
+                example = example or (rollout.prompts[0], rollout.responses[0])
         scores, lengths = dist.sum([scores, lengths], self.device)
         record = {"eval_reward": round(scores / len(self.val_set), 5),
                   "eval_response_length": round(lengths / len(self.val_set), 2)}
@@ -270,7 +276,7 @@ def _demo_argv(argv: list[str]) -> list[str]:
     return demo + list(argv)
 
 
-def _save(cfg, policy, tokenizer, out: Path) -> None:
+def _save(cfg, policy, tokenizer, out: Path, full_state: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     from ..io_utils import atomic_dir, clear_write_errors
@@ -279,10 +285,13 @@ def _save(cfg, policy, tokenizer, out: Path) -> None:
 
     if "reward" in getattr(policy.lm, "peft_config", {}):
         policy.lm.delete_adapter("reward")  # the result is the policy alone
-    save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template)
+    # A sharded run's weights, gathered on rank 0, are the policy's state dict: split into the LM's and the head's.
+    whole = policy.state_dict() if full_state is None else full_state
+    lm_state = None if full_state is None else {k[3:]: v for k, v in full_state.items() if k.startswith("lm.")}
+    head = {k[7:]: v for k, v in whole.items() if k.startswith("v_head.")}
+    save_final(policy.lm, tokenizer, out, cfg.finetuning_type, final_dtype(cfg), cfg.template, state_dict=lm_state)
     with clear_write_errors(out / "critic", "the critic head"), atomic_dir(out / "critic") as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
-                  str(tmp / HEAD_FILE))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp / HEAD_FILE))
     if cfg.plot_loss:
         plot_curves(out / "trainer_log.jsonl", out / "ppo_reward.png", ("reward", "eval_reward"), "PPO reward")
         plot_curves(out / "trainer_log.jsonl", out / "ppo_kl.png", ("kl",), "KL(policy || reference) per answer")

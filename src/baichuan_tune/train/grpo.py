@@ -37,7 +37,7 @@ class ResponseLM(nn.Module):
 def response_logps(lm, input_ids, attention_mask, response_len: int, temperature: float, batch_size: int, device,
                    amp_dtype) -> torch.Tensor:
     """Log-probs [B, R] of the answer tokens under `lm`, `batch_size` rows per forward."""
-    model, parts = ResponseLM(lm), []
+    model, parts = (lm if isinstance(lm, ResponseLM) else ResponseLM(lm)), []
     for start in range(0, input_ids.size(0), max(batch_size, 1)):
         rows = slice(start, start + batch_size)
         with autocast(device, amp_dtype):
@@ -82,16 +82,18 @@ class GroupExperience:
 def group_experience(lm, reference, rollout, rewards: torch.Tensor, opts, batch_size: int, device,
                      amp_dtype) -> GroupExperience:
     """Advantages of `rewards` ([N], groups of opts.num_generations consecutive) and the log-probs of the
-    sampled answers under the policy and the reference (a frozen copy, or `lm`'s base with adapters off)."""
+    sampled answers under the policy and the reference (a frozen copy, or `lm`'s base with adapters off).
+    `lm`: the LM or the ResponseLM around it (a sharded one must be called through its root)."""
     args = (rollout.input_ids, rollout.attention_mask, rollout.response_len, opts.temperature, batch_size, device,
             amp_dtype)
+    inner = lm.lm if isinstance(lm, ResponseLM) else lm
     was_training = lm.training
     lm.eval()
     logprobs = response_logps(lm, *args)
     if reference is not None:
         ref_logprobs = response_logps(reference, *args)
     else:
-        with lm.disable_adapter():
+        with inner.disable_adapter():
             ref_logprobs = response_logps(lm, *args)
     lm.train(was_training)
     advantages = L.group_advantages(rewards.to(device), opts.num_generations, scale=opts.scale_rewards)

@@ -236,12 +236,20 @@ class Experience:
     returns: torch.Tensor
 
 
+class _NoValue(torch.nn.Module):
+    """The value head of the reference, whose values are never read: zeros [...] for states [..., H]."""
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return states.new_zeros(states.shape[:-1])
+
+
 @contextmanager
 def reference_mode(policy, reference):
     """The reference as a PolicyWithValue: the policy's base with adapters off, or a separate frozen copy
     of the starting model (its values are never used)."""
     if reference is not None:
-        yield PolicyWithValue(reference, policy.v_head)
+        # Not the policy's head: a sharded one computes only inside the policy's own forward.
+        yield PolicyWithValue(reference, _NoValue())
     else:
         with policy.lm.disable_adapter():
             yield policy

@@ -14,12 +14,17 @@ process's RNG state and the position, as `training.Checkpoints` does. A sharded 
 many processes as wrote it (the batch position is counted in that many shards); another number is refused.
 `full_state_dict` gathers the trained weights on rank 0 for the result in the published layout or a PEFT
 adapter.
+
+`gathered_for_generation` (ppo and grpo rollouts, their held-out answers): every unit's whole weights on every
+process for the length of a generation, so that each process decodes its own prompts, for as many steps as
+they take, without a collective per token (which would wait forever once one process's answers have ended).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,6 +80,32 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextmanager
+def gathered_for_generation(model):
+    """Within the block every FSDP2 unit of `model` holds its whole weights (every process gathers them on
+    entry, together, then computes on its own); on exit each process frees them again. A no-op for a model
+    that is not sharded. Submodules may be called directly inside it (the policy's LM without its root)."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # The first forward through an FSDP2 module makes it the root; a generation calling the LM inside the
+    # root before any training forward would otherwise make the first layer a root of its own.
+    model._get_fsdp_state()._lazy_init()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)  # each decoding step would free the weights again
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # As shard_model left them: the root keeps its weights from forward through backward.
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
 def full_state_dict(model, trainable_only: bool) -> dict:
     """Every process takes part; rank 0 gets the whole state dict on the CPU (the others an empty dict).
     `trainable_only` (an adapter is the result): the frozen base is not gathered."""
@@ -84,11 +115,11 @@ def full_state_dict(model, trainable_only: bool) -> dict:
     return get_model_state_dict(model, options=options)
 
 
-def _options():
+def _options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Frozen base weights never change: they come from the base model, not the checkpoint.
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 class ShardedCheckpoints(Checkpoints):
@@ -157,8 +188,10 @@ class ShardedCheckpoints(Checkpoints):
             dcp.load(state, checkpoint_id=str(path / STATE))
         except Exception as exc:  # DCP reports a missing or unreadable shard in its own terms
             raise CheckpointError(f"{path / STATE}: cannot be read ({exc})") from None
+        # dcp.load filled every trainable key asked for (a missing one is an error there); the frozen base,
+        # which is not in the checkpoint, must not count as missing here (LoRA, freeze).
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_options())
+                       options=_options(strict=False))
         scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
         _set_rng_state(load_torch_file(path / f"rng-{self.dist.rank}.pt"))
         self.resumed_from = Path(path)
