@@ -138,9 +138,11 @@ def test_resume_continues_exactly(tmp_path, capsys):
     assert any(c > 0 for c in steps(log, "clip_fraction"))  # 4 updates of 2 epochs per step: the ratio leaves 1
 
 
-def test_qlora_runs(tmp_path):
-    out = tmp_path / "qlora"
-    assert grpo.main([*TINY, "--finetuning_type", "qlora", "--max_steps", "2", "--output_dir", str(out)]) == 0
+@pytest.mark.parametrize("kind", ["qlora", "freeze"])
+def test_qlora_and_freeze_run(tmp_path, kind):
+    """The first step's policy is the reference (the base with the adapter off, or freeze's frozen copy)."""
+    out = tmp_path / kind
+    assert grpo.main([*TINY, "--finetuning_type", kind, "--max_steps", "2", "--output_dir", str(out)]) == 0
     kls = steps(read_log(out), "kl")
     assert kls[0] == pytest.approx(0.0, abs=1e-4) and results_of(out)["global_step"] == 2
 
