@@ -322,6 +322,18 @@ def test_skipped_bad_records_are_counted_in_the_results(tmp_path):
     assert results["skipped_records"] == 2
 
 
+def _equal_length_texts(tmp_path) -> list[str]:
+    """sft options on 12 texts that are all cut to the same 16 tokens (so every sample weighs alike in a
+    batch's mean loss, the condition for a data-parallel step to equal one process's on the global batch)."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
+    records = [{"text": " ".join(words[(i + k) % len(words)] for k in range(30))} for i in range(12)]
+    data = tmp_path / "texts.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    return ["--model", "default", "--dataset", str(data), "--template", "base", "--cutoff_len", "16",
+            "--lora_dropout", "0", "--learning_rate", "1e-3", "--device", "cpu", "--cache_dir", "none",
+            "--preprocessing_num_workers", "1", "--report_to", "none", "--logging_steps", "1"]
+
+
 def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_path):
     """Data-parallel sft (torchrun, 2 CPU processes, gloo, 2 samples each) ends with the same adapter as one
     process on batches of 4: every sample is cut to the same 16 tokens, so DDP's average of the two
@@ -332,13 +344,7 @@ def test_two_processes_under_torchrun_train_as_one_with_the_global_batch(tmp_pat
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not built in")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
-    records = [{"text": " ".join(words[(i + k) % len(words)] for k in range(30))} for i in range(12)]
-    data = tmp_path / "texts.json"
-    data.write_text(json.dumps(records), encoding="utf-8")
-    common = ["--model", "default", "--dataset", str(data), "--template", "base", "--cutoff_len", "16",
-              "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "3", "--device", "cpu",
-              "--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none", "--logging_steps", "1"]
+    common = _equal_length_texts(tmp_path) + ["--max_steps", "3"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "baichuan_tune.cli", "sft", *common, "--per_device_train_batch_size",
                           "4", "--output_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env,
@@ -371,13 +377,7 @@ def test_fused_accumulation_under_torchrun_trains_as_one_process_on_the_global_b
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not built in")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
-    records = [{"text": " ".join(words[(i + k) % len(words)] for k in range(30))} for i in range(12)]
-    data = tmp_path / "texts.json"
-    data.write_text(json.dumps(records), encoding="utf-8")
-    common = ["--model", "default", "--dataset", str(data), "--template", "base", "--cutoff_len", "16",
-              "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "2", "--device", "cpu",
-              "--cache_dir", "none", "--preprocessing_num_workers", "1", "--report_to", "none", "--logging_steps", "1"]
+    common = _equal_length_texts(tmp_path) + ["--max_steps", "2"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     runs = {"one": ([sys.executable], ["--per_device_train_batch_size", "4"]),

@@ -51,9 +51,6 @@ class DPOConfig(ModelOptions, DataOptions, TrainOptions):
     orpo_lambda: float = opt(0.1, "ORPO: weight lambda of the odds-ratio term next to the NLL")
 
     def validate(self) -> None:
-        from ..options import check_parallel
-
-        check_parallel(self)
         if self.beta is None:  # SimPO's beta scales an average log-prob, on another scale than DPO's KL weight
             self.beta = 2.0 if self.loss_type == "simpo" else 0.1
         if self.beta <= 0:

@@ -70,9 +70,6 @@ class GRPOConfig(GRPOOptions, ModelOptions, TrainOptions):
     reward_kwargs: list[str] = opt(factory=list, help="key=value arguments passed to every reward function")
 
     def validate(self) -> None:
-        from ..options import check_parallel
-
-        check_parallel(self)
         self.check_sampling()
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group of one has no relative reward), "

@@ -44,9 +44,6 @@ class KTOConfig(ModelOptions, DataOptions, TrainOptions):
     undesirable_weight: float = opt(1.0, "lambda_U, weight of undesirable answers' losses")
 
     def validate(self) -> None:
-        from ..options import check_parallel
-
-        check_parallel(self)
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

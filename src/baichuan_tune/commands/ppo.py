@@ -71,9 +71,6 @@ class PPOConfig(PPOOptions, ModelOptions, TrainOptions):
     reward_clip: float = opt(5.0, "clip (normalised) scores to [-reward_clip, reward_clip] (0: no clipping)")
 
     def validate(self) -> None:
-        from ..options import check_parallel
-
-        check_parallel(self)
         self.check_sampling()
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ConfigError("rollout_batch_size and ppo_epochs must be at least 1")

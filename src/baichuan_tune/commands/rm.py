@@ -48,12 +48,6 @@ class RMConfig(ModelOptions, DataOptions, TrainOptions):
     learning_rate: float = opt(1e-4, "peak learning rate")
     num_train_epochs: float = opt(1.0, "passes over the training pairs")
 
-    def validate(self) -> None:
-        from ..options import check_parallel
-
-        check_parallel(self)
-
-
 @dataclass
 class ScoreConfig:
     reward_model: str = opt("outputs/rm-demo", "reward model folder written by `baichuan-tune rm`")

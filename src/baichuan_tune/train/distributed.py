@@ -14,6 +14,7 @@ logs, checkpoints and the result. Run by plain `python`, everything here is a no
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -116,19 +117,14 @@ def no_sync(model, sync: bool):
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
+@contextmanager
 def _fsdp_no_sync(model):
     """FSDP2 keeps the unreduced gradients of these micro-batches; the last one's backward reduces them all."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def paused():
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-
-    return paused()
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def shutdown(dist: Dist) -> None:

@@ -22,7 +22,6 @@ they take, without a collective per token (which would wait forever once one pro
 
 from __future__ import annotations
 
-import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from ..errors import CheckpointError
 from .distributed import Dist
-from .training import Checkpoints, write_trainer_state
+from .training import Checkpoints, read_trainer_state, write_trainer_state
 
 STATE = "sharded"  # the DCP folder inside checkpoint-<step>
 
@@ -174,7 +173,7 @@ class ShardedCheckpoints(Checkpoints):
         from ..models.checkpoint import load_torch_file
         from .training import TrainingError, _set_rng_state
 
-        position = _read_position(path)
+        position = read_trainer_state(path)
         saved_world = position.get("sharded_processes")
         if saved_world is None:
             raise TrainingError(f"{path}: written by a run without --parallel fsdp; resume it with --parallel ddp")
@@ -197,12 +196,3 @@ class ShardedCheckpoints(Checkpoints):
         self.resumed_from = Path(path)
         return position
 
-
-def _read_position(path: Path) -> dict:
-    try:
-        position = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
-    if not isinstance(position, dict) or not isinstance(position.get("step"), int):
-        raise CheckpointError(f"{path / 'trainer_state.json'}: has no step")
-    return position

@@ -68,9 +68,6 @@ def check_options(cfg) -> None:
         cfg.check_data_options()
     if getattr(cfg, "finetuning_type", None) == "freeze":
         _check_freeze_layers(cfg)
-    from ..options import check_parallel
-
-    check_parallel(cfg)
 
 
 def base_config_json(cfg) -> dict:
@@ -160,9 +157,11 @@ def prepare_output_dir(cfg) -> Path:
 def start_run(opts) -> tuple:
     """(dist, device, out, amp_dtype): the opening of every training command. Joins the torchrun group when
     there is one, rank 0 prepares the output folder while the others wait for it, seeds, and picks the
-    mixed-precision dtype."""
+    mixed-precision dtype. What --parallel fsdp cannot shard is refused first, before anything is written."""
+    from ..options import check_parallel
     from . import distributed
 
+    check_parallel(opts)
     dist, device = distributed.setup(resolve_device(opts.device))  # one process, or one of torchrun's
     out = prepare_output_dir(opts) if dist.main else Path(opts.output_dir)
     dist.barrier()
@@ -392,7 +391,7 @@ class Checkpoints:
             print(f"resume: no checkpoint in {self.output_dir} yet, starting from step 0")
             return None
         if (found[-1] / "sharded").is_dir():
-            saved = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+            saved = read_trainer_state(found[-1])
             raise TrainingError(f"{found[-1]}: a sharded checkpoint (--parallel fsdp) of "
                                 f"{saved.get('sharded_processes')} processes; resume it with --parallel fsdp on as many")
         problems = []
@@ -447,13 +446,18 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     missing = [k for k in ("optimizer", "scheduler", "rng") if not isinstance(extra, dict) or k not in extra]
     if missing:
         raise CheckpointError(f"{path / 'training_state.pt'}: not a training state (no {', '.join(missing)})")
+    return weights, extra, read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The position in checkpoint `path`'s trainer_state.json (CheckpointError naming it when unreadable)."""
     try:
         position = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
     if not isinstance(position, dict) or not isinstance(position.get("step"), int):
         raise CheckpointError(f"{path / 'trainer_state.json'}: has no step")
-    return weights, extra, position
+    return position
 
 
 @contextlib.contextmanager
