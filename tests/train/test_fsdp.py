@@ -150,6 +150,43 @@ def test_qlora_sharded_equals_ddp_on_the_same_batches(tmp_path):
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4)
 
 
+def test_sft_freeze_with_gradient_checkpointing_sharded_equals_one_process(tmp_path):
+    """Freeze (the last decoder layer trained, the rest frozen and sharded too) under recomputation: the gathered
+    model in the published layout and the losses are one process's on batches of 4."""
+    common = sft_args(write_texts(tmp_path / "t.json", 12), "--finetuning_type", "freeze", "--freeze_trainable_layers",
+                      "1", "--gradient_checkpointing", "true", "--save_dtype", "fp32", "--learning_rate", "1e-4",
+                      "--max_steps", "2", "--save_steps", "1")
+    run_cli("sft", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    run_cli("sft", [*common, "--per_device_train_batch_size", "2", "--parallel", "fsdp",
+                    "--output_dir", str(tmp_path / "two")], processes=2)
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    first = load_file(str(tmp_path / "one" / "checkpoint-1" / "trainable.safetensors"))  # the trained layer only
+    assert first and max((a[k] - first[k]).abs().max() for k in first) > 1e-5  # the second step moved it
+    assert_same_weights(a, b, atol=1e-6)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_kto_lora_sharded_equals_ddp_on_two_processes(tmp_path):
+    """KTO (the adapter-off base as the reference, z0 averaged over the processes) sharded against DDP on the
+    same 2 x 2 labelled answers: the adapter and the logged loss, accuracy and KL estimate agree."""
+    from baichuan_tune.data.builtin_pref import demo_preference_records
+
+    pairs = tmp_path / "p.json"  # a paired file: kto splits it into desirable and undesirable answers
+    pairs.write_text(json.dumps(demo_preference_records(8), ensure_ascii=False), encoding="utf-8")
+    common = ["--dataset", str(pairs), "--cutoff_len", "32", "--lora_dropout", "0", "--learning_rate", "1e-3",
+              "--max_steps", "2", "--per_device_train_batch_size", "2", *FAST]
+    run_cli("kto", [*common, "--output_dir", str(tmp_path / "ddp")], processes=2)
+    two = run_cli("kto", [*common, "--parallel", "fsdp", "--output_dir", str(tmp_path / "fsdp")], processes=2)
+    assert "weights sharded (FSDP2)" in two.stdout + two.stderr
+    a = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert_same_weights(a, b, atol=1e-5)
+    one, two = read_log(tmp_path / "ddp"), read_log(tmp_path / "fsdp")
+    for key in ("loss", "accuracy", "kl"):
+        assert [r[key] for r in two if "loss" in r] == pytest.approx([r[key] for r in one if "loss" in r], abs=1e-5)
+
+
 ONLINE = ["--finetuning_type", "lora", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--max_steps", "2",
           "--val_size", "4", "--per_device_train_batch_size", "4", "--reward_function",
           "baichuan_tune.rewards:chinese_ratio", "--plot_loss", "false", "--report_to", "none", "--device", "cpu",
