@@ -41,9 +41,10 @@ def record_steps(srv, pause: float = 0.0) -> list[tuple[int, ...]]:
     runs (each step `pause` seconds longer, so that a test can act while a request is still generating)."""
     worker = srv.server.config.app.state.worker
     decoder = worker.decoder
-    steps, step = [], decoder.decode_step
+    steps, step, seen = [], decoder.decode_step, []
 
     def recorded():
+        seen.extend(worker.running.values())  # held, so that a finished sequence's id is never reused by a new one
         steps.append(tuple(id(seq) for seq in worker.running.values()))
         time.sleep(pause)
         return step()
