@@ -7,7 +7,8 @@ For each recipe in examples/ (Baichuan-7B QLoRA on BELLE data, Baichuan-13B-Chat
 alpaca data) a random-weight checkpoint is written with the published config.json and tokenizer
 (`<shared>/reference`), and trained on the real data file (`<shared>/data`):
 - ours: `baichuan_tune.commands.sft.main` on the recipe YAML, unpacked as shipped and with --packing,
-  with the fast-path options given by --fast (default: the shipped defaults);
+  with the fast-path options given by --fast (default: the shipped defaults; repeat --fast to run
+  several variants on one checkpoint, e.g. `--fast "" --fast "--compile true"`);
 - baseline, in the same process: transformers `Trainer` + PEFT + bitsandbytes on the same tokenised
   samples, on transformers' `LlamaForCausalLM` with the converted weights (`models.convert`) for the RoPE
   recipe and on our model with PEFT's own preparation for the ALiBi recipe.
@@ -93,15 +94,19 @@ def steady(times: list[float], tokens: list[int], warmup: int) -> tuple[float, f
 
 
 def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_steps=0) -> dict:
-    out = workdir / f"ours-{recipe}-{len(extra)}"
+    out = workdir / f"ours-{recipe}"
+    from torch._dynamo.utils import counters
+
     prof = _profiling(profile_steps, steps) if profile_steps else None
+    graphs = counters["stats"]["unique_graphs"]
     sft.main(recipe_argv(recipe, model, data, out, steps + profile_steps, smoke, extra))
+    graphs = counters["stats"]["unique_graphs"] - graphs  # compiled by torch.compile during the run
     records = [r for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
     records = records[:steps]
     tps, sps = steady([r["elapsed"] for r in records], [r["tokens"] for r in records], warmup)
     peaks = [r["max_memory_gib"] for r in records if "max_memory_gib" in r]  # training's peak (reset after loading)
     result = dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), peak_gib=max(peaks) if peaks else None,
-                  loss_last=records[-1]["loss"])
+                  loss_last=records[-1]["loss"], graphs_compiled=graphs)
     if prof is not None:
         result["profile"] = prof.summary()
     shutil.rmtree(out, ignore_errors=True)
@@ -225,13 +230,25 @@ def run_baseline(recipe, model_dir, data, workdir, steps, warmup, smoke) -> dict
     return dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), peak_gib=peak, loss_last=loss)
 
 
+def save(path: str, results: list[dict]) -> None:
+    if path:  # after every run, so a run cut short still leaves what it measured
+        Path(path).write_text(json.dumps(results, indent=2))
+
+
+def print_ratio(recipe: str, ours: dict, base: dict) -> None:
+    mem = f"{ours['peak_gib'] / base['peak_gib']:.3f}" if ours["peak_gib"] and base["peak_gib"] else "n/a"
+    print(f"RATIO {recipe} {ours['run']} {ours['fast']!r}/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
+          f"s/step {ours['s_per_step'] / base['s_per_step']:.3f}, peak memory {mem}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first --warmup not timed)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--fast", default="", help="extra sft options for our runs, e.g. '--attention flex'")
+    ap.add_argument("--fast", action="append", default=None,
+                    help="extra sft options for our runs, e.g. '--attention flex'; repeat it to run each in turn")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-packing", action="store_true")
     ap.add_argument("--no-ours", action="store_true", help="the baseline only (e.g. in a second process)")
@@ -256,36 +273,35 @@ def main(argv=None) -> int:
             write_checkpoint(shared / "reference", config_dir, tokenizer_dir, model, args.smoke, device)
             print(f"{recipe}: checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         data = shared / "data" / data_file
+        base = None
+        if not args.no_baseline:  # first: a long run of our variants cannot leave the ratios without it
+            base = dict(recipe=recipe, run="baseline",
+                        **run_baseline(recipe, model, data, workdir, args.steps, args.warmup, args.smoke))
+            results.append(base)
+            print(json.dumps(base), flush=True)
+            save(args.json, results)
         cases = [("ours", []), ("ours+packing", ["--packing", "true"])][: 1 if args.no_packing else 2]
-        cases = [] if args.no_ours else cases
-        for name, extra in cases:
+        cases = [] if args.no_ours else [(name, fast, extra) for fast in args.fast or [""] for name, extra in cases]
+        for name, fast, extra in cases:
             try:
                 row = run_ours(recipe, model, data, workdir, args.steps, args.warmup, args.smoke,
-                               args.fast.split() + extra, profile_steps=2 if args.profile and name == "ours" else 0)
+                               fast.split() + extra, profile_steps=2 if args.profile and name == "ours" else 0)
             except Exception as exc:  # noqa: BLE001 - report the case and go on with the others
                 if args.smoke:
                     raise
-                print(f"FAILED {recipe} {name}: {type(exc).__name__}: {exc}", flush=True)
+                print(f"FAILED {recipe} {name} {fast!r}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             profile = row.pop("profile", None)
-            results.append(dict(recipe=recipe, run=name, fast=args.fast, **row))
+            results.append(dict(recipe=recipe, run=name, fast=fast, **row))
             print(json.dumps(results[-1]), flush=True)
+            save(args.json, results)
             if profile:
-                print(f"PROFILE {recipe} {name}\n{profile}", flush=True)
-        if not args.no_baseline:
-            row = run_baseline(recipe, model, data, workdir, args.steps, args.warmup, args.smoke)
-            results.append(dict(recipe=recipe, run="baseline", **row))
-            print(json.dumps(results[-1]), flush=True)
-            base = results[-1]
-            for ours in [r for r in results if r["recipe"] == recipe and r["run"] != "baseline"]:
-                mem = f"{ours['peak_gib'] / base['peak_gib']:.3f}" if ours["peak_gib"] and base["peak_gib"] else "n/a"
-                print(f"RATIO {recipe} {ours['run']}/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
-                      f"s/step {ours['s_per_step'] / base['s_per_step']:.3f}, peak memory {mem}", flush=True)
+                print(f"PROFILE {recipe} {name} {fast!r}\n{profile}", flush=True)
+            if base is not None:
+                print_ratio(recipe, results[-1], base)
         if not args.keep_checkpoints:
             shutil.rmtree(workdir / recipe, ignore_errors=True)
         shutil.rmtree(workdir / "llama", ignore_errors=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -196,14 +196,14 @@ def main() -> None:
     # The fast paths of our model (the `sft` options of the same names); defaults are sft's.
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"])
     ap.add_argument("--loss-chunk-size", type=int, default=0)
-    ap.add_argument("--qlora-bf16-frozen", default="true", choices=["true", "false"])
+    ap.add_argument("--qlora-half-frozen", default="true", choices=["true", "false"])
     ap.add_argument("--compile", default="false", choices=["true", "false"])
     ap.add_argument("--no-baseline", action="store_true", help="our model only")
     ap.add_argument("--memory-breakdown", action="store_true",
                     help="record one more step of ours and print what the peak holds, by the code that allocated it")
     args = ap.parse_args()
     fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, compile=args.compile == "true",
-                qlora_keep_dtype=torch.bfloat16 if args.qlora_bf16_frozen == "true" else None)
+                qlora_keep_dtype=torch.bfloat16 if args.qlora_half_frozen == "true" else None)
     presets, methods = args.presets.split(","), args.methods.split(",")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)

@@ -28,7 +28,8 @@ class ModelOptions:
     loss_chunk_size: int = opt(
         0, "training loss through the head this many tokens at a time, no full logits (0: full logits)")
     compile: bool = opt(False, "run each decoder layer through torch.compile (one graph for all layers; GPU)")
-    qlora_bf16_frozen: bool = opt(True, "qlora + bf16: keep embeddings, norms and head in bf16 (not PEFT's fp32)")
+    qlora_half_frozen: bool = opt(
+        True, "qlora + bf16/fp16: keep embeddings, norms and head in that dtype (not PEFT's fp32)")
 
 
 @dataclass

@@ -404,9 +404,9 @@ def test_bench_recipes_smoke_runs_the_recipe_through_sft_and_the_trainer_baselin
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["run"] for r in rows] == ["ours", "baseline"]
+    assert [r["run"] for r in rows] == ["baseline", "ours"]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"]) for r in rows)
-    assert "RATIO 7b-qlora-belle ours/baseline" in done.stdout
+    assert "RATIO 7b-qlora-belle ours ''/baseline" in done.stdout
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "qlora"])
@@ -432,3 +432,14 @@ def test_adapters_and_checkpointing_warn_about_no_deprecated_transformers_names(
     # checkpointing is on all the same, and the answer PEFT reads says so
     assert model.get_base_model().is_gradient_checkpointing and model.get_base_model().is_activation_checkpointing
     assert not loaded.get_base_model().is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("amp, flag, kept", [(torch.bfloat16, True, torch.bfloat16), (torch.float16, True, torch.float16),
+                                             (torch.float16, False, None), (None, True, None)])
+def test_qlora_half_frozen_keeps_the_training_half_dtype(amp, flag, kept):
+    """bf16 and fp16 runs alike keep QLoRA's frozen embeddings/norms/head in their half dtype; fp32 runs
+    and the switch turned off take PEFT's fp32 upcast."""
+    from baichuan_tune.options import ModelOptions
+    from baichuan_tune.train.training import fast_path_kwargs
+
+    assert fast_path_kwargs(ModelOptions(qlora_half_frozen=flag), amp)["qlora_keep_dtype"] == kept

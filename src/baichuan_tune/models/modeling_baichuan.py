@@ -18,7 +18,9 @@ KV caches: transformers' `DynamicCache` (grows by the new tokens) and `StaticCac
 object with their `update` / `get_seq_length` / `get_mask_sizes` / `is_compileable` methods. A cache whose
 `get_seq_length()` is a [B] tensor writes each row at its own position (`baichuan_tune.serve.fast_decode`'s
 `SlotCache`). With a fixed-size cache the 2-D mask covers every slot (`create_masks_for_generate` pads it
-with 0 for the slots not yet written), so each decoding step has the same shapes and no host sync.
+with 0 for the slots not yet written), so each decoding step has the same shapes and no host sync. A
+fixed-size cache with a `key_block` attribute is attended in blocks of that many keys (`block_attend`), so
+that a row's result does not depend on how many slots the cache hands over (the batching server's window).
 """
 
 from __future__ import annotations
@@ -158,6 +160,44 @@ def apply_rotary(q, k, cos, sin, in_fp32: bool):
 # ----------------------------------------------------------------------------- attention
 
 
+class KeyBlocks:
+    """A dense additive bias ([B, 1 or H, T, K]) to attend through in blocks of `size` keys (`block_attend`)."""
+
+    def __init__(self, bias: torch.Tensor, size: int):
+        self.bias, self.size = bias, size
+
+
+def block_attend(q, k, v, blocks: KeyBlocks) -> torch.Tensor:
+    """SDPA's softmax(q k^T / sqrt(D) + bias) v, key block by key block with a running maximum and sum
+    (the online softmax of FlashAttention, Dao et al. 2022, Algorithm 1), in fp32.
+
+    What it is for: every block has the same shape, so each is computed by the same kernels, and a block
+    whose keys are all masked adds exactly nothing (its weights exp(s - m) underflow to 0 against the
+    running maximum m of the row's real keys). A row's result therefore depends on its own keys alone, not
+    on how many blocks the batch's longest row makes everyone read: the batching server's answers are the
+    same whoever shares the batch. SDPA's kernels split the keys by the total length, which rounds
+    differently when another row makes the window longer. Products are written as multiply + sum, which
+    torch.compile fuses into one pass over the keys in their own dtype (a matmul would need fp32 copies);
+    meant for decoding (T of a few tokens), where attention reads the cache once either way.
+    """
+    scale = q.shape[-1] ** -0.5
+    query = q.float()[:, :, :, None, :] * scale  # [B, H, T, 1, D]
+    peak = total = acc = None
+    for start in range(0, k.shape[2], blocks.size):
+        keys = k[:, :, None, start : start + blocks.size]  # [B, H, 1, S, D]
+        scores = (query * keys).sum(-1) + blocks.bias[..., start : start + blocks.size]  # [B, H, T, S], fp32
+        new_peak = scores.amax(-1, keepdim=True) if peak is None else torch.maximum(peak, scores.amax(-1, keepdim=True))
+        weights = torch.exp(scores - new_peak)  # [B, H, T, S]
+        values = (weights[..., None] * v[:, :, None, start : start + blocks.size]).sum(-2)  # [B, H, T, D]
+        if peak is None:
+            total, acc = weights.sum(-1, keepdim=True), values
+        else:
+            carry = torch.exp(peak - new_peak)  # [B, H, T, 1]
+            total, acc = total * carry + weights.sum(-1, keepdim=True), acc * carry + values
+        peak = new_peak
+    return (acc / total).to(q.dtype)
+
+
 class BaichuanAttention(nn.Module):
     def __init__(self, config: BaichuanConfig, layer_idx: int):
         super().__init__()
@@ -180,6 +220,8 @@ class BaichuanAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # [B, H, past+T, D]
         if isinstance(attn_bias, FlexMask):
             out = flex_attend(q, k, v, attn_bias)
+        elif isinstance(attn_bias, KeyBlocks):
+            out = block_attend(q, k, v, attn_bias)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, q_len, -1)  # [B, H, T, D] -> [B, T, hidden]
@@ -380,6 +422,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
             distance = (key_pos - query_pos).to(torch.float32)  # [B, T, K]
             alibi = self.alibi_slopes.to(device)[None, :, None, None] * distance[:, None]  # [B, H, T, K]
             bias = bias + alibi.to(dtype)
+        if fixed and getattr(cache, "key_block", 0):  # the cache asks for results independent of its window
+            bias = KeyBlocks(bias, cache.key_block)
         return rotary, bias, False
 
     def forward(

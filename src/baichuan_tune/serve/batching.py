@@ -20,7 +20,10 @@ the scheduler here works over the fast path's slot cache instead:
 
 The attention window: each step attends to the first W slots of every row, W the next power of two
 (from 256) above the longest row, so a batch of short requests reads a short cache however long the
-rows could grow.
+rows could grow. Attention runs over the window in blocks of 256 keys (`modeling_baichuan.block_attend`),
+so a row's logits are the same bit for bit whether the window is its own or a longer neighbour's: every
+greedy answer equals the same request sent alone, in bf16 too (SDPA's kernels split the keys by the
+window's length, and in bf16 the changed rounding flips near-tied tokens).
 """
 
 from __future__ import annotations
@@ -50,7 +53,10 @@ SPARE_SLOTS = 2  # beyond a row's longest sequence: a graph capture's two warm-u
 
 
 class WindowSlotCache(SlotCache):
-    """A SlotCache whose attention sees only its first `window` slots (a host int, set before each step)."""
+    """A SlotCache whose attention sees only its first `window` slots (a host int, set before each step),
+    in blocks of `key_block` keys so that a row decodes the same whatever window the other rows need."""
+
+    key_block = CACHE_MIN  # every window is a multiple of it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -297,7 +297,7 @@ def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
 
 def fast_path_kwargs(cfg, amp_dtype: torch.dtype | None) -> dict:
     """The fast-path arguments of `adapters.prepare_for_training` from a command's ModelOptions."""
-    keep = torch.bfloat16 if cfg.qlora_bf16_frozen and amp_dtype == torch.bfloat16 else None
+    keep = amp_dtype if cfg.qlora_half_frozen and amp_dtype in (torch.bfloat16, torch.float16) else None
     return dict(attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size, compile=cfg.compile,
                 qlora_keep_dtype=keep)
 
