@@ -127,7 +127,26 @@ def _phase_peaks(model, ids, autocast, opt) -> dict:
                 step_peak=gib(max(backward_peak, torch.cuda.max_memory_allocated())))
 
 
-def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None, breakdown=False):
+def _profile(model, ids, autocast, opt, steps: int = 2) -> str:
+    """Where two more steps' time goes: wall time, GPU kernel time, launches, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _train_step(model, ids, autocast, opt)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    head = (f"profiled {steps} steps: wall {wall:.3f} s, GPU kernel time {kernels:.3f} s "
+            f"({100 * kernels / wall:.0f}% busy), {launches / steps:.0f} kernel launches/step\n")
+    return head + events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+
+
+def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None, breakdown=False, profile=False):
     torch.manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -160,6 +179,8 @@ def run_case(kind, preset, method, device, batch, seq, steps, warmup, fast=None,
                   step_s=round(step, 4),
                   tokens_per_s=round(batch * seq / step, 1), weights_gib=round(resident, 2), peak_gib=round(peak, 2),
                   loss=round(float(loss.detach()), 4), compiled_graphs=counters["stats"]["unique_graphs"])
+    if profile and device.startswith("cuda"):
+        result["profile"] = _profile(model, ids, autocast, opt)
     if breakdown and device.startswith("cuda"):  # more steps: what the peak holds
         result["phases_gib"] = _phase_peaks(model, ids, autocast, opt)
         base = torch.cuda.memory_allocated()
@@ -199,6 +220,7 @@ def main() -> None:
     ap.add_argument("--qlora-half-frozen", default="true", choices=["true", "false"])
     ap.add_argument("--compile", default="false", choices=["true", "false"])
     ap.add_argument("--no-baseline", action="store_true", help="our model only")
+    ap.add_argument("--profile", action="store_true", help="profile two more steps of each case (GPU)")
     ap.add_argument("--memory-breakdown", action="store_true",
                     help="record one more step of ours and print what the peak holds, by the code that allocated it")
     args = ap.parse_args()
@@ -211,16 +233,22 @@ def main() -> None:
     for method in methods:
         for preset in presets:
             results.append(run_case("baichuan", preset, method, args.device, args.batch, args.seq, args.steps,
-                                    args.warmup, fast, args.memory_breakdown))
-            breakdown = results[-1].pop("breakdown", None)
+                                    args.warmup, fast, args.memory_breakdown, args.profile))
+            breakdown, profile = results[-1].pop("breakdown", None), results[-1].pop("profile", None)
             print(json.dumps(results[-1]), flush=True)
+            if profile:
+                print(f"PROFILE {preset} {method}\n{profile}", flush=True)
             if breakdown:
                 print(f"MEMORY {preset} {method}\n{breakdown}", flush=True)
         if args.no_baseline:
             continue
-        base = run_case("llama", presets[0], method, args.device, args.batch, args.seq, args.steps, args.warmup)
+        base = run_case("llama", presets[0], method, args.device, args.batch, args.seq, args.steps, args.warmup,
+                        profile=args.profile)
+        profile = base.pop("profile", None)
         results.append(base)
         print(json.dumps(base), flush=True)
+        if profile:
+            print(f"PROFILE llama {presets[0]} {method}\n{profile}", flush=True)
         ours = next(r for r in results if r["preset"] == presets[0] and r["method"] == method and r["model"] == "baichuan")
         print(f"RATIO {method} {presets[0]}: tokens/s ours/llama = {ours['tokens_per_s'] / base['tokens_per_s']:.3f}, "
               f"peak memory ours/llama = {ours['peak_gib'] / base['peak_gib']:.3f}", flush=True)

@@ -232,3 +232,51 @@ def test_batch_decoder_with_cuda_graphs_equals_generate(preset):
     """On a GPU the steps are compiled and replayed as CUDA graphs (one per window): the same tokens."""
     model = tiny_model(preset, vocab_size=4096).cuda()
     assert drive(model, JOINS) == [plain(model, p, n) for _, p, n in JOINS]
+
+
+def _row0_logits(model, neighbours: list[int], steps: int = 10) -> torch.Tensor:
+    """Row 0's logits at each step of a BatchDecoder (a 20-token prompt), rows 1.. holding `neighbours`."""
+    from baichuan_tune.serve.batching import BatchDecoder
+    from baichuan_tune.serve.fast_decode import SamplingParams
+
+    class Recording(BatchDecoder):
+        def _allocate(self, batch, max_len, vocab):
+            super()._allocate(batch, max_len, vocab)
+            self.kept = torch.zeros(batch, vocab, device=self.device)
+
+        def _logits(self):  # compiled and captured with the step: the buffer is part of the graph
+            logits = super()._logits()
+            self.kept.copy_(logits)
+            return logits
+
+    decoder = Recording(model, 4, 700)
+    decoder.admit(0, list(range(30, 50)), SamplingParams(steps + 1, eos=()))
+    for row, length in enumerate(neighbours, start=1):
+        decoder.admit(row, [3 + (i * 7 + row) % 4000 for i in range(length)], SamplingParams(steps + 1, eos=()))
+    kept = []
+    for _ in range(steps):
+        decoder.decode_step()
+        kept.append(decoder.kept[0].clone())
+    return torch.stack(kept)
+
+
+def _invariance(model) -> None:
+    """Alone (window 256) and beside rows that make the window 512 and 1024: the same bits."""
+    torch._dynamo.reset()  # three decoders, each compiling its step: well inside the recompile limit
+    alone = _row0_logits(model, [])
+    for neighbours in ([300], [40, 600]):
+        assert torch.equal(_row0_logits(model, neighbours), alone), neighbours
+
+
+@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan2-13b"])
+def test_a_rows_logits_do_not_depend_on_its_neighbours_window(preset):
+    _invariance(tiny_model(preset, vocab_size=4096))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan2-13b"])
+def test_in_bf16_on_gpu_a_rows_logits_do_not_depend_on_its_neighbours_window(preset):
+    """Compiled steps in CUDA graphs, bf16, head_dim 128 as published: the batch's window changes nothing."""
+    shape = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=2816, vocab_size=4096)
+    _invariance(tiny_model(preset, **shape).to("cuda", torch.bfloat16))

@@ -1,0 +1,126 @@
+"""The batching server's decoding step with its attention in key blocks (`block_attend`) against SDPA.
+
+    python benchmarks/bench_batch_attention.py                  # GPU: Baichuan2-7B shape, bf16, 32 rows
+    python benchmarks/bench_batch_attention.py --preset tiny-baichuan2-7b --dtype fp32 --slots 4 --steps 4
+                                                                # smoke test on a CPU
+
+`serve` decodes every running request in one `BatchDecoder` step over a cache window sized by the longest
+row. With SDPA (`WindowSlotCache.key_block = 0`, the baseline) a row's logits change with that window,
+so in bf16 a request's greedy answer can depend on who shares its batch; block attention (the default)
+makes them independent of it. For each attention this prints:
+- `identical`: whether row 0's logits at each of --steps steps are the same bits alone (window 256) as
+  beside neighbours whose prompts make the window 512 and 1024, and the largest difference;
+- the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
+  graphs and torch.compile as in `serve`), and ours / baseline.
+Random weights built on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import baichuan_tune  # noqa: E402,F401
+from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
+from baichuan_tune.models.presets import preset_config  # noqa: E402
+from baichuan_tune.serve.batching import BatchDecoder, WindowSlotCache  # noqa: E402
+from baichuan_tune.serve.fast_decode import SamplingParams  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class RecordingDecoder(BatchDecoder):
+    """A BatchDecoder that keeps each step's logits in a buffer (inside the captured graph too)."""
+
+    def _allocate(self, batch, max_len, vocab):
+        super()._allocate(batch, max_len, vocab)
+        self.kept = torch.zeros(batch, vocab, device=self.device)
+
+    def _logits(self):
+        logits = super()._logits()
+        self.kept.copy_(logits)
+        return logits
+
+
+def fill(decoder, prompts: list[list[int]], new_tokens: int) -> None:
+    """Rows 0.. take `prompts`, every row that was held before is released (one decoder serves every case, as
+    in `serve`: its graphs, one per window, are compiled and captured once)."""
+    for row in range(len(decoder.params)):
+        if decoder.params[row] is not None:
+            decoder.release(row)
+    for row, prompt in enumerate(prompts):
+        decoder.admit(row, prompt, SamplingParams(new_tokens, eos=()))
+
+
+def row0_logits(decoder, neighbours: list[int], steps: int) -> torch.Tensor:
+    """Row 0's logits ([steps, V]) for a 20-token prompt, with rows 1.. holding prompts of `neighbours` lengths."""
+    vocab = decoder.vocab
+    prompts = [[(7 * i) % (vocab - 3) + 3 for i in range(20)]]
+    prompts += [[(11 * i + row) % (vocab - 3) + 3 for i in range(n)] for row, n in enumerate(neighbours, start=1)]
+    fill(decoder, prompts, steps + 1)
+    kept = []
+    for _ in range(steps):
+        decoder.decode_step()
+        kept.append(decoder.kept[0].clone())
+    return torch.stack(kept)
+
+
+def step_time(decoder, length: int, repeats: int) -> float:
+    """Median seconds of one step with every row active and holding about `length` tokens."""
+    rows = len(decoder.params)
+    fill(decoder, [[3 + (row + i) % 100 for i in range(length)] for row in range(rows)], repeats + 8)
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        decoder.decode_step()  # reads the tokens back: the step is finished when it returns
+        if i >= 3:  # the first ones compile and capture
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="baichuan2-7b")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = BaichuanForCausalLM(preset_config(args.preset)).to(DTYPES[args.dtype]).eval()
+    slot_tokens = 1000  # windows 256, 512 and 1024 (1,002 slots)
+    results, default = {}, WindowSlotCache.key_block
+    for name, block in (("sdpa", 0), ("blocks", default)):
+        WindowSlotCache.key_block = block
+        torch._dynamo.reset()  # the attention is chosen when the step is traced
+        decoder = RecordingDecoder(model, args.slots, slot_tokens)
+        alone = row0_logits(decoder, [], args.steps)
+        shared = [row0_logits(decoder, lengths, args.steps) for lengths in ([300], [40, 600])]
+        result = dict(identical=all(torch.equal(alone, s) for s in shared),
+                      max_difference=max(float((alone - s).abs().max()) for s in shared))
+        for length in (200, 400, 800):
+            result[f"step_s_{length}"] = step_time(decoder, length, args.repeats)
+        del decoder
+        results[name] = result
+        print(name, json.dumps(result), flush=True)
+    WindowSlotCache.key_block = default
+    for length in (200, 400, 800):
+        ratio = results["blocks"][f"step_s_{length}"] / results["sdpa"][f"step_s_{length}"]
+        print(f"RATIO step time blocks / sdpa, rows of {length} tokens: {ratio:.3f}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
