@@ -281,3 +281,88 @@ def test_qlora_bf16_keeps_embeddings_and_head_in_bf16_and_follows_the_fp32_upcas
     for name, grad in runs[None][3].items():
         cos = torch.nn.functional.cosine_similarity(runs[torch.bfloat16][3][name].flatten(), grad.flatten(), 0)
         assert cos > 0.98, (name, float(cos))
+
+
+def _nf4_layer(out_features: int, in_features: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False)).to(torch.bfloat16)
+    from baichuan_tune.models.quantize import keep_4bit_trainable, _quantized_linear
+
+    layer = _quantized_linear(bnb, model[0], 4)
+    keep_4bit_trainable(nn.Sequential(layer))
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(128, 192), (320, 832), (64, 4096)])
+def test_nf4_dequantize_in_torch_ops_equals_bitsandbytes_bit_for_bit(shape):
+    """The written-out dequantisation (double-quantised scales, nested blocks of 256 scales that do not
+    divide the scale count in the second and third shape) against bitsandbytes' own."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from baichuan_tune.models.quantize import _state_args, nf4_dequantize
+
+    layer = _nf4_layer(*shape)
+    state = layer.weight.quant_state
+    assert state.nested
+    expected = dequantize_4bit(layer.weight.data, state)
+    assert torch.equal(nf4_dequantize(layer.weight.data, *_state_args(state)), expected)
+
+
+def test_nf4_forward_and_input_gradient_equal_bitsandbytes_matmul():
+    from baichuan_tune.models.quantize import nf4_forward
+
+    layer = _nf4_layer(96, 320)
+    x = torch.randn(2, 7, 320, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 7, 96, dtype=torch.bfloat16)
+    expected = layer(x)
+    expected.backward(grad)
+    expected_grad, x.grad = x.grad, None
+    ours = nf4_forward(layer, x)
+    ours.backward(grad)
+    assert torch.equal(ours, expected) and torch.equal(x.grad, expected_grad)
+    assert layer.weight.grad is None
+
+
+def test_compiled_layers_dequantise_nf4_in_the_graph_and_keep_the_eager_loss(monkeypatch):
+    """Under set_fast_paths(compile=True) every NF4 layer traces through nf4_forward (plain ops the compiler
+    fuses) instead of bitsandbytes' opaque op; eager forwards and no-grad forwards keep bitsandbytes'."""
+    import torch._dynamo
+
+    from baichuan_tune.models import quantize
+    from baichuan_tune.models.modeling_baichuan import set_fast_paths
+    from baichuan_tune.train.adapters import prepare_for_training
+
+    torch._dynamo.reset()
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).to(torch.bfloat16).quantize(4)
+    model = prepare_for_training(model, "qlora", lora_rank=4, lora_dropout=0.0, gradient_checkpointing=True,
+                                 qlora_keep_dtype=torch.bfloat16).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads()
+    traced = []
+    original = quantize.nf4_forward
+    monkeypatch.setattr(quantize, "nf4_forward", lambda module, x: traced.append(module) or original(module, x))
+    set_fast_paths(model, compile=True, compile_backend="aot_eager")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 10 and all(type(m).__name__ == "CompiledLinear4bit" for m in layers)
+    fast_loss, fast_grads = loss_and_grads()
+    assert {id(m) for m in traced} == {id(m) for m in layers}  # every layer, while tracing the compiled layers
+    assert abs(fast_loss - plain_loss) < 1e-2 * abs(plain_loss)
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.999, (name, float(cos))
+    traced.clear()
+    with torch.no_grad():
+        model(input_ids=ids)  # eval-style forward: bitsandbytes' path
+    assert not traced
+    torch._dynamo.reset()
