@@ -666,11 +666,6 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, com
         except ImportError:
             raise ValueError(f"attention 'flex' needs torch >= 2.5 (this is {torch.__version__}): "
                              "pip install -U torch, or use attention 'sdpa'") from None
-    if compile:
-        from .quantize import is_quantized, use_compiled_nf4
-
-        if is_quantized(model):
-            use_compiled_nf4(model)  # NF4 dequantisation fused into the compiled layers (training forwards)
     for module in model.modules():
         if isinstance(module, BaichuanModel):
             module.attention_backend = attention

@@ -14,7 +14,6 @@ Loading a checkpoint straight into 8/4 bits (`--quantization_bit` on the command
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -231,98 +230,3 @@ def quantize(model, bits: int):
         raise QuantizeError("found no decoder Linear layers (W_pack, o_proj, gate/up/down_proj) to quantise")
     model.quantization_bits = bits
     return model
-
-
-# ----------------------------------------------------------------------------- NF4 inside compiled layers
-
-
-def nf4_dequantize(packed, absmax, code, blocksize: int, shape, dtype, nested=None) -> torch.Tensor:
-    """bitsandbytes' `dequantize_4bit` of an NF4 weight, as plain torch ops ([out, in] in `dtype`).
-
-    Written out so that torch.compile fuses it into one kernel inside a compiled layer, where bitsandbytes'
-    op is an opaque call with about 0.25 ms of host work each (docs/PERFORMANCE.md). The formulas are
-    bitsandbytes': each byte holds two 4-bit codes, the first in the high nibble; a value is
-    code[q] * absmax of its block of `blocksize`; with double quantisation (`nested` = (absmax2, code2,
-    offset, blocksize2)) each absmax is code2[a] * absmax2 of its block of blocksize2, plus offset; all in
-    fp32, then cast to `dtype`.
-    """
-    codes = packed.reshape(-1).view(torch.uint8)  # [n / 2] bytes (stored as another dtype when sharded)
-    pairs = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1).long()  # [n]: each byte -> two codes
-    if nested is not None:
-        absmax2, code2, offset, blocksize2 = nested
-        blocks = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
-        absmax = code2[absmax.long()] * absmax2[blocks] + offset  # [n / blocksize]
-    values = code[pairs].view(-1, blocksize) * absmax.float()[:, None]  # [n / blocksize, blocksize]
-    return values.view(shape).to(dtype)
-
-
-def _state_args(state) -> tuple:
-    nested = None
-    if state.nested:
-        nested = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
-    return state.absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, nested
-
-
-class _NF4Linear(torch.autograd.Function):
-    """x @ W^T for an NF4 weight W, dequantised again in backward so that nothing of W's size is kept
-    (as bitsandbytes' MatMul4Bit does); only x gets a gradient."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, code, blocksize, shape, dtype, nested):
-        ctx.save_for_backward(packed, absmax, code, *(nested[:3] if nested is not None else ()))
-        ctx.meta = blocksize, shape, dtype, None if nested is None else nested[3]
-        weight = nf4_dequantize(packed, absmax, code, blocksize, shape, dtype, nested)  # [out, in]
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        packed, absmax, code, *rest = ctx.saved_tensors
-        blocksize, shape, dtype, blocksize2 = ctx.meta
-        nested = None if blocksize2 is None else (*rest, blocksize2)
-        weight = nf4_dequantize(packed, absmax, code, blocksize, shape, dtype, nested)
-        return (grad @ weight.to(grad.dtype),) + (None,) * 7
-
-
-def fusable_nf4(module) -> bool:
-    """An NF4 layer `nf4_dequantize` can read: whole blocks, the packed bytes in one plain (unsharded) tensor."""
-    state = getattr(module.weight, "quant_state", None)
-    if state is None or state.quant_type != "nf4" or type(module.weight.data) is not torch.Tensor:
-        return False
-    return math.prod(state.shape) % state.blocksize == 0
-
-
-def nf4_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Linear4bit's training forward through `_NF4Linear` (inside a compiled layer; see `use_compiled_nf4`)."""
-    state = module.weight.quant_state
-    out = _NF4Linear.apply(x.to(module.compute_dtype or x.dtype), module.weight.data, *_state_args(state))
-    if module.bias is not None:
-        out = out + module.bias.to(out.dtype)
-    return out.to(x.dtype)
-
-
-def _compiled_nf4_forward(self, x):
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        return nf4_forward(self, x)
-    return self._bnb_forward(x)
-
-
-_COMPILED_NF4: dict[type, type] = {}
-
-
-def use_compiled_nf4(model) -> int:
-    """Let each NF4 layer of `model` compute through `nf4_forward` while torch.compile traces a training
-    forward (grad enabled), so that its dequantisation fuses into the compiled layer; everywhere else
-    (eager, generation, no grad) bitsandbytes' own forward runs, and stays the reference. Done by a
-    subclass of the layer's class (its state, saving and PEFT's wrapping unchanged). Returns the layers changed."""
-    bnb = import_bitsandbytes()
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or type(module) in _COMPILED_NF4.values() or not fusable_nf4(module):
-            continue
-        base = type(module)
-        if base not in _COMPILED_NF4:
-            _COMPILED_NF4[base] = type(f"Compiled{base.__name__}", (base,),
-                                       {"forward": _compiled_nf4_forward, "_bnb_forward": base.forward})
-        module.__class__ = _COMPILED_NF4[base]
-        changed += 1
-    return changed
