@@ -5,13 +5,14 @@
                                                                 # smoke test on a CPU
 
 `serve` decodes every running request in one `BatchDecoder` step over a cache window sized by the longest
-row. With SDPA (`WindowSlotCache.key_block = 0`, the baseline) a row's logits change with that window,
-so in bf16 a request's greedy answer can depend on who shares its batch; block attention (the default)
-makes them independent of it. For each attention this prints:
+row. With SDPA (the default, the baseline here) a row's logits change with that window, so in bf16 a
+request's greedy answer can depend on who shares its batch; block attention (`serve --batch_invariant
+true`) makes them independent of it. For each attention (--kernels) this prints:
 - `identical`: whether row 0's logits at each of --steps steps are the same bits alone (window 256) as
   beside neighbours whose prompts make the window 512 and 1024, and the largest difference;
-- the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
-  graphs and torch.compile as in `serve`), and ours / baseline.
+- - the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
+  graphs and torch.compile as in `serve`), and ours / baseline;
+- the seconds each phase took from the start (the first step at each window compiles and captures it).
 Random weights built on the device.
 """
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
-from baichuan_tune.serve.batching import BatchDecoder, WindowSlotCache  # noqa: E402
+from baichuan_tune.serve.batching import BatchDecoder  # noqa: E402
 from baichuan_tune.serve.fast_decode import SamplingParams  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--kernels", default="sdpa,blocks", help="which attention to run: sdpa, blocks or both")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
@@ -101,24 +103,28 @@ def main(argv=None) -> dict:
     with torch.device(args.device):
         model = BaichuanForCausalLM(preset_config(args.preset)).to(DTYPES[args.dtype]).eval()
     slot_tokens = 1000  # windows 256, 512 and 1024 (1,002 slots)
-    results, default = {}, WindowSlotCache.key_block
-    for name, block in (("sdpa", 0), ("blocks", default)):
-        WindowSlotCache.key_block = block
+    results, start = {}, time.perf_counter()
+    clock = lambda: round(time.perf_counter() - start, 1)  # noqa: E731
+    for name in args.kernels.split(","):
         torch._dynamo.reset()  # the attention is chosen when the step is traced
-        decoder = RecordingDecoder(model, args.slots, slot_tokens)
+        decoder = RecordingDecoder(model, args.slots, slot_tokens, batch_invariant=name == "blocks")
         alone = row0_logits(decoder, [], args.steps)
-        shared = [row0_logits(decoder, lengths, args.steps) for lengths in ([300], [40, 600])]
-        result = dict(identical=all(torch.equal(alone, s) for s in shared),
+        result = {"alone_done_s": clock()}
+        shared = []
+        for window, lengths in ((512, [300]), (1024, [40, 600])):
+            shared.append(row0_logits(decoder, lengths, args.steps))
+            result[f"window_{window}_done_s"] = clock()
+        result.update(identical=all(torch.equal(alone, s) for s in shared),
                       max_difference=max(float((alone - s).abs().max()) for s in shared))
         for length in (200, 400, 800):
             result[f"step_s_{length}"] = step_time(decoder, length, args.repeats)
-        del decoder
         results[name] = result
         print(name, json.dumps(result), flush=True)
-    WindowSlotCache.key_block = default
+        del decoder
     for length in (200, 400, 800):
-        ratio = results["blocks"][f"step_s_{length}"] / results["sdpa"][f"step_s_{length}"]
-        print(f"RATIO step time blocks / sdpa, rows of {length} tokens: {ratio:.3f}", flush=True)
+        if len(results) == 2:
+            ratio = results["blocks"][f"step_s_{length}"] / results["sdpa"][f"step_s_{length}"]
+            print(f"RATIO step time blocks / sdpa, rows of {length} tokens: {ratio:.3f}", flush=True)
     return results
 
 

@@ -80,13 +80,16 @@ REQUESTS = [(list(range(7, 7 + n)), m, i % 2 == 1) for i, (n, m) in enumerate([(
                                                                               (33, 11), (5, 19)])]
 
 
-@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan-13b", "tiny-baichuan2-13b"])
-def test_concurrent_greedy_answers_equal_each_alone(preset, tokenizer):
-    """RoPE + NormHead, ALiBi, ALiBi + NormHead: six clients at once (streamed and not, one sampled
-    neighbour, one log-prob request on the one-at-a-time path) each get the answer of its request alone."""
+@pytest.mark.parametrize("preset, invariant", [("tiny-baichuan2-7b", False), ("tiny-baichuan-13b", False),
+                                               ("tiny-baichuan2-13b", False), ("tiny-baichuan2-13b", True)])
+def test_concurrent_greedy_answers_equal_each_alone(preset, invariant, tokenizer):
+    """RoPE + NormHead, ALiBi, ALiBi + NormHead (and with block attention, batch_invariant): six clients
+    at once (streamed and not, one sampled neighbour, one log-prob request on the one-at-a-time path) each
+    get the answer of its request alone."""
     model = tiny_model(preset, vocab_size=4096)
     expected = [greedy_alone(model, tokenizer, p, m) for p, m, _ in REQUESTS]
-    with serve(model, tokenizer, max_batch=4) as srv:
+    with serve(model, tokenizer, max_batch=4, batch_invariant=invariant) as srv:
+        assert srv.server.config.app.state.worker.decoder.cache.key_block == (256 if invariant else 0)
         steps = record_steps(srv)
         alone = complete(srv.url, REQUESTS[2][0], REQUESTS[2][1])
         barrier = threading.Barrier(len(REQUESTS) + 2)
@@ -249,7 +252,7 @@ def _row0_logits(model, neighbours: list[int], steps: int = 10) -> torch.Tensor:
             self.kept.copy_(logits)
             return logits
 
-    decoder = Recording(model, 4, 700)
+    decoder = Recording(model, 4, 700, batch_invariant=True)
     decoder.admit(0, list(range(30, 50)), SamplingParams(steps + 1, eos=()))
     for row, length in enumerate(neighbours, start=1):
         decoder.admit(row, [3 + (i * 7 + row) % 4000 for i in range(length)], SamplingParams(steps + 1, eos=()))

@@ -20,10 +20,11 @@ the scheduler here works over the fast path's slot cache instead:
 
 The attention window: each step attends to the first W slots of every row, W the next power of two
 (from 256) above the longest row, so a batch of short requests reads a short cache however long the
-rows could grow. Attention runs over the window in blocks of 256 keys (`modeling_baichuan.block_attend`),
-so a row's logits are the same bit for bit whether the window is its own or a longer neighbour's: every
-greedy answer equals the same request sent alone, in bf16 too (SDPA's kernels split the keys by the
-window's length, and in bf16 the changed rounding flips near-tied tokens).
+rows could grow. SDPA's kernels split the keys by the window's length, so a row's logits round
+differently as the window changes for other rows; in bf16 that flips near-tied greedy tokens. With
+`batch_invariant` attention runs over the window in blocks of 256 keys (`modeling_baichuan.block_attend`),
+so a row's logits are the same bits whether the window is its own or a longer neighbour's, and every
+greedy answer equals the same request sent alone, in bf16 too.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ SPARE_SLOTS = 2  # beyond a row's longest sequence: a graph capture's two warm-u
 
 
 class WindowSlotCache(SlotCache):
-    """A SlotCache whose attention sees only its first `window` slots (a host int, set before each step),
-    in blocks of `key_block` keys so that a row decodes the same whatever window the other rows need."""
+    """A SlotCache whose attention sees only its first `window` slots (a host int, set before each step);
+    with `key_block` (0: off) in blocks of that many keys, so that a row decodes the same whatever window
+    the other rows need."""
 
-    key_block = CACHE_MIN  # every window is a multiple of it
+    key_block = 0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -81,14 +83,17 @@ class WindowSlotCache(SlotCache):
 class BatchDecoder(Decoder):
     """`slots` rows decoding together, each holding one request of at most `slot_tokens` tokens.
 
-    `lora`: a `MultiLoRA` over the model (several adapters, one per row), or None.
+    `lora`: a `MultiLoRA` over the model (several adapters, one per row), or None. `batch_invariant`:
+    attention in blocks of CACHE_MIN keys (every window is a multiple of it), so each row's logits are the
+    same bits whoever shares the batch.
     """
 
     cache_class = WindowSlotCache
 
-    def __init__(self, model, slots: int, slot_tokens: int, lora=None, **kwargs):
+    def __init__(self, model, slots: int, slot_tokens: int, lora=None, batch_invariant: bool = False, **kwargs):
         self.slot_tokens = slot_tokens
         super().__init__(model, slots, slot_tokens + SPARE_SLOTS, **kwargs)
+        self.cache.key_block = CACHE_MIN if batch_invariant else 0
         self.lora = lora
         self.held = [0] * slots  # tokens in each row's cache (host copy: the window needs no sync)
         self.params: list[SamplingParams | None] = [None] * slots
@@ -316,14 +321,15 @@ class BatchScheduler:
     takes one row per prompt, as rows free up). `lora`: a MultiLoRA when several adapters are served.
     """
 
-    def __init__(self, model, tokenizer, max_queue: int, slots: int, slot_tokens: int, lora=None):
+    def __init__(self, model, tokenizer, max_queue: int, slots: int, slot_tokens: int, lora=None,
+                 batch_invariant: bool = False):
         from .server import GenerationWorker
 
         self.serial = GenerationWorker(model, tokenizer, max_queue)  # its queue and its one-at-a-time path
         self.jobs, self.max_queue = self.serial.jobs, max_queue
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
         self.slot_tokens = slot_tokens
-        self.decoder = BatchDecoder(model, slots, slot_tokens, lora=lora)
+        self.decoder = BatchDecoder(model, slots, slot_tokens, lora=lora, batch_invariant=batch_invariant)
         self.backlog: deque[Sequence] = deque()  # prompts of the job taken last, waiting for a row
         self.running: dict[int, Sequence] = {}  # row -> its sequence
         self.left: dict[int, int] = {}  # id(job) -> its sequences not finished yet

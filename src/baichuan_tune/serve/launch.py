@@ -26,6 +26,10 @@ class ServeConfig(LoadOptions):
     # in bf16 (0.5 MiB for the 7B models, 0.8 MiB for 13B), so 8 rows x 4,096 tokens of 7B take 16 GiB.
     slot_tokens: int | None = opt(None, "longest request (prompt + max_tokens) the batch takes (default: the "
                                         "context length); longer ones run one at a time")
+    # SDPA over a window sized by the longest row rounds a row differently as others come and go (in bf16
+    # enough to flip near-tied greedy tokens); blocks of 256 keys make each row's result its own.
+    batch_invariant: bool = opt(False, "batch: attention in blocks of 256 keys, so each answer is the same bits "
+                                       "whoever shares the batch (bf16 included)")
     max_queue: int = opt(64, "requests that may wait for a place in the batch; more are answered 429")
     # 4 MiB holds a full 4,096-token context many times over in any JSON escaping (a conversation over the
     # context is trimmed, so a long history is legal), or 128 full-context prompts as token-id lists for an
@@ -104,7 +108,8 @@ def run_server(cfg: ServeConfig, command: str) -> int:
     model, tokenizer = LoadOptions.load(replace(cfg, adapter=plain), path)
     app = create_app(model, tokenizer, name, api_key=api_key, max_queue=cfg.max_queue,
                      max_body_bytes=cfg.max_body_bytes, allow_control_tokens=cfg.allow_control_tokens,
-                     max_batch=cfg.max_batch, slot_tokens=cfg.slot_tokens, adapters=named)
+                     max_batch=cfg.max_batch, slot_tokens=cfg.slot_tokens, adapters=named,
+                     batch_invariant=cfg.batch_invariant)
     if cfg.ui:
         mount_ui(app, model, Path(cfg.runs), api_key=api_key)
     from .generation import prompt_format

@@ -601,7 +601,8 @@ def served_models(model, tokenizer, model_name: str, api_key=None, allow_control
     return models
 
 
-def create_worker(model, tokenizer, max_queue: int, max_batch: int, slot_tokens: int | None, lora=None):
+def create_worker(model, tokenizer, max_queue: int, max_batch: int, slot_tokens: int | None, lora=None,
+                  batch_invariant: bool = False):
     """The generation thread: a continuous-batching scheduler of `max_batch` rows, or (0) the one-at-a-time worker."""
     if max_batch == 0:
         if lora is not None:
@@ -611,17 +612,19 @@ def create_worker(model, tokenizer, max_queue: int, max_batch: int, slot_tokens:
 
     slot_tokens = min(slot_tokens or context_length(model), context_length(model))
     check_cache_memory(model, max_batch, slot_tokens)
-    return BatchScheduler(model, tokenizer, max_queue, max_batch, slot_tokens, lora=lora)
+    return BatchScheduler(model, tokenizer, max_queue, max_batch, slot_tokens, lora=lora, batch_invariant=batch_invariant)
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allow_control_tokens: bool = False,
-               max_batch: int = DEFAULT_MAX_BATCH, slot_tokens: int | None = None, adapters: dict | None = None):
+               max_batch: int = DEFAULT_MAX_BATCH, slot_tokens: int | None = None, adapters: dict | None = None,
+               batch_invariant: bool = False):
     """The FastAPI app serving `model`; its lifespan starts and stops the generation thread.
 
     `max_batch`: requests decoded together (0: one at a time); `slot_tokens`: the longest request (prompt
     + max_tokens) the batch takes (default: the context length; longer ones run one at a time);
-    `adapters`: {name: LoRA adapter folder}, each served under its name beside `model_name` (the base).
+    `adapters`: {name: LoRA adapter folder}, each served under its name beside `model_name` (the base);
+    `batch_invariant`: each request's logits independent of its batch (`batching.BatchDecoder`).
     """
     from contextlib import asynccontextmanager
 
@@ -632,7 +635,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         lora = MultiLoRA(model, adapters)
     models = served_models(model, tokenizer, model_name, api_key, allow_control_tokens, lora=lora)
     served = models[model_name]
-    worker = create_worker(model, tokenizer, max_queue, max_batch, slot_tokens, lora)
+    worker = create_worker(model, tokenizer, max_queue, max_batch, slot_tokens, lora, batch_invariant)
     created = int(time.time())
 
     @asynccontextmanager
