@@ -83,14 +83,14 @@ def recipe_argv(recipe: str, model: Path, data: Path, out: Path, steps: int, smo
     return argv + extra
 
 
-def steady(times: list[float], tokens: list[int], warmup: int) -> tuple[float, float]:
-    """(tokens/s, s/step) between the end of step `warmup` and the last step (from the start when the run
-    has no step past the warmup: a smoke run's few packed rows)."""
+def steady(times: list[float], tokens: list[int], warmup: int) -> tuple[float, float, int]:
+    """(tokens/s, s/step, tokens) between the end of step `warmup` and the last step (from the start when
+    the run has no step past the warmup: a smoke run's few packed rows)."""
     warmup = warmup if len(times) > warmup else 0
     steps = len(times) - warmup
     dt = times[-1] - times[warmup - 1] if warmup else times[-1]
     dn = tokens[-1] - (tokens[warmup - 1] if warmup else 0)
-    return dn / dt, dt / steps
+    return dn / dt, dt / steps, dn
 
 
 def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_steps=0) -> dict:
@@ -103,9 +103,10 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
     graphs = counters["stats"]["unique_graphs"] - graphs  # compiled by torch.compile during the run
     records = [r for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
     records = records[:steps]
-    tps, sps = steady([r["elapsed"] for r in records], [r["tokens"] for r in records], warmup)
+    tps, sps, timed = steady([r["elapsed"] for r in records], [r["tokens"] for r in records], warmup)
     peaks = [r["max_memory_gib"] for r in records if "max_memory_gib" in r]  # training's peak (reset after loading)
-    result = dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), peak_gib=max(peaks) if peaks else None,
+    result = dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), timed_tokens=timed,
+                  peak_gib=max(peaks) if peaks else None,
                   loss_last=records[-1]["loss"], graphs_compiled=graphs)
     if prof is not None:
         result["profile"] = prof.summary()
@@ -193,9 +194,7 @@ def run_baseline(recipe, model_dir, data, workdir, steps, warmup, smoke) -> dict
     seen = {"tokens": 0}
 
     def collate(features):
-        batch = collate_padded(features)
-        seen["tokens"] += int(batch["attention_mask"].ne(0).sum())
-        return batch
+        return collate_padded(features)
 
     times, tokens = [], []
 
@@ -214,20 +213,34 @@ def run_baseline(recipe, model_dir, data, workdir, steps, warmup, smoke) -> dict
         logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
         use_cpu=smoke, seed=cfg.seed, disable_tqdm=True,
     )
-    rows = [{k: list(map(int, v)) for k, v in train_set[i].items()} for i in range(len(train_set))]
+    from baichuan_tune.train.training import batch_order
+
+    # Our engine's sample order, read in sequence: both runs see the same samples at every step (the cost
+    # of a step barely depends on its length, so tokens/s is only comparable over the same samples).
+    order = [i for batch in batch_order(len(train_set), cfg.per_device_train_batch_size, cfg.seed, 0) for i in batch]
+    rows = [{k: list(map(int, v)) for k, v in train_set[i].items()} for i in order]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, model, inputs, *args, **kwargs):  # counted here: the loader reads one batch ahead
+            seen["tokens"] += int(inputs["attention_mask"].ne(0).sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     times = [t - start for t in times]
-    tps, sps = steady(times, tokens, warmup)
+    tps, sps, timed = steady(times, tokens, warmup)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     loss = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), float("nan"))
     del trainer, model
     gc.collect()
-    return dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), peak_gib=peak, loss_last=loss)
+    return dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), timed_tokens=timed, peak_gib=peak,
+                loss_last=loss)
 
 
 def save(path: str, results: list[dict]) -> None:

@@ -405,6 +405,7 @@ def test_bench_recipes_smoke_runs_the_recipe_through_sft_and_the_trainer_baselin
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["run"] for r in rows] == ["baseline", "ours"]
+    assert rows[0]["timed_tokens"] == rows[1]["timed_tokens"] > 0  # both trained on the same samples, in order
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss_last"]) for r in rows)
     assert "RATIO 7b-qlora-belle ours ''/baseline" in done.stdout
 
