@@ -10,7 +10,7 @@ request's greedy answer can depend on who shares its batch; block attention (`se
 true`) makes them independent of it. For each attention (--kernels) this prints:
 - `identical`: whether row 0's logits at each of --steps steps are the same bits alone (window 256) as
   beside neighbours whose prompts make the window 512 and 1024, and the largest difference;
-- - the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
+- the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
   graphs and torch.compile as in `serve`), and ours / baseline;
 - the seconds each phase took from the start (the first step at each window compiles and captures it).
 Random weights built on the device.
@@ -121,8 +121,8 @@ def main(argv=None) -> dict:
         results[name] = result
         print(name, json.dumps(result), flush=True)
         del decoder
-    for length in (200, 400, 800):
-        if len(results) == 2:
+    if len(results) == 2:
+        for length in (200, 400, 800):
             ratio = results["blocks"][f"step_s_{length}"] / results["sdpa"][f"step_s_{length}"]
             print(f"RATIO step time blocks / sdpa, rows of {length} tokens: {ratio:.3f}", flush=True)
     return results

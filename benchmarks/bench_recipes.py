@@ -193,9 +193,6 @@ def run_baseline(recipe, model_dir, data, workdir, steps, warmup, smoke) -> dict
                                              lora_dropout=cfg.lora_dropout, target_modules=targets))
     seen = {"tokens": 0}
 
-    def collate(features):
-        return collate_padded(features)
-
     times, tokens = [], []
 
     class Clock(TrainerCallback):
@@ -231,7 +228,7 @@ def run_baseline(recipe, model_dir, data, workdir, steps, warmup, smoke) -> dict
             seen["tokens"] += int(inputs["attention_mask"].ne(0).sum())
             return super().training_step(model, inputs, *args, **kwargs)
 
-    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate_padded, callbacks=[Clock()])
     trainer.train()
     times = [t - start for t in times]
     tps, sps, timed = steady(times, tokens, warmup)
