@@ -219,13 +219,16 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, default=0)
     ap.add_argument("--qlora-half-frozen", default="true", choices=["true", "false"])
     ap.add_argument("--compile", default="false", choices=["true", "false"])
+    ap.add_argument("--checkpoint-layers", type=int, default=-1,
+                    help="ours: how many decoder layers recompute their activations (-1: all, as the baseline)")
     ap.add_argument("--no-baseline", action="store_true", help="our model only")
     ap.add_argument("--profile", action="store_true", help="profile two more steps of each case (GPU)")
     ap.add_argument("--memory-breakdown", action="store_true",
                     help="record one more step of ours and print what the peak holds, by the code that allocated it")
     args = ap.parse_args()
     fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, compile=args.compile == "true",
-                qlora_keep_dtype=torch.bfloat16 if args.qlora_half_frozen == "true" else None)
+                qlora_keep_dtype=torch.bfloat16 if args.qlora_half_frozen == "true" else None,
+                checkpoint_layers=args.checkpoint_layers)
     presets, methods = args.presets.split(","), args.methods.split(",")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)

@@ -51,6 +51,8 @@ class TrainOptions:
     bf16: bool = opt(False, "bf16 autocast for the forward and backward passes")
     fp16: bool = opt(False, "fp16 autocast with dynamic loss scaling")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    checkpoint_layers: int = opt(-1, "with gradient_checkpointing: how many decoder layers (the first ones) "
+                                 "recompute activations; the rest keep them, faster for more memory (-1: all)")
     seed: int = opt(42, "random seed (data order, dropout, adapter init)")
     group_by_length: bool = opt(False, "batch samples of similar length together (less padding; deterministic)")
     logging_steps: int = opt(10, "log every N optimizer steps")

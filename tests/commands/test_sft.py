@@ -295,12 +295,15 @@ def test_full_run_saves_the_base_checkpoints_dtype_by_default(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
     """Recomputing activations in backward (dropout RNG replayed) must not change what is learnt."""
-    for name, flag in (("plain", "false"), ("ckpt", "true")):
-        run_sft(tmp_path / name, "--max_steps", "3", "--learning_rate", "1e-3", "--gradient_checkpointing", flag)
+    runs = {"plain": ("false", "-1"), "ckpt": ("true", "-1"), "ckpt-first-layer": ("true", "1")}
+    for name, (flag, layers) in runs.items():
+        run_sft(tmp_path / name, "--max_steps", "3", "--learning_rate", "1e-3", "--gradient_checkpointing", flag,
+                "--checkpoint_layers", layers)
     a = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for name in ("ckpt", "ckpt-first-layer"):
+        b = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("flags", [("--finetuning_type", "qlora", "--quantization_bit", "8"), ("--bf16", "true")],

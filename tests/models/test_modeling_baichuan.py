@@ -17,6 +17,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import baichuan_tune  # noqa: F401  (registers the Auto classes)
+from baichuan_tune.errors import BaichuanTuneError
 from baichuan_tune.models import BaichuanConfig, BaichuanForCausalLM, NormHead, alibi_slopes
 from baichuan_tune.models.modeling_baichuan import segment_positions
 
@@ -489,6 +490,30 @@ def test_gradient_checkpointing_keeps_loss_and_grads(preset):
     assert torch.equal(loss, loss_ckpt)
     for name, grad in grads.items():
         assert torch.allclose(grad, grads_ckpt[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("preset", VARIANTS)
+def test_checkpointing_only_the_first_layers_keeps_loss_and_grads(preset):
+    """checkpoint_layers=1 of the tiny models' 2 layers: layer 0 runs again in backward, layer 1 does not,
+    and loss and gradients are those of the model without checkpointing."""
+    from baichuan_tune.train.adapters import set_checkpoint_layers
+
+    model = tiny_model(preset).train()
+    ids = random_ids(2, 10)
+    loss, grads = loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable()
+    set_checkpoint_layers(model, 1)
+    calls = []
+    for index, layer in enumerate(model.model.layers):
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, forward=forward, index=index: calls.append(index) or forward(x)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, ids)
+    assert sorted(calls) == [0, 0, 1]  # layer 0 recomputed in backward, layer 1 kept its activations
+    assert torch.equal(loss, loss_ckpt)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ckpt[name], atol=1e-6), name
+    with pytest.raises(BaichuanTuneError, match="checkpoint_layers"):
+        set_checkpoint_layers(model, -2)
 
 
 @pytest.mark.parametrize("preset", VARIANTS)

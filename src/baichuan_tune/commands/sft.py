@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
     model = prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing, **fast_path_kwargs(cfg, amp_dtype),
+        gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_layers=cfg.checkpoint_layers,
+        **fast_path_kwargs(cfg, amp_dtype),
     )
     trainable, total = count_parameters(model)
     schedule = schedule_for(cfg, len(rows), dist.world)

@@ -371,6 +371,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
     # None: layers run eagerly (the reference); a torch.compile backend name ("inductor"): forwards without
     # a KV cache run each decoder layer compiled (set by `set_fast_paths`; not saved in config.json).
     compile_backend = None
+    # Under gradient checkpointing, how many decoder layers (the first ones) recompute their activations in
+    # backward; the others keep them (-1: all). Recomputation costs a third of a LoRA step's matrix products.
+    checkpoint_layers = -1
 
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
@@ -453,8 +456,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
             hidden_states.dtype,
         )
         step = compiled_layer_step(self.compile_backend) if self.compile_backend and not use_cache else _layer_step
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        checkpointed = len(self.layers) if self.checkpoint_layers < 0 else self.checkpoint_layers
+        for index, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and index < checkpointed:
                 hidden_states = self._gradient_checkpointing_func(step, layer, hidden_states, bias, rotary, None,
                                                                   is_causal)
             else:

@@ -73,19 +73,33 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def set_checkpoint_layers(model, count: int) -> None:
+    """Checkpoint only the first `count` decoder layers of a Baichuan model (-1: all)."""
+    from ..models.modeling_baichuan import BaichuanModel
+
+    if count < -1:
+        raise BaichuanTuneError(f"checkpoint_layers must be -1 (all layers) or >= 0, got {count}")
+    for module in model.modules():
+        if isinstance(module, BaichuanModel):
+            module.checkpoint_layers = count
+
+
 def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
                          lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False,
-                         attention="sdpa", loss_chunk_size=0, compile=False,
+                         checkpoint_layers=-1, attention="sdpa", loss_chunk_size=0, compile=False,
                          qlora_keep_dtype: torch.dtype | None = None):
     """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora).
 
     `attention`, `loss_chunk_size` and `compile` choose the fast paths (`modeling_baichuan.set_fast_paths`);
-    `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in that dtype (see `attach_lora`)."""
+    `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in that dtype (see `attach_lora`).
+    `checkpoint_layers`: under `gradient_checkpointing`, how many decoder layers (the first) recompute their
+    activations (-1: all); the rest keep them, trading memory for a third of their matrix products."""
     if finetuning_type not in FINETUNING_TYPES:
         raise BaichuanTuneError(f"finetuning_type must be one of {FINETUNING_TYPES}, got {finetuning_type!r}")
     if gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
+        set_checkpoint_layers(model, checkpoint_layers)
     if finetuning_type in ("lora", "qlora"):
         model = attach_lora(model, list(lora_target), lora_rank, lora_alpha, lora_dropout,
                             quantized=finetuning_type == "qlora", keep_dtype=qlora_keep_dtype)
