@@ -28,8 +28,8 @@ class ServeConfig(LoadOptions):
                                         "context length); longer ones run one at a time")
     # SDPA over a window sized by the longest row rounds a row differently as others come and go (in bf16
     # enough to flip near-tied greedy tokens); blocks of 256 keys make each row's result its own.
-    batch_invariant: bool = opt(False, "batch: attention in blocks of 256 keys, so each answer is the same bits "
-                                       "whoever shares the batch (bf16 included)")
+    batch_invariant: bool = opt(False, "batch: attention in blocks of 256 keys (experimental: invariant to the "
+                                       "window on a CPU and tiny models; not at the published shapes in bf16)")
     max_queue: int = opt(64, "requests that may wait for a place in the batch; more are answered 429")
     # 4 MiB holds a full 4,096-token context many times over in any JSON escaping (a conversation over the
     # context is trimmed, so a long history is legal), or 128 full-context prompts as token-id lists for an
