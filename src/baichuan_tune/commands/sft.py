@@ -56,13 +56,13 @@ def main(argv: list[str]) -> int:
     from ..extras import check_extras
 
     check_extras("sft", cfg)  # a missing matplotlib must not wait for the end of the run
-    from ..train.adapters import count_parameters, prepare_for_training
+    from ..train.adapters import count_parameters
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
     from ..data.collate import pack_examples
     from ..train import distributed
     from ..train.engine import Engine, schedule_for
     from ..train.methods import SFTMethod
-    from ..train.training import start_run, fast_path_kwargs, seed_everything
+    from ..train.training import start_run, prepare_from_config, seed_everything
     from ..serve.generation import greedy_answers
 
     # ---- setup
@@ -85,12 +85,7 @@ def main(argv: list[str]) -> int:
     prompts = (cfg.demo_prompts or (DEMO_PROMPTS if demo else [])) if dist.main else []
     before = greedy_answers(model, tokenizer, cfg.template, prompts)
     seed_everything(cfg.seed)  # here, so whatever loading drew does not shift the adapter init and dropout
-    model = prepare_for_training(
-        model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
-        gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_layers=cfg.checkpoint_layers,
-        **fast_path_kwargs(cfg, amp_dtype),
-    )
+    model = prepare_from_config(model, cfg, amp_dtype)
     trainable, total = count_parameters(model)
     schedule = schedule_for(cfg, len(rows), dist.world)
     method = SFTMethod(rows, val_set, z_loss=bool(getattr(model.config, "z_loss_weight", 0)))

@@ -280,20 +280,25 @@ def base_dtype(cfg, amp_dtype: torch.dtype | None) -> str:
 
 def load_trainable(cfg, device: torch.device, amp_dtype: torch.dtype | None):
     """(model prepared for cfg.finetuning_type, tokenizer) from cfg.model."""
-    from .adapters import prepare_for_training
     from ..models.checkpoint import load_model_and_tokenizer, resolve_model_path
 
     model, tokenizer = load_model_and_tokenizer(
         resolve_model_path(cfg.model), device=str(device), dtype=base_dtype(cfg, amp_dtype),
         quantize=cfg.quantization_bit if cfg.finetuning_type == "qlora" else None, sharded=cfg.parallel == "fsdp",
     )
-    model = prepare_for_training(
+    return prepare_from_config(model, cfg, amp_dtype), tokenizer
+
+
+def prepare_from_config(model, cfg, amp_dtype: torch.dtype | None):
+    """`adapters.prepare_for_training` with a training command's options."""
+    from .adapters import prepare_for_training
+
+    return prepare_for_training(
         model, cfg.finetuning_type, lora_target=cfg.lora_target, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, freeze_trainable_layers=cfg.freeze_trainable_layers,
         gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_layers=cfg.checkpoint_layers,
         **fast_path_kwargs(cfg, amp_dtype),
     )
-    return model, tokenizer
 
 
 def fast_path_kwargs(cfg, amp_dtype: torch.dtype | None) -> dict:
