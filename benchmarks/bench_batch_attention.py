@@ -10,6 +10,9 @@ request's greedy answer can depend on who shares its batch; block attention (`se
 true`) makes them independent of it. For each attention (--kernels) this prints:
 - `identical`: whether row 0's logits at each of --steps steps are the same bits alone (window 256) as
   beside neighbours whose prompts make the window 512 and 1024, and the largest difference;
+- `row_position`: the same for the request alone in row 1, the middle and the last row, in row 0 after a
+  longer request left it, and in row 0 while others join between its steps (their prefills run then);
+  `serve` puts a request in the first free row, so alone it always decodes in row 0;
 - the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
   graphs and torch.compile as in `serve`), and ours / baseline;
 - the seconds each phase took from the start (the first step at each window compiles and captures it).
@@ -51,24 +54,55 @@ class RecordingDecoder(BatchDecoder):
         return logits
 
 
-def fill(decoder, prompts: list[list[int]], new_tokens: int) -> None:
-    """Rows 0.. take `prompts`, every row that was held before is released (one decoder serves every case, as
-    in `serve`: its graphs, one per window, are compiled and captured once)."""
+def fill(decoder, prompts, new_tokens: int) -> None:
+    """Rows 0.. take `prompts` (a list, or a dict row -> prompt), every row that was held before is released
+    (one decoder serves every case, as in `serve`: its graphs, one per window, are compiled and captured once)."""
     for row in range(len(decoder.params)):
         if decoder.params[row] is not None:
             decoder.release(row)
-    for row, prompt in enumerate(prompts):
+    for row, prompt in (prompts.items() if isinstance(prompts, dict) else enumerate(prompts)):
         decoder.admit(row, prompt, SamplingParams(new_tokens, eos=()))
 
 
-def row0_logits(decoder, neighbours: list[int], steps: int) -> torch.Tensor:
-    """Row 0's logits ([steps, V]) for a 20-token prompt, with rows 1.. holding prompts of `neighbours` lengths."""
+def row0_logits(decoder, neighbours: list[int], steps: int, row: int = 0) -> torch.Tensor:
+    """The logits ([steps, V]) of a 20-token prompt in row `row`, with the rows after it holding prompts of
+    `neighbours` lengths (the rows before it free)."""
     vocab = decoder.vocab
-    prompts = [[(7 * i) % (vocab - 3) + 3 for i in range(20)]]
-    prompts += [[(11 * i + row) % (vocab - 3) + 3 for i in range(n)] for row, n in enumerate(neighbours, start=1)]
+    prompts = {row: [(7 * i) % (vocab - 3) + 3 for i in range(20)]}
+    for other, n in enumerate(neighbours, start=row + 1):
+        prompts[other] = [(11 * i + other) % (vocab - 3) + 3 for i in range(n)]
     fill(decoder, prompts, steps + 1)
     kept = []
     for _ in range(steps):
+        decoder.decode_step()
+        kept.append(decoder.kept[row].clone())
+    return torch.stack(kept)
+
+
+def row_position(decoder, alone: torch.Tensor, steps: int) -> dict:
+    """Whether the same request decodes the same bits in another row (alone there, and after a longer
+    request left that row, so its slots past the prompt hold the other request's keys)."""
+    last = len(decoder.params) - 1
+    cases = {f"row_{row}_alone": row0_logits(decoder, [], steps, row=row) for row in sorted({1, last // 2, last})}
+    fill(decoder, {0: [3 + i % 50 for i in range(600)]}, 4)
+    for _ in range(2):
+        decoder.decode_step()
+    cases["row0_after_longer"] = row0_logits(decoder, [], steps)
+    cases["row0_others_join"] = joined_logits(decoder, steps)
+    return {name: {"identical": torch.equal(alone, got), "max_difference": float((alone - got).abs().max())}
+            for name, got in cases.items()}
+
+
+def joined_logits(decoder, steps: int) -> torch.Tensor:
+    """Row 0's logits while requests join between its steps (each prefilled then, as in `serve`): a
+    300-token prompt after a quarter of the steps, a 600-token one after half."""
+    vocab = decoder.vocab
+    fill(decoder, {0: [(7 * i) % (vocab - 3) + 3 for i in range(20)]}, steps + 1)
+    kept = []
+    for step in range(steps):
+        for row, n in ((1, 300), (2, 600)):
+            if step == row * steps // 4:
+                decoder.admit(row, [(11 * i + row) % (vocab - 3) + 3 for i in range(n)], SamplingParams(steps, eos=()))
         decoder.decode_step()
         kept.append(decoder.kept[0].clone())
     return torch.stack(kept)
@@ -115,7 +149,8 @@ def main(argv=None) -> dict:
             shared.append(row0_logits(decoder, lengths, args.steps))
             result[f"window_{window}_done_s"] = clock()
         result.update(identical=all(torch.equal(alone, s) for s in shared),
-                      max_difference=max(float((alone - s).abs().max()) for s in shared))
+                      max_difference=max(float((alone - s).abs().max()) for s in shared),
+                      row_position=row_position(decoder, alone, args.steps))
         for length in (200, 400, 800):
             result[f"step_s_{length}"] = step_time(decoder, length, args.repeats)
         results[name] = result
