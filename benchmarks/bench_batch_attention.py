@@ -11,7 +11,8 @@ true`) makes them independent of it. For each attention (--kernels) this prints:
 - `identical`: whether row 0's logits at each of --steps steps are the same bits alone (window 256) as
   beside neighbours whose prompts make the window 512 and 1024, and the largest difference;
 - `row_position`: the same for the request alone in row 1, the middle and the last row, in row 0 after a
-  longer request left it, and in row 0 while others join between its steps (their prefills run then);
+  longer request left it, in row 0 while others join between its steps (their prefills run then), and
+  for a 300-token prompt alone and beside a 700-token one;
   `serve` puts a request in the first free row, so alone it always decodes in row 0;
 - the step time with every row active, at windows 256, 512 and 1024 (median of --repeats steps, CUDA
   graphs and torch.compile as in `serve`), and ours / baseline;
@@ -64,11 +65,11 @@ def fill(decoder, prompts, new_tokens: int) -> None:
         decoder.admit(row, prompt, SamplingParams(new_tokens, eos=()))
 
 
-def row0_logits(decoder, neighbours: list[int], steps: int, row: int = 0) -> torch.Tensor:
-    """The logits ([steps, V]) of a 20-token prompt in row `row`, with the rows after it holding prompts of
-    `neighbours` lengths (the rows before it free)."""
+def row0_logits(decoder, neighbours: list[int], steps: int, row: int = 0, length: int = 20) -> torch.Tensor:
+    """The logits ([steps, V]) of a `length`-token prompt in row `row`, with the rows after it holding prompts
+    of `neighbours` lengths (the rows before it free)."""
     vocab = decoder.vocab
-    prompts = {row: [(7 * i) % (vocab - 3) + 3 for i in range(20)]}
+    prompts = {row: [(7 * i) % (vocab - 3) + 3 for i in range(length)]}
     for other, n in enumerate(neighbours, start=row + 1):
         prompts[other] = [(11 * i + other) % (vocab - 3) + 3 for i in range(n)]
     fill(decoder, prompts, steps + 1)
@@ -89,8 +90,13 @@ def row_position(decoder, alone: torch.Tensor, steps: int) -> dict:
         decoder.decode_step()
     cases["row0_after_longer"] = row0_logits(decoder, [], steps)
     cases["row0_others_join"] = joined_logits(decoder, steps)
-    return {name: {"identical": torch.equal(alone, got), "max_difference": float((alone - got).abs().max())}
-            for name, got in cases.items()}
+    found = {name: {"identical": torch.equal(alone, got), "max_difference": float((alone - got).abs().max())}
+             for name, got in cases.items()}
+    long_alone = row0_logits(decoder, [], steps, length=300)  # window 512 alone, 1024 beside a 700-token row
+    long_beside = row0_logits(decoder, [700], steps, length=300)
+    found["300_token_prompt_beside"] = {"identical": torch.equal(long_alone, long_beside),
+                                        "max_difference": float((long_alone - long_beside).abs().max())}
+    return found
 
 
 def joined_logits(decoder, steps: int) -> torch.Tensor:
