@@ -55,23 +55,31 @@ class RecordingDecoder(BatchDecoder):
         return logits
 
 
-def fill(decoder, prompts, new_tokens: int) -> None:
-    """Rows 0.. take `prompts` (a list, or a dict row -> prompt), every row that was held before is released
-    (one decoder serves every case, as in `serve`: its graphs, one per window, are compiled and captured once)."""
+def fill(decoder, prompts: dict[int, list[int]], new_tokens: int) -> None:
+    """Each row in `prompts` takes its prompt, every row that was held before is released (one decoder serves
+    every case, as in `serve`: its graphs, one per window, are compiled and captured once)."""
     for row in range(len(decoder.params)):
         if decoder.params[row] is not None:
             decoder.release(row)
-    for row, prompt in (prompts.items() if isinstance(prompts, dict) else enumerate(prompts)):
+    for row, prompt in prompts.items():
         decoder.admit(row, prompt, SamplingParams(new_tokens, eos=()))
 
 
-def row0_logits(decoder, neighbours: list[int], steps: int, row: int = 0, length: int = 20) -> torch.Tensor:
+def prompt(vocab: int, length: int, stride: int = 7, offset: int = 0) -> list[int]:
+    """A deterministic prompt of `length` ordinary tokens (ids from 3: clear of the special ones)."""
+    return [(stride * i + offset) % (vocab - 3) + 3 for i in range(length)]
+
+
+def compared(expected: torch.Tensor, got: torch.Tensor) -> dict:
+    return {"identical": torch.equal(expected, got), "max_difference": float((expected - got).abs().max())}
+
+
+def row_logits(decoder, neighbours: list[int], steps: int, row: int = 0, length: int = 20) -> torch.Tensor:
     """The logits ([steps, V]) of a `length`-token prompt in row `row`, with the rows after it holding prompts
     of `neighbours` lengths (the rows before it free)."""
-    vocab = decoder.vocab
-    prompts = {row: [(7 * i) % (vocab - 3) + 3 for i in range(length)]}
+    prompts = {row: prompt(decoder.vocab, length)}
     for other, n in enumerate(neighbours, start=row + 1):
-        prompts[other] = [(11 * i + other) % (vocab - 3) + 3 for i in range(n)]
+        prompts[other] = prompt(decoder.vocab, n, stride=11, offset=other)
     fill(decoder, prompts, steps + 1)
     kept = []
     for _ in range(steps):
@@ -84,31 +92,27 @@ def row_position(decoder, alone: torch.Tensor, steps: int) -> dict:
     """Whether the same request decodes the same bits in another row (alone there, and after a longer
     request left that row, so its slots past the prompt hold the other request's keys)."""
     last = len(decoder.params) - 1
-    cases = {f"row_{row}_alone": row0_logits(decoder, [], steps, row=row) for row in sorted({1, last // 2, last})}
+    cases = {f"row_{row}_alone": row_logits(decoder, [], steps, row=row) for row in sorted({1, last // 2, last})}
     fill(decoder, {0: [3 + i % 50 for i in range(600)]}, 4)
     for _ in range(2):
         decoder.decode_step()
-    cases["row0_after_longer"] = row0_logits(decoder, [], steps)
+    cases["row0_after_longer"] = row_logits(decoder, [], steps)
     cases["row0_others_join"] = joined_logits(decoder, steps)
-    found = {name: {"identical": torch.equal(alone, got), "max_difference": float((alone - got).abs().max())}
-             for name, got in cases.items()}
-    long_alone = row0_logits(decoder, [], steps, length=300)  # window 512 alone, 1024 beside a 700-token row
-    long_beside = row0_logits(decoder, [700], steps, length=300)
-    found["300_token_prompt_beside"] = {"identical": torch.equal(long_alone, long_beside),
-                                        "max_difference": float((long_alone - long_beside).abs().max())}
+    found = {name: compared(alone, got) for name, got in cases.items()}
+    long_alone = row_logits(decoder, [], steps, length=300)  # window 512 alone, 1024 beside a 700-token row
+    found["300_token_prompt_beside"] = compared(long_alone, row_logits(decoder, [700], steps, length=300))
     return found
 
 
 def joined_logits(decoder, steps: int) -> torch.Tensor:
     """Row 0's logits while requests join between its steps (each prefilled then, as in `serve`): a
     300-token prompt after a quarter of the steps, a 600-token one after half."""
-    vocab = decoder.vocab
-    fill(decoder, {0: [(7 * i) % (vocab - 3) + 3 for i in range(20)]}, steps + 1)
+    fill(decoder, {0: prompt(decoder.vocab, 20)}, steps + 1)
     kept = []
     for step in range(steps):
         for row, n in ((1, 300), (2, 600)):
             if step == row * steps // 4:
-                decoder.admit(row, [(11 * i + row) % (vocab - 3) + 3 for i in range(n)], SamplingParams(steps, eos=()))
+                decoder.admit(row, prompt(decoder.vocab, n, stride=11, offset=row), SamplingParams(steps, eos=()))
         decoder.decode_step()
         kept.append(decoder.kept[0].clone())
     return torch.stack(kept)
@@ -117,7 +121,7 @@ def joined_logits(decoder, steps: int) -> torch.Tensor:
 def step_time(decoder, length: int, repeats: int) -> float:
     """Median seconds of one step with every row active and holding about `length` tokens."""
     rows = len(decoder.params)
-    fill(decoder, [[3 + (row + i) % 100 for i in range(length)] for row in range(rows)], repeats + 8)
+    fill(decoder, {row: [3 + (row + i) % 100 for i in range(length)] for row in range(rows)}, repeats + 8)
     times = []
     for i in range(repeats + 3):
         start = time.perf_counter()
@@ -148,11 +152,11 @@ def main(argv=None) -> dict:
     for name in args.kernels.split(","):
         torch._dynamo.reset()  # the attention is chosen when the step is traced
         decoder = RecordingDecoder(model, args.slots, slot_tokens, batch_invariant=name == "blocks")
-        alone = row0_logits(decoder, [], args.steps)
+        alone = row_logits(decoder, [], args.steps)
         result = {"alone_done_s": clock()}
         shared = []
         for window, lengths in ((512, [300]), (1024, [40, 600])):
-            shared.append(row0_logits(decoder, lengths, args.steps))
+            shared.append(row_logits(decoder, lengths, args.steps))
             result[f"window_{window}_done_s"] = clock()
         result.update(identical=all(torch.equal(alone, s) for s in shared),
                       max_difference=max(float((alone - s).abs().max()) for s in shared),
