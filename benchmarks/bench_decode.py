@@ -210,7 +210,8 @@ def bench_ours(args, mode, bandwidth, tokenizer, baselines) -> list[dict]:
         extra = {}
         if batch == 1 and args.ttft_tokens:
             long = random_prompts(1, args.ttft_tokens, vocab, seed=2).tolist()
-            extra["ttft_s"] = ttft(lambda: decode(model, long, greedy_config(1), fast=True), args.device, args.repeats)
+            extra["ttft_s"] = ttft(lambda m=model: decode(m, long, greedy_config(1), fast=True), args.device,
+                                   args.repeats)
         rows.append(row("baichuan fast", mode, batch, rate, nbytes, bandwidth, **extra))
     release_decoder(model)
     free(args.device)
@@ -263,7 +264,7 @@ def bench_llama(args, mode, bandwidth, baselines) -> list[dict]:
         if name.replace(" ", "-") not in baselines:
             continue
         rate = decode_rate(plain_generate(model, prompt, **extra), args.device, args.new_tokens, args.repeats)
-        first = None if long is None else ttft(lambda: plain_generate(model, long, **extra)(1), args.device,
+        first = None if long is None else ttft(lambda m=model: plain_generate(m, long, **extra)(1), args.device,
                                                args.repeats)
         rows.append(row(name, mode, 1, rate, nbytes, bandwidth, ttft_s=first))
     del model

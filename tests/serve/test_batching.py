@@ -285,3 +285,21 @@ def test_in_bf16_on_gpu_a_rows_logits_do_not_depend_on_its_neighbours_window(pre
     """Compiled steps in CUDA graphs, bf16, head_dim 128 as published: the batch's window changes nothing."""
     shape = dict(hidden_size=1024, num_attention_heads=8, intermediate_size=2816, vocab_size=4096)
     _invariance(tiny_model(preset, **shape).to("cuda", torch.bfloat16))
+
+
+def test_serve_replay_benchmark_smoke():
+    """benchmarks/bench_serve_replay.py on a CPU: every request alone twice and as 4 clients, in fp32 the same
+    tokens each time; the repeated forward from one state gives the same logits under each SDPA choice."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve_replay.py"
+    spec = importlib.util.spec_from_file_location("bench_serve_replay", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--preset", "tiny-baichuan2-13b", "--dtype", "fp32", "--device", "cpu", "--slots", "4",
+                         "--requests", "8", "--prompt-tokens", "4,40", "--new-tokens", "4,12", "--slot-tokens", "400",
+                         "--forward-repeats", "2"])
+    assert result["alone_again"] == {"same_tokens": 8, "same_top_logits": 8, "of": 8}
+    assert result["batched"]["same_tokens"] == 8
+    assert result["forward_repeats"]["decoding"] == 0 and result["forward_repeats"]["math"] == 0

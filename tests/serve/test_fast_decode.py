@@ -332,3 +332,63 @@ def test_cuda_graph_decoding_of_a_lora_policy_equals_generate():
                 param.mul_(-3)
     assert decode(model, prompts, config) == decode(model, prompts, config, fast=False)
     assert all(graph is not False for graph in causal_lm_of(model).__dict__["_fast_decoder"]._graphs.values())
+
+
+# ----------------------------------------------------------------------------- deterministic attention
+
+
+def _sdpa_calls(monkeypatch) -> list[bool]:
+    """Whether cuDNN's attention was allowed at each SDPA call the model makes from now on."""
+    import torch.nn.functional as F
+
+    allowed, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return allowed
+
+
+@pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan2-13b"])
+def test_decoding_attention_leaves_cudnn_out_and_training_keeps_it(preset, monkeypatch):
+    """Prefill and decoding steps (one request and the batching server's rows) run SDPA without cuDNN's
+    attention, whose forward is not deterministic on a GPU; a training forward keeps SDPA's own choice."""
+    from baichuan_tune.serve.batching import BatchDecoder
+
+    model = tiny_model(preset)
+    allowed = _sdpa_calls(monkeypatch)
+    model(torch.tensor(prompts_of(9)))
+    assert allowed and all(allowed)  # the default outside decoding
+    allowed.clear()
+    decode(model, prompts_of(9, 4), greedy(max_new_tokens=3), fast=True)
+    batch = BatchDecoder(model, 2, 64, compile=False)
+    batch.admit(1, prompts_of(5)[0], SamplingParams(3))
+    batch.decode_step()
+    layers = model.config.num_hidden_layers
+    assert len(allowed) == layers * (1 + 2 + 1 + 1) and not any(allowed)  # prefill, 2 steps; prefill, 1 step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_bf16_on_gpu_the_same_decoding_step_gives_the_same_bits():
+    """The published head geometry (32 heads of 128), rows of a few hundred keys: the batch's decoding
+    forward from one state, repeated, gives identical logits (cuDNN's attention did not)."""
+    from baichuan_tune.serve.batching import BatchDecoder
+
+    model = tiny_model("tiny-baichuan2-7b", num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
+                       intermediate_size=1024, vocab_size=4096).to("cuda", torch.bfloat16)
+    decoder = BatchDecoder(model, 8, 600, cuda_graph=False, compile=False)
+    for row, length in enumerate((300, 50, 150, 200, 250)):
+        decoder.admit(row, [3 + (7 * i + row) % 4000 for i in range(length)], SamplingParams(4, eos=()))
+    decoder.cache.window = 512
+    lengths = decoder.cache.lengths.clone()
+
+    def forward():
+        with torch.inference_mode():
+            decoder.cache.lengths.copy_(lengths)
+            return decoder._logits().clone()
+
+    first = forward()
+    assert all(torch.equal(forward(), first) for _ in range(30))

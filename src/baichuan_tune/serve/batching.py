@@ -22,7 +22,8 @@ The attention window: each step attends to the first W slots of every row, W the
 (from 256) above the longest row, so a batch of short requests reads a short cache however long the
 rows could grow. SDPA's kernels split the keys by the window's length, so a row's logits round
 differently as the window changes for other rows; in bf16 that can flip near-tied greedy tokens (at the
-Baichuan2-7B shape in bf16 it was measured not to: benchmarks/bench_batch_attention.py). With
+Baichuan2-7B shape in bf16 the memory-efficient kernel was measured not to; cuDNN's, which the decoders
+leave out (`reproducible_attention`), was not even deterministic: benchmarks/bench_serve_replay.py). With
 `batch_invariant` attention runs over the window in blocks of 256 keys (`modeling_baichuan.block_attend`),
 so a row's logits are the same bits whether the window is its own or a longer neighbour's: on a CPU and
 for tiny models on a GPU. Compiled at the Baichuan2-7B shape in bf16 the step fuses the blocks
@@ -48,6 +49,7 @@ from .fast_decode import (
     fast_path_refusal,
     model_device,
     penalized,
+    reproducible_attention,
     sample_from,
 )
 from .generation import GenerationResult, IncrementalDecoder, StopText
@@ -206,7 +208,7 @@ class BatchDecoder(Decoder):
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.lm.config)
-        with self._rows(self.adapters[row : row + 1]):
+        with self._rows(self.adapters[row : row + 1]), reproducible_attention():
             hidden = self.lm.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
         self.cache.load_row(row, cache)
         return self._head(hidden[:, -1]).float()

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
@@ -49,6 +50,17 @@ CHECKED_OPTIONS = (
     "diversity_penalty", "low_memory",
 )
 CACHE_MIN = 256  # the shortest cache a decoder gets (see cache_length)
+# SDPA's kernels for decoding. On an H200 (torch 2.11) the batch's masked bf16 decoding forward, repeated
+# from one state at the Baichuan2-7B shape, gave rows of 150 keys or more other bits in 40 of 40 repeats
+# with SDPA's own choice and 38 of 40 with cuDNN's attention forced, so the same greedy request answered
+# differently alone twice; the memory-efficient kernel and math gave the same bits every time
+# (benchmarks/bench_serve_replay.py, docs/PERFORMANCE.md "Serving under load"). Decoding leaves cuDNN out.
+DECODE_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def reproducible_attention():
+    """A context in which the model's SDPA calls run only on kernels whose forward is deterministic."""
+    return sdpa_kernel(list(DECODE_SDPA))
 
 
 # ----------------------------------------------------------------------------- the one entry point
@@ -397,7 +409,8 @@ class Decoder:
 
     def _logits(self):
         """fp32 logits [B, V] of the token after `self.tokens`, which the cache takes in."""
-        hidden = self.lm.model(input_ids=self.tokens, cache=self.cache, use_cache=True).last_hidden_state
+        with reproducible_attention():
+            hidden = self.lm.model(input_ids=self.tokens, cache=self.cache, use_cache=True).last_hidden_state
         return self._head(hidden[:, -1]).float()
 
     def _choose(self, logits, kind: tuple):
@@ -513,7 +526,8 @@ class Decoder:
             ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
         mask = None if bool((lengths == width).all()) else (torch.arange(width, device=self.device) < lengths[:, None]).long()
         cache = DynamicCache(config=self.lm.config)
-        hidden = self.lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
+        with reproducible_attention():
+            hidden = self.lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
         self.cache.load(cache, lengths)
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]  # [B, hidden]
         return self._head(last).float()
