@@ -45,7 +45,9 @@ import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
 from baichuan_tune.serve.batching import BatchDecoder  # noqa: E402
+from baichuan_tune.serve import batching, fast_decode  # noqa: E402
 from baichuan_tune.serve.fast_decode import SamplingParams, reproducible_attention  # noqa: E402
+from baichuan_tune.serve.generation import chat_generation_config  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = {"serve": {}, "nograph": {"cuda_graph": False}, "eager": {"cuda_graph": False, "compile": False}}
@@ -78,7 +80,7 @@ class TopTwoDecoder(BatchDecoder):
         if not self.fixed_window:
             return super().decode_step()
         self.cache.window = self.max_len
-        with torch.inference_mode():
+        with torch.inference_mode(), self._rows(self.adapters):
             self._run_step(self._kind() + (self.cache.window,))
             tokens = self.next.tolist()
         for row, p in enumerate(self.params):
@@ -114,10 +116,15 @@ def make_requests(seed: int, count: int, prompt_tokens: str, new_tokens: str, vo
              "max_tokens": rng.randint(n_lo, n_hi)} for _ in range(count)]
 
 
+def server_params(model, max_tokens: int) -> SamplingParams:
+    """What `serve` decodes a greedy completion with: the checkpoint's settings and the chat defaults (the
+    repetition penalty), temperature 0."""
+    return SamplingParams.from_config(chat_generation_config(model, temperature=0, max_new_tokens=max_tokens))
+
+
 def start(decoder, row: int, answer: Answer, eos: set[int]) -> bool:
     answer.row = row
-    params = SamplingParams(answer.request["max_tokens"], eos=tuple(eos))
-    first = decoder.admit(row, answer.request["prompt"], params)
+    first = decoder.admit(row, answer.request["prompt"], server_params(decoder.model, answer.request["max_tokens"]))
     return answer.take(first, decoder.top2[row].tolist(), 0, eos)
 
 
@@ -151,17 +158,19 @@ def parting(alone: Answer, other: Answer) -> dict | None:
     pairs = list(zip(alone.top2, other.top2))
     value = next((k for k, (a, b) in enumerate(pairs) if a[0] != b[0]), None)
     token = next((k for k, (a, b) in enumerate(zip(alone.tokens, other.tokens)) if a != b), None)
-    if token is None and len(alone.tokens) != len(other.tokens):
+    if token is None and len(alone.tokens) != len(other.tokens):  # one is a prefix of the other
         token = min(len(alone.tokens), len(other.tokens))
     if value is None and token is None:
         return None
     found = {"request": alone.index, "prompt_tokens": len(alone.request["prompt"]), "first_value_step": value}
     if value is not None:
         found["top_logit_alone_other"] = pairs[value][0][0], pairs[value][1][0]
+    if token is not None:
+        found.update(first_token_step=token, row_other=other.row, joined_at_step=other.joined)
     if token is not None and token < len(pairs):
         a = alone.top2[token]
-        found.update(first_token_step=token, margin_alone=round(a[0] - a[1], 5), window_alone=alone.windows[token],
-                     window_other=other.windows[token], row_other=other.row, joined_at_step=other.joined)
+        found.update(margin_alone=round(a[0] - a[1], 5), window_alone=alone.windows[token],
+                     window_other=other.windows[token])
     return found
 
 
@@ -171,6 +180,7 @@ def forward_repeats(model, slots: int, slot_tokens: int, repeats: int) -> dict:
     (0: deterministic), and in which rows."""
     decoder = BatchDecoder(model, slots, slot_tokens, cuda_graph=False, compile=False)
     for row, length in enumerate((300, 50, 100, 150, 200, 250)[:slots]):
+        length = min(length, slot_tokens - 8)
         prompt = [3 + (7 * i + row) % (decoder.vocab - 3) for i in range(length)]
         decoder.admit(row, prompt, SamplingParams(8, eos=()))
     decoder.cache.window = min(512, decoder.max_len)
@@ -217,6 +227,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variant", default="serve", choices=list(VARIANTS))
+    ap.add_argument("--attention", default="decoding", choices=["decoding", "default"],
+                    help="decoding: the decoders' reproducible_attention (no cuDNN); default: SDPA's own choice")
     ap.add_argument("--fixed-window", action="store_true", help="every step attends to all slots")
     ap.add_argument("--zero-stale", action="store_true", help="zero a row's slots when it takes a request")
     ap.add_argument("--forward-repeats", type=int, default=40, help="repeats of one forward per SDPA choice (0: skip)")
@@ -233,9 +245,11 @@ def main(argv=None) -> dict:
     config = preset_config(args.preset)
     with torch.device(args.device):
         model = BaichuanForCausalLM(config).to(DTYPES[args.dtype]).eval()
-    eos = {config.eos_token_id} if config.eos_token_id is not None else set()
+    eos = set(server_params(model, 1).eos)
     vocab = min(args.prompt_vocab, config.vocab_size)
     requests = make_requests(0, args.requests, args.prompt_tokens, args.new_tokens, vocab)
+    if args.attention == "default":  # the decoders as they were before they left cuDNN's attention out
+        batching.reproducible_attention = fast_decode.reproducible_attention = contextlib.nullcontext
     repeated = forward_repeats(model, args.slots, args.slot_tokens, args.forward_repeats) if args.forward_repeats else {}
     decoder = TopTwoDecoder(model, args.slots, args.slot_tokens, **VARIANTS[args.variant])
     decoder.fixed_window, decoder.zero_stale = args.fixed_window, args.zero_stale
@@ -248,7 +262,7 @@ def main(argv=None) -> dict:
                 "batched": compare(f"alone vs {args.slots} clients", runs["alone"], runs["batched"])}
     summary = {name: {"same_tokens": c["same_tokens"], "same_top_logits": c["same_top_logits"], "of": c["requests"]}
                for name, c in compared.items()}
-    result = {"variant": args.variant, "fixed_window": args.fixed_window, "zero_stale": args.zero_stale, **timings,
+    result = {"variant": args.variant, "attention": args.attention, "fixed_window": args.fixed_window, "zero_stale": args.zero_stale, **timings,
               "forward_repeats": {k: v if isinstance(v, str) else v["differ"] for k, v in repeated.items()}, **summary}
     print("RESULT " + json.dumps(result), flush=True)
     return result

@@ -289,7 +289,8 @@ def test_in_bf16_on_gpu_a_rows_logits_do_not_depend_on_its_neighbours_window(pre
 
 def test_serve_replay_benchmark_smoke():
     """benchmarks/bench_serve_replay.py on a CPU: every request alone twice and as 4 clients, in fp32 the same
-    tokens each time; the repeated forward from one state gives the same logits under each SDPA choice."""
+    tokens each time; the repeated forward from one state gives the same logits through the decoders' SDPA
+    kernels and through math (the CPU has no cuDNN or memory-efficient kernel)."""
     import importlib.util
     from pathlib import Path
 

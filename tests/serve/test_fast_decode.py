@@ -392,3 +392,38 @@ def test_in_bf16_on_gpu_the_same_decoding_step_gives_the_same_bits():
 
     first = forward()
     assert all(torch.equal(forward(), first) for _ in range(30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_bf16_on_gpu_the_served_step_decodes_a_request_the_same_twice():
+    """As `serve` runs it (compiled, CUDA graphs): the same rows decoded twice give the same logits bits."""
+    from baichuan_tune.serve.batching import BatchDecoder
+
+    class Recording(BatchDecoder):
+        def _allocate(self, batch, max_len, vocab):
+            super()._allocate(batch, max_len, vocab)
+            self.kept = torch.zeros(batch, vocab, device=self.device)
+
+        def _logits(self):  # inside the captured graph: the buffer is refreshed at every replay
+            logits = super()._logits()
+            self.kept.copy_(logits)
+            return logits
+
+    model = tiny_model("tiny-baichuan2-7b", num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
+                       intermediate_size=1024, vocab_size=4096).to("cuda", torch.bfloat16)
+    decoder = Recording(model, 8, 600)
+
+    def run() -> torch.Tensor:
+        for row in range(8):
+            decoder.release(row)
+        for row, length in enumerate((300, 50, 150, 200, 250)):
+            decoder.admit(row, [3 + (7 * i + row) % 4000 for i in range(length)], SamplingParams(12, eos=()))
+        kept = []
+        for _ in range(10):
+            decoder.decode_step()
+            kept.append(decoder.kept[:5].clone())
+        return torch.stack(kept)
+
+    first = run()
+    assert torch.equal(run(), first) and torch.equal(run(), first)

@@ -51,9 +51,9 @@ CHECKED_OPTIONS = (
 )
 CACHE_MIN = 256  # the shortest cache a decoder gets (see cache_length)
 # SDPA's kernels for decoding. On an H200 (torch 2.11) the batch's masked bf16 decoding forward, repeated
-# from one state at the Baichuan2-7B shape, gave rows of 150 keys or more other bits in 40 of 40 repeats
-# with SDPA's own choice and 38 of 40 with cuDNN's attention forced, so the same greedy request answered
-# differently alone twice; the memory-efficient kernel and math gave the same bits every time
+# from one state at the Baichuan2-7B shape, gave some rows of a few hundred keys other bits in 40 of 40
+# repeats with SDPA's own choice and 38 of 40 with cuDNN's attention forced, so the same greedy request
+# answered differently alone twice; the memory-efficient kernel and math gave the same bits every time
 # (benchmarks/bench_serve_replay.py, docs/PERFORMANCE.md "Serving under load"). Decoding leaves cuDNN out.
 DECODE_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
