@@ -76,17 +76,8 @@ class TopTwoDecoder(BatchDecoder):
                 values[row].zero_()
         return super().admit(row, prompt, params, adapter)
 
-    def decode_step(self):
-        if not self.fixed_window:
-            return super().decode_step()
-        self.cache.window = self.max_len
-        with torch.inference_mode(), self._rows(self.adapters):
-            self._run_step(self._kind() + (self.cache.window,))
-            tokens = self.next.tolist()
-        for row, p in enumerate(self.params):
-            if p is not None:
-                self.held[row] += 1
-        return tokens
+    def window(self):
+        return self.max_len if self.fixed_window else super().window()
 
     def _prefill_row(self, row, prompt, adapter):
         logits = super()._prefill_row(row, prompt, adapter)

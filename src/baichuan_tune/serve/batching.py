@@ -155,13 +155,17 @@ class BatchDecoder(Decoder):
             return ("top_k", min(k, self.vocab))
         return ("sort",)
 
-    def decode_step(self) -> list[int]:
-        """One token for every row (the active rows' are the ones that count)."""
+    def window(self) -> int:
+        """The slots the next step attends to: the next power of two (from CACHE_MIN) above the longest row."""
         needed = max(h for h, p in zip(self.held, self.params) if p is not None) + 1
         window = CACHE_MIN
         while window < needed:
             window *= 2
-        self.cache.window = min(window, self.max_len)
+        return min(window, self.max_len)
+
+    def decode_step(self) -> list[int]:
+        """One token for every row (the active rows' are the ones that count)."""
+        self.cache.window = self.window()
         with torch.inference_mode(), self._rows(self.adapters):
             self._run_step(self._kind() + (self.cache.window,))
             tokens = self.next.tolist()
