@@ -20,10 +20,11 @@ the scheduler here works over the fast path's slot cache instead:
 
 The attention window: each step attends to the first W slots of every row, W the next power of two
 (from 256) above the longest row, so a batch of short requests reads a short cache however long the
-rows could grow. SDPA's kernels split the keys by the window's length, so a row's logits round
-differently as the window changes for other rows; in bf16 that can flip near-tied greedy tokens (at the
-Baichuan2-7B shape in bf16 the memory-efficient kernel was measured not to; cuDNN's, which the decoders
-leave out (`reproducible_attention`), was not even deterministic: benchmarks/bench_serve_replay.py). With
+rows could grow. A kernel that split the keys by the window's length would round a row's logits
+differently as the window changes for other rows, and in bf16 that can flip near-tied greedy tokens; at
+the Baichuan2-7B shape in bf16 the memory-efficient kernel the decoders use was measured not to (cuDNN's,
+which they leave out with `reproducible_attention`, was not even deterministic from call to call:
+benchmarks/bench_serve_replay.py). With
 `batch_invariant` attention runs over the window in blocks of 256 keys (`modeling_baichuan.block_attend`),
 so a row's logits are the same bits whether the window is its own or a longer neighbour's: on a CPU and
 for tiny models on a GPU. Compiled at the Baichuan2-7B shape in bf16 the step fuses the blocks
