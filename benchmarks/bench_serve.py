@@ -92,11 +92,13 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
     return proc, match.group(1)
 
 
-def make_requests(args, vocab: int) -> list[dict]:
-    rng = random.Random(0)
-    (p_lo, p_hi), (n_lo, n_hi) = (map(int, args.prompt_tokens.split(",")), map(int, args.new_tokens.split(",")))
-    return [{"prompt": [rng.randrange(1000, vocab) for _ in range(rng.randint(p_lo, p_hi))],
-             "max_tokens": rng.randint(n_lo, n_hi)} for _ in range(args.requests)]
+def make_requests(count: int, prompt_tokens: str, new_tokens: str, vocab: int, seed: int = 0) -> list[dict]:
+    """`count` completions: random token-id prompts ("min,max" tokens, ids from 1,000 or half a small
+    vocabulary up to `vocab`) and random max_tokens ("min,max"); the same ones for the same arguments."""
+    rng = random.Random(seed)
+    (p_lo, p_hi), (n_lo, n_hi) = map(int, prompt_tokens.split(",")), map(int, new_tokens.split(","))
+    return [{"prompt": [rng.randrange(min(1000, vocab // 2), vocab) for _ in range(rng.randint(p_lo, p_hi))],
+             "max_tokens": rng.randint(n_lo, n_hi)} for _ in range(count)]
 
 
 def sse_data(response):
@@ -188,7 +190,7 @@ def main(argv=None) -> dict:
     proc, url = start_server(model, args)
     try:
         name = json.loads(__import__("urllib.request").request.urlopen(url + "/v1/models").read())["data"][0]["id"]
-        requests = make_requests(args, vocab)
+        requests = make_requests(args.requests, args.prompt_tokens, args.new_tokens, vocab)
         longest = max(requests, key=lambda r: len(r["prompt"]) + r["max_tokens"])
         phase(url, name, [longest, requests[0]], 1)  # warm-up: compiles and captures the steps' graphs
         alone, wall_1 = phase(url, name, requests, 1)

@@ -30,24 +30,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import random
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baichuan_tune  # noqa: E402,F401
 from baichuan_tune.models import BaichuanForCausalLM  # noqa: E402
 from baichuan_tune.models.presets import preset_config  # noqa: E402
 from baichuan_tune.serve.batching import BatchDecoder  # noqa: E402
-from baichuan_tune.serve import batching, fast_decode  # noqa: E402
-from baichuan_tune.serve.fast_decode import SamplingParams, reproducible_attention  # noqa: E402
+from baichuan_tune.serve.fast_decode import DECODE_SDPA, SamplingParams, reproducible_attention  # noqa: E402
 from baichuan_tune.serve.generation import chat_generation_config  # noqa: E402
+from bench_serve import make_requests  # noqa: E402  (its requests, so the same ones)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = {"serve": {}, "nograph": {"cuda_graph": False}, "eager": {"cuda_graph": False, "compile": False}}
@@ -97,14 +97,6 @@ class Answer:
         self.top2.append(top2)
         self.windows.append(window)
         return token in eos or len(self.tokens) >= self.request["max_tokens"]
-
-
-def make_requests(seed: int, count: int, prompt_tokens: str, new_tokens: str, vocab: int) -> list[dict]:
-    """bench_serve's requests: the same generator, so the same prompts and max_tokens for the same arguments."""
-    rng = random.Random(seed)
-    (p_lo, p_hi), (n_lo, n_hi) = map(int, prompt_tokens.split(",")), map(int, new_tokens.split(","))
-    return [{"prompt": [rng.randrange(min(1000, vocab // 2), vocab) for _ in range(rng.randint(p_lo, p_hi))],
-             "max_tokens": rng.randint(n_lo, n_hi)} for _ in range(count)]
 
 
 def server_params(model, max_tokens: int) -> SamplingParams:
@@ -182,12 +174,13 @@ def forward_repeats(model, slots: int, slot_tokens: int, repeats: int) -> dict:
         hidden = decoder.lm.model(input_ids=decoder.tokens, cache=decoder.cache, use_cache=True).last_hidden_state
         return decoder._head(hidden[:, -1]).float()
 
-    choices = {"sdpa_default": None, "decoding": reproducible_attention, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    contexts = {"sdpa_default": contextlib.nullcontext, "decoding": reproducible_attention,
+                "cudnn": lambda: reproducible_attention((SDPBackend.CUDNN_ATTENTION,)),
+                "efficient": lambda: reproducible_attention((SDPBackend.EFFICIENT_ATTENTION,)),
+                "math": lambda: reproducible_attention((SDPBackend.MATH,))}
     found = {}
-    for name, choice in choices.items():
-        context = choice() if callable(choice) else sdpa_kernel(choice) if choice is not None else None
-        with torch.inference_mode(), context or contextlib.nullcontext():
+    for name, context in contexts.items():
+        with torch.inference_mode(), context():
             try:
                 first, rows, differ = forward(), set(), 0
             except RuntimeError as exc:  # a kernel this device or dtype lacks
@@ -238,9 +231,9 @@ def main(argv=None) -> dict:
         model = BaichuanForCausalLM(config).to(DTYPES[args.dtype]).eval()
     eos = set(server_params(model, 1).eos)
     vocab = min(args.prompt_vocab, config.vocab_size)
-    requests = make_requests(0, args.requests, args.prompt_tokens, args.new_tokens, vocab)
+    requests = make_requests(args.requests, args.prompt_tokens, args.new_tokens, vocab)
     if args.attention == "default":  # the decoders as they were before they left cuDNN's attention out
-        batching.reproducible_attention = fast_decode.reproducible_attention = contextlib.nullcontext
+        TopTwoDecoder.sdpa_backends = DECODE_SDPA + (SDPBackend.CUDNN_ATTENTION,)
     repeated = forward_repeats(model, args.slots, args.slot_tokens, args.forward_repeats) if args.forward_repeats else {}
     decoder = TopTwoDecoder(model, args.slots, args.slot_tokens, **VARIANTS[args.variant])
     decoder.fixed_window, decoder.zero_stale = args.fixed_window, args.zero_stale
@@ -253,7 +246,8 @@ def main(argv=None) -> dict:
                 "batched": compare(f"alone vs {args.slots} clients", runs["alone"], runs["batched"])}
     summary = {name: {"same_tokens": c["same_tokens"], "same_top_logits": c["same_top_logits"], "of": c["requests"]}
                for name, c in compared.items()}
-    result = {"variant": args.variant, "attention": args.attention, "fixed_window": args.fixed_window, "zero_stale": args.zero_stale, **timings,
+    result = {"variant": args.variant, "attention": args.attention, "fixed_window": args.fixed_window,
+              "zero_stale": args.zero_stale, **timings,
               "forward_repeats": {k: v if isinstance(v, str) else v["differ"] for k, v in repeated.items()}, **summary}
     print("RESULT " + json.dumps(result), flush=True)
     return result

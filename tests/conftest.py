@@ -45,3 +45,32 @@ def tiny_model(preset: str = "tiny-baichuan2-7b", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return BaichuanForCausalLM(preset_config(preset, **overrides)).eval()
+
+
+def benchmark_script(name: str):
+    """The module of benchmarks/<name>.py (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recording_batch_decoder(*args, **kwargs):
+    """A serve `BatchDecoder` that keeps each decoding step's fp32 logits in `kept` ([rows, vocab]); inside
+    a captured CUDA graph the buffer is refreshed at every replay."""
+    from baichuan_tune.serve.batching import BatchDecoder
+
+    class Recording(BatchDecoder):
+        def _allocate(self, batch, max_len, vocab):
+            super()._allocate(batch, max_len, vocab)
+            self.kept = torch.zeros(batch, vocab, device=self.device)
+
+        def _logits(self):
+            logits = super()._logits()
+            self.kept.copy_(logits)
+            return logits
+
+    return Recording(*args, **kwargs)

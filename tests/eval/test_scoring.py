@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import need_shared, tiny_model
+from conftest import benchmark_script, need_shared, tiny_model
 
 from baichuan_tune.eval.prompts import answer_token_ids, build_prompt
 from baichuan_tune.eval.reading import load_benchmark
@@ -169,15 +169,9 @@ def test_token_budget_splits_batches():
 
 def test_speed_benchmark_runs_on_cpu(shared_data, tmp_path, capsys):
     """benchmarks/bench_eval.py end to end at the tiny shape (on a GPU it runs the Baichuan2-7B shape)."""
-    import importlib.util
-    from pathlib import Path
-
     from conftest import REFERENCE
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"
-    spec = importlib.util.spec_from_file_location("bench_eval", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_eval")
     out = tmp_path / "bench.json"
     assert bench.main([
         "--data", str(data_file(shared_data, CEVAL_ZIP)),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from baichuan_tune.models.quantize import QUANTIZED_LINEARS, QuantizeError, is_quantized
-from conftest import tiny_model
+from conftest import benchmark_script, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -181,13 +181,7 @@ def test_quantize_on_the_gpu(bits):
 
 def test_memory_benchmark_counts_the_bytes_by_hand():
     """benchmarks/bench_quant_memory.py on a CPU: bytes of the tiny Baichuan2-7B shape, counted by hand."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quant_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_quant_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_quant_memory")
     rows = bench.main(["--presets", "tiny-baichuan2-7b", "--modes", "bf16,8bit", "--device", "cpu"])
     h, i, v, layers = 64, 176, 512, 2
     linear = layers * (3 * h * h + h * h + 2 * i * h + i * h)  # W_pack, o_proj, gate/up, down

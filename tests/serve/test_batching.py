@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import benchmark_script, recording_batch_decoder, tiny_model
 
 from baichuan_tune.builtin import DEFAULT_TOKENIZER
 from baichuan_tune.serve.fast_decode import plain_decode
@@ -241,20 +241,9 @@ def test_batch_decoder_with_cuda_graphs_equals_generate(preset):
 
 def _row0_logits(model, neighbours: list[int], steps: int = 10) -> torch.Tensor:
     """Row 0's logits at each step of a BatchDecoder (a 20-token prompt), rows 1.. holding `neighbours`."""
-    from baichuan_tune.serve.batching import BatchDecoder
     from baichuan_tune.serve.fast_decode import SamplingParams
 
-    class Recording(BatchDecoder):
-        def _allocate(self, batch, max_len, vocab):
-            super()._allocate(batch, max_len, vocab)
-            self.kept = torch.zeros(batch, vocab, device=self.device)
-
-        def _logits(self):  # compiled and captured with the step: the buffer is part of the graph
-            logits = super()._logits()
-            self.kept.copy_(logits)
-            return logits
-
-    decoder = Recording(model, 4, 700, batch_invariant=True)
+    decoder = recording_batch_decoder(model, 4, 700, batch_invariant=True)
     decoder.admit(0, list(range(30, 50)), SamplingParams(steps + 1, eos=()))
     for row, length in enumerate(neighbours, start=1):
         decoder.admit(row, [3 + (i * 7 + row) % 4000 for i in range(length)], SamplingParams(steps + 1, eos=()))
@@ -291,13 +280,7 @@ def test_serve_replay_benchmark_smoke():
     """benchmarks/bench_serve_replay.py on a CPU: every request alone twice and as 4 clients, in fp32 the same
     tokens each time; the repeated forward from one state gives the same logits through the decoders' SDPA
     kernels and through math (the CPU has no cuDNN or memory-efficient kernel)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve_replay.py"
-    spec = importlib.util.spec_from_file_location("bench_serve_replay", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_serve_replay")
     result = bench.main(["--preset", "tiny-baichuan2-13b", "--dtype", "fp32", "--device", "cpu", "--slots", "4",
                          "--requests", "8", "--prompt-tokens", "4,40", "--new-tokens", "4,12", "--slot-tokens", "400",
                          "--forward-repeats", "2"])

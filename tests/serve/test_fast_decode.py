@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import recording_batch_decoder, tiny_model
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -370,18 +370,27 @@ def test_decoding_attention_leaves_cudnn_out_and_training_keeps_it(preset, monke
     assert len(allowed) == layers * (1 + 2 + 1 + 1) and not any(allowed)  # prefill, 2 steps; prefill, 1 step
 
 
+def _published_heads_rows(decoder, max_new_tokens: int) -> None:
+    """Rows of 300, 50, 150, 200 and 250 tokens in `decoder`, whose model has the published head geometry
+    (32 heads of 128): where cuDNN's attention gave rows other bits from call to call."""
+    for row, length in enumerate((300, 50, 150, 200, 250)):
+        decoder.admit(row, [3 + (7 * i + row) % 4000 for i in range(length)], SamplingParams(max_new_tokens, eos=()))
+
+
+def _published_heads_model():
+    return tiny_model("tiny-baichuan2-7b", num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
+                      intermediate_size=1024, vocab_size=4096).to("cuda", torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_in_bf16_on_gpu_the_same_decoding_step_gives_the_same_bits():
-    """The published head geometry (32 heads of 128), rows of a few hundred keys: the batch's decoding
-    forward from one state, repeated, gives identical logits (cuDNN's attention did not)."""
+    """Rows of a few hundred keys: the batch's decoding forward from one state, repeated, gives identical
+    logits (cuDNN's attention did not)."""
     from baichuan_tune.serve.batching import BatchDecoder
 
-    model = tiny_model("tiny-baichuan2-7b", num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
-                       intermediate_size=1024, vocab_size=4096).to("cuda", torch.bfloat16)
-    decoder = BatchDecoder(model, 8, 600, cuda_graph=False, compile=False)
-    for row, length in enumerate((300, 50, 150, 200, 250)):
-        decoder.admit(row, [3 + (7 * i + row) % 4000 for i in range(length)], SamplingParams(4, eos=()))
+    decoder = BatchDecoder(_published_heads_model(), 8, 600, cuda_graph=False, compile=False)
+    _published_heads_rows(decoder, 4)
     decoder.cache.window = 512
     lengths = decoder.cache.lengths.clone()
 
@@ -398,27 +407,12 @@ def test_in_bf16_on_gpu_the_same_decoding_step_gives_the_same_bits():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_in_bf16_on_gpu_the_served_step_decodes_a_request_the_same_twice():
     """As `serve` runs it (compiled, CUDA graphs): the same rows decoded twice give the same logits bits."""
-    from baichuan_tune.serve.batching import BatchDecoder
-
-    class Recording(BatchDecoder):
-        def _allocate(self, batch, max_len, vocab):
-            super()._allocate(batch, max_len, vocab)
-            self.kept = torch.zeros(batch, vocab, device=self.device)
-
-        def _logits(self):  # inside the captured graph: the buffer is refreshed at every replay
-            logits = super()._logits()
-            self.kept.copy_(logits)
-            return logits
-
-    model = tiny_model("tiny-baichuan2-7b", num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
-                       intermediate_size=1024, vocab_size=4096).to("cuda", torch.bfloat16)
-    decoder = Recording(model, 8, 600)
+    decoder = recording_batch_decoder(_published_heads_model(), 8, 600)
 
     def run() -> torch.Tensor:
         for row in range(8):
             decoder.release(row)
-        for row, length in enumerate((300, 50, 150, 200, 250)):
-            decoder.admit(row, [3 + (7 * i + row) % 4000 for i in range(length)], SamplingParams(12, eos=()))
+        _published_heads_rows(decoder, 12)
         kept = []
         for _ in range(10):
             decoder.decode_step()

@@ -24,7 +24,7 @@ from baichuan_tune.serve.generation import (
     chat_prompt_ids,
     generate_text,
 )
-from conftest import tiny_model
+from conftest import benchmark_script, tiny_model
 
 # FACTS.md, "Tokenizers": the same three strings in both tokenizers.
 Q1, A1, Q2 = "世界上第二高的山峰是哪座", "12345", "Hello world"
@@ -259,13 +259,7 @@ def test_stop_strings_end_generation(b2_tok):
 def test_decode_benchmark_smoke():
     """benchmarks/bench_decode.py on a CPU: the fast path (batch 1 and 2), generate and Llama's static path
     decode; bytes per token = non-embedding weights; time to first token is reported."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_decode")
     rows = bench.main(["--preset", "tiny-baichuan2-7b", "--device", "cpu", "--modes", "fp32", "--new-tokens", "4",
                        "--prompt-tokens", "4", "--repeats", "1", "--batch-sizes", "1,2", "--ttft-tokens", "16"])
     h, i, v, layers = 64, 176, 512, 2

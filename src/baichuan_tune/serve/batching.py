@@ -213,7 +213,7 @@ class BatchDecoder(Decoder):
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.lm.config)
-        with self._rows(self.adapters[row : row + 1]), reproducible_attention():
+        with self._rows(self.adapters[row : row + 1]), reproducible_attention(self.sdpa_backends):
             hidden = self.lm.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
         self.cache.load_row(row, cache)
         return self._head(hidden[:, -1]).float()

@@ -58,9 +58,10 @@ CACHE_MIN = 256  # the shortest cache a decoder gets (see cache_length)
 DECODE_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
-def reproducible_attention():
-    """A context in which the model's SDPA calls run only on kernels whose forward is deterministic."""
-    return sdpa_kernel(list(DECODE_SDPA))
+def reproducible_attention(backends: tuple[SDPBackend, ...] = DECODE_SDPA):
+    """A context in which the model's SDPA calls run only on `backends` (by default, kernels whose forward
+    is deterministic)."""
+    return sdpa_kernel(list(backends))
 
 
 # ----------------------------------------------------------------------------- the one entry point
@@ -346,6 +347,7 @@ class Decoder:
     """
 
     cache_class = SlotCache  # the KV cache it decodes over
+    sdpa_backends = DECODE_SDPA  # SDPA's kernels for its prefills and steps
 
     def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool | None = None,
                  compile: bool | None = None, sync_every: int = 8):
@@ -409,7 +411,7 @@ class Decoder:
 
     def _logits(self):
         """fp32 logits [B, V] of the token after `self.tokens`, which the cache takes in."""
-        with reproducible_attention():
+        with reproducible_attention(self.sdpa_backends):
             hidden = self.lm.model(input_ids=self.tokens, cache=self.cache, use_cache=True).last_hidden_state
         return self._head(hidden[:, -1]).float()
 
@@ -526,7 +528,7 @@ class Decoder:
             ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
         mask = None if bool((lengths == width).all()) else (torch.arange(width, device=self.device) < lengths[:, None]).long()
         cache = DynamicCache(config=self.lm.config)
-        with reproducible_attention():
+        with reproducible_attention(self.sdpa_backends):
             hidden = self.lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
         self.cache.load(cache, lengths)
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]  # [B, hidden]
