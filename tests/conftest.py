@@ -59,18 +59,6 @@ def benchmark_script(name: str):
 
 
 def recording_batch_decoder(*args, **kwargs):
-    """A serve `BatchDecoder` that keeps each decoding step's fp32 logits in `kept` ([rows, vocab]); inside
-    a captured CUDA graph the buffer is refreshed at every replay."""
-    from baichuan_tune.serve.batching import BatchDecoder
-
-    class Recording(BatchDecoder):
-        def _allocate(self, batch, max_len, vocab):
-            super()._allocate(batch, max_len, vocab)
-            self.kept = torch.zeros(batch, vocab, device=self.device)
-
-        def _logits(self):
-            logits = super()._logits()
-            self.kept.copy_(logits)
-            return logits
-
-    return Recording(*args, **kwargs)
+    """A serve `BatchDecoder` that keeps each decoding step's fp32 logits in `kept` ([rows, vocab]; inside a
+    captured CUDA graph too): bench_batch_attention's RecordingDecoder."""
+    return benchmark_script("bench_batch_attention").RecordingDecoder(*args, **kwargs)
