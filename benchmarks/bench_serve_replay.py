@@ -242,6 +242,7 @@ def main(argv=None) -> dict:
     for name, clients in (("alone", 1), ("alone_again", 1), ("batched", args.slots)):
         runs[name] = replay(decoder, requests, clients, eos)
         timings[f"{name}_done_s"] = round(time.perf_counter() - began, 1)
+        print(json.dumps({"phase": name, "done_s": timings[f"{name}_done_s"]}), flush=True)  # a cut run still tells
     compared = {"alone_again": compare("alone vs alone again", runs["alone"], runs["alone_again"]),
                 "batched": compare(f"alone vs {args.slots} clients", runs["alone"], runs["batched"])}
     summary = {name: {"same_tokens": c["same_tokens"], "same_top_logits": c["same_top_logits"], "of": c["requests"]}
