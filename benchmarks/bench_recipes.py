@@ -151,7 +151,13 @@ class _Profile:
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
         head = (f"profiled {self.active} steps: wall {self.wall:.3f} s, GPU kernel time {kernels:.3f} s "
                 f"({100 * kernels / max(self.wall, 1e-9):.0f}% busy), {launches / self.active:.0f} kernel launches/step\n")
-        return head + events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
+        # The host side: which calls the CPU time goes to, inclusive (a compiled region, a backward node,
+        # bitsandbytes' ops) and self. The profiler's own overhead inflates these; their shares are the point.
+        host = (f"\nhost time by call, inclusive (wall {self.wall:.3f} s):\n"
+                + events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
+                + "\nhost time by call, self:\n"
+                + events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        return head + events.table(sort_by=sort, row_limit=15, max_name_column_width=60) + host
 
 
 def _profiling(active: int, skip: int) -> _Profile:
