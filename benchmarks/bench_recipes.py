@@ -97,6 +97,9 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
     out = workdir / f"ours-{recipe}"
     from torch._dynamo.utils import counters
 
+    # Each variant compiles afresh: a compiled layer keeps the SDPA kernel it was traced with, so a later
+    # variant with other kernels (--sdpa_cudnn) would otherwise reuse the earlier variant's graphs.
+    torch._dynamo.reset()
     prof = _profiling(profile_steps, steps) if profile_steps else None
     graphs = counters["stats"]["unique_graphs"]
     sft.main(recipe_argv(recipe, model, data, out, steps + profile_steps, smoke, extra))

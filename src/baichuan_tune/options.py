@@ -28,6 +28,8 @@ class ModelOptions:
     loss_chunk_size: int = opt(
         0, "training loss through the head this many tokens at a time, no full logits (0: full logits)")
     compile: bool = opt(False, "run each decoder layer through torch.compile (one graph for all layers; GPU)")
+    sdpa_cudnn: bool = opt(True, "let SDPA choose cuDNN's attention (false: flash, memory-efficient or math; "
+                           "cuDNN plans anew for each row length)")
     qlora_half_frozen: bool = opt(
         True, "qlora + bf16/fp16: keep embeddings, norms and head in that dtype (not PEFT's fp32)")
 

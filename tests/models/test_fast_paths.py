@@ -288,6 +288,50 @@ def test_compile_option_reaches_every_decoder_stack():
         assert len(stacks) == 1 and stacks[0].compile_backend == backend
 
 
+@pytest.mark.parametrize("preset,compiled", [("tiny-baichuan-13b", False), ("tiny-baichuan2-7b", True)])
+def test_sdpa_cudnn_false_leaves_cudnn_out_of_forward_and_recomputation(preset, compiled, monkeypatch, fresh_dynamo):
+    """`--sdpa_cudnn false` reaches the decoder stack through fast_path_kwargs; then every SDPA call of a
+    checkpointed training step, the forward and the recomputation in backward, runs with cuDNN's attention
+    disabled (by default it stays enabled), and the loss and gradients are the default path's, compiled or
+    not (the CPU runs the same kernel either way)."""
+    import torch.nn.functional as F
+
+    from baichuan_tune.commands.sft import SFTConfig
+    from baichuan_tune.config import read_options
+    from baichuan_tune.models.modeling_baichuan import BaichuanModel
+    from baichuan_tune.train.training import fast_path_kwargs
+
+    model = _lora_model(preset)
+    ids, mask, _ = _packed_and_padded(_samples(model.config.vocab_size))
+    labels = ids.masked_fill(mask.eq(0), -100)
+    allowed, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    set_fast_paths(model, compile=compiled, compile_backend="aot_eager")  # the reference: SDPA's own choice
+    plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+    torch._dynamo.reset()  # the kernel choice is traced into a compiled graph: compile afresh
+    layers = model.config.num_hidden_layers
+    assert len(allowed) == 2 * layers and all(allowed)  # forward and recomputation, cuDNN allowed
+    cfg = read_options(SFTConfig, ["--sdpa_cudnn", "false", "--compile", str(compiled).lower()])
+    kwargs = fast_path_kwargs(cfg, None)
+    assert kwargs["sdpa_cudnn"] is False
+    set_fast_paths(model, attention=kwargs["attention"], compile=kwargs["compile"], sdpa_cudnn=False,
+                   compile_backend="aot_eager")
+    assert [m.sdpa_backends is not None for m in model.modules() if isinstance(m, BaichuanModel)] == [True]
+    allowed.clear()
+    fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    assert len(allowed) == 2 * layers and not any(allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the restriction ends with each layer call
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-6, atol=1e-7)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _group(vocab: int, sizes=((1,), (2,), (1,), (3,)), seed: int = 3, same_length: bool = False):
     """Micro-batches of features of random ids; labels -100 on a prompt of 2 tokens."""
     gen = torch.Generator().manual_seed(seed)

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -357,6 +358,17 @@ def _layer_step(layer, hidden_states, attn_bias, rotary, cache, is_causal):
     return layer(hidden_states, attn_bias, rotary, cache, is_causal)
 
 
+# SDPA's kernels other than cuDNN's attention (flash takes no bias: unmasked rows only).
+NO_CUDNN_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _step_on_kernels(step, backends, layer, hidden_states, attn_bias, rotary, cache, is_causal):
+    # Entered inside the function that checkpointing recomputes, so the recomputation in backward runs on
+    # the same SDPA kernels as the forward (the backward kernels follow the forward's choice).
+    with sdpa_kernel(list(backends)):
+        return step(layer, hidden_states, attn_bias, rotary, cache, is_causal)
+
+
 @functools.cache
 def compiled_layer_step(backend: str):
     """`_layer_step` under torch.compile: every decoder layer runs the same code, so one graph serves all
@@ -375,6 +387,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
     # Under gradient checkpointing, how many decoder layers (the first ones) recompute their activations in
     # backward; the others keep them (-1: all). Recomputation costs a third of a LoRA step's matrix products.
     checkpoint_layers = -1
+    # None: SDPA picks its kernel (the reference); a tuple of SDPBackend: the layers' SDPA calls run only on
+    # those (set by `set_fast_paths(sdpa_cudnn=False)`: cuDNN's attention builds a plan for each new row
+    # length, measured at milliseconds of host time a call on one-row steps of changing length).
+    sdpa_backends = None
 
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
@@ -457,6 +473,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
             hidden_states.dtype,
         )
         step = compiled_layer_step(self.compile_backend) if self.compile_backend and not use_cache else _layer_step
+        if self.sdpa_backends is not None:
+            step = functools.partial(_step_on_kernels, step, self.sdpa_backends)
         checkpointed = len(self.layers) if self.checkpoint_layers < 0 else self.checkpoint_layers
         for index, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and index < checkpointed:
@@ -658,9 +676,10 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
 
 def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, compile: bool = False,
-                   compile_backend: str = "inductor"):
-    """Choose the attention backend, the chunked loss and compiled decoder layers (`compile`, through
-    `compile_backend`) of a BaichuanForCausalLM (or a PEFT model around one)."""
+                   compile_backend: str = "inductor", sdpa_cudnn: bool = True):
+    """Choose the attention backend, the chunked loss, compiled decoder layers (`compile`, through
+    `compile_backend`) and whether SDPA may use cuDNN's attention (`sdpa_cudnn`) of a BaichuanForCausalLM
+    (or a PEFT model around one)."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if loss_chunk_size < 0:
@@ -675,6 +694,7 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, com
         if isinstance(module, BaichuanModel):
             module.attention_backend = attention
             module.compile_backend = compile_backend if compile else None
+            module.sdpa_backends = None if sdpa_cudnn else NO_CUDNN_SDPA
         elif isinstance(module, BaichuanForCausalLM):
             module.loss_chunk_size = loss_chunk_size
     return model
