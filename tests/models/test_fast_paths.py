@@ -332,6 +332,28 @@ def test_sdpa_cudnn_false_leaves_cudnn_out_of_forward_and_recomputation(preset, 
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sdpa_cudnn_false_on_gpu_fp16_follows_sdpas_own_choice(fresh_dynamo):
+    """On a GPU in fp16 (the 13B recipe's precision), compiled ALiBi layers under gradient checkpointing with cuDNN's attention left out
+    (the recipe's setting) give the loss and LoRA gradients of SDPA's own kernel choice, within fp16."""
+    model = _lora_model("tiny-baichuan-13b", "lora", "cuda")
+    ids, mask, _ = _packed_and_padded(_samples(512))
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = ids.masked_fill(mask.eq(0), -100)
+    with torch.autocast("cuda", dtype=torch.float16):
+        set_fast_paths(model, compile=True)
+        plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
+        torch._dynamo.reset()
+        set_fast_paths(model, compile=True, sdpa_cudnn=False)
+        fast, fast_grads = _loss_and_grads(model, ids, mask, labels)
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=2e-2, atol=2e-2)
+    assert plain_grads.keys() == fast_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.99, (name, float(cos))
+
+
 def _group(vocab: int, sizes=((1,), (2,), (1,), (3,)), seed: int = 3, same_length: bool = False):
     """Micro-batches of features of random ids; labels -100 on a prompt of 2 tokens."""
     gen = torch.Generator().manual_seed(seed)
