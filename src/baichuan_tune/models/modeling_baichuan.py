@@ -679,7 +679,9 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, com
                    compile_backend: str = "inductor", sdpa_cudnn: bool = True):
     """Choose the attention backend, the chunked loss, compiled decoder layers (`compile`, through
     `compile_backend`) and whether SDPA may use cuDNN's attention (`sdpa_cudnn`) of a BaichuanForCausalLM
-    (or a PEFT model around one)."""
+    (or a PEFT model around one). A compiled layer keeps the SDPA kernel it was traced with (torch.compile
+    does not guard on SDPA's backend flags): after changing `sdpa_cudnn` in a process that has already
+    run compiled layers, call `torch._dynamo.reset()`."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if loss_chunk_size < 0:
