@@ -62,3 +62,17 @@ def recording_batch_decoder(*args, **kwargs):
     """A serve `BatchDecoder` that keeps each decoding step's fp32 logits in `kept` ([rows, vocab]; inside a
     captured CUDA graph too): bench_batch_attention's RecordingDecoder."""
     return benchmark_script("bench_batch_attention").RecordingDecoder(*args, **kwargs)
+
+
+def sdpa_cudnn_allowed(monkeypatch) -> list[bool]:
+    """Whether cuDNN's attention was allowed at each SDPA call the model makes from now on."""
+    import torch.nn.functional as F
+
+    allowed, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return allowed

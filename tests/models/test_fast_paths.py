@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from baichuan_tune.models.modeling_baichuan import set_fast_paths
-from conftest import tiny_model
+from conftest import sdpa_cudnn_allowed, tiny_model
 
 PRESETS = ["tiny-baichuan-7b", "tiny-baichuan-13b", "tiny-baichuan2-7b", "tiny-baichuan2-13b"]
 
@@ -294,8 +294,6 @@ def test_sdpa_cudnn_false_leaves_cudnn_out_of_forward_and_recomputation(preset, 
     checkpointed training step, the forward and the recomputation in backward, runs with cuDNN's attention
     disabled (by default it stays enabled), and the loss and gradients are the default path's, compiled or
     not (the CPU runs the same kernel either way)."""
-    import torch.nn.functional as F
-
     from baichuan_tune.commands.sft import SFTConfig
     from baichuan_tune.config import read_options
     from baichuan_tune.models.modeling_baichuan import BaichuanModel
@@ -304,13 +302,7 @@ def test_sdpa_cudnn_false_leaves_cudnn_out_of_forward_and_recomputation(preset, 
     model = _lora_model(preset)
     ids, mask, _ = _packed_and_padded(_samples(model.config.vocab_size))
     labels = ids.masked_fill(mask.eq(0), -100)
-    allowed, sdpa = [], F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    allowed = sdpa_cudnn_allowed(monkeypatch)
     set_fast_paths(model, compile=compiled, compile_backend="aot_eager")  # the reference: SDPA's own choice
     plain, plain_grads = _loss_and_grads(model, ids, mask, labels)
     torch._dynamo.reset()  # the kernel choice is traced into a compiled graph: compile afresh

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import recording_batch_decoder, tiny_model
+from conftest import recording_batch_decoder, sdpa_cudnn_allowed, tiny_model
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -337,20 +337,6 @@ def test_cuda_graph_decoding_of_a_lora_policy_equals_generate():
 # ----------------------------------------------------------------------------- deterministic attention
 
 
-def _sdpa_calls(monkeypatch) -> list[bool]:
-    """Whether cuDNN's attention was allowed at each SDPA call the model makes from now on."""
-    import torch.nn.functional as F
-
-    allowed, sdpa = [], F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    return allowed
-
-
 @pytest.mark.parametrize("preset", ["tiny-baichuan2-7b", "tiny-baichuan2-13b"])
 def test_decoding_attention_leaves_cudnn_out_and_training_keeps_it(preset, monkeypatch):
     """Prefill and decoding steps (one request and the batching server's rows) run SDPA without cuDNN's
@@ -358,7 +344,7 @@ def test_decoding_attention_leaves_cudnn_out_and_training_keeps_it(preset, monke
     from baichuan_tune.serve.batching import BatchDecoder
 
     model = tiny_model(preset)
-    allowed = _sdpa_calls(monkeypatch)
+    allowed = sdpa_cudnn_allowed(monkeypatch)
     model(torch.tensor(prompts_of(9)))
     assert allowed and all(allowed)  # the default outside decoding
     allowed.clear()

@@ -358,14 +358,21 @@ def _layer_step(layer, hidden_states, attn_bias, rotary, cache, is_causal):
     return layer(hidden_states, attn_bias, rotary, cache, is_causal)
 
 
-# SDPA's kernels other than cuDNN's attention (flash takes no bias: unmasked rows only).
+# SDPA's kernels other than cuDNN's attention (flash takes no bias: unmasked rows only). cuDNN's is left
+# out where it costs: it plans anew for each new row length (training with `sdpa_cudnn=False`), and its
+# decoding forward is not deterministic (the fast path's decoders, serve/fast_decode.py).
 NO_CUDNN_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def sdpa_on(backends: tuple[SDPBackend, ...]):
+    """A context in which the model's SDPA calls run only on `backends`."""
+    return sdpa_kernel(list(backends))
 
 
 def _step_on_kernels(step, backends, layer, hidden_states, attn_bias, rotary, cache, is_causal):
     # Entered inside the function that checkpointing recomputes, so the recomputation in backward runs on
     # the same SDPA kernels as the forward (the backward kernels follow the forward's choice).
-    with sdpa_kernel(list(backends)):
+    with sdpa_on(backends):
         return step(layer, hidden_states, attn_bias, rotary, cache, is_causal)
 
 

@@ -31,10 +31,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
+
+from ..models.modeling_baichuan import NO_CUDNN_SDPA, sdpa_on
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,13 @@ CACHE_MIN = 256  # the shortest cache a decoder gets (see cache_length)
 # repeats with SDPA's own choice and 38 of 40 with cuDNN's attention forced, so the same greedy request
 # answered differently alone twice; the memory-efficient kernel and math gave the same bits every time
 # (benchmarks/bench_serve_replay.py, docs/PERFORMANCE.md "Serving under load"). Decoding leaves cuDNN out.
-DECODE_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+DECODE_SDPA = NO_CUDNN_SDPA
 
 
 def reproducible_attention(backends: tuple[SDPBackend, ...] = DECODE_SDPA):
     """A context in which the model's SDPA calls run only on `backends` (by default, kernels whose forward
     is deterministic)."""
-    return sdpa_kernel(list(backends))
+    return sdpa_on(backends)
 
 
 # ----------------------------------------------------------------------------- the one entry point
