@@ -30,6 +30,8 @@ class ModelOptions:
     compile: bool = opt(False, "run each decoder layer through torch.compile (one graph for all layers; GPU)")
     sdpa_cudnn: bool = opt(True, "let SDPA choose cuDNN's attention (false: flash, memory-efficient or math; "
                            "cuDNN plans anew for each row length)")
+    nf4_in_graph: bool = opt(True, "with --compile: dequantise NF4 weights inside the compiled layers as torch ops "
+                             "(false: bitsandbytes' op, a host call each)")
     qlora_half_frozen: bool = opt(
         True, "qlora + bf16/fp16: keep embeddings, norms and head in that dtype (not PEFT's fp32)")
 

@@ -206,7 +206,7 @@ def test_compiled_layers_compile_once_for_all_layers_and_once_more_for_all_lengt
 
 
 def test_compiled_layers_equal_eager_layers_under_qlora_nf4(fresh_dynamo):
-    """bitsandbytes' NF4 layers (its torch.library ops stay opaque in the graph) under compile: the QLoRA
+    """NF4 layers under compile (dequantised by nf4_forward inside the graph): the QLoRA
     loss and LoRA gradients of the eager path in bf16, with no graph break."""
     model = _lora_model("tiny-baichuan2-7b", "qlora", hidden_size=64, num_attention_heads=4, intermediate_size=192)
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))

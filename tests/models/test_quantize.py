@@ -275,3 +275,164 @@ def test_qlora_bf16_keeps_embeddings_and_head_in_bf16_and_follows_the_fp32_upcas
     for name, grad in runs[None][3].items():
         cos = torch.nn.functional.cosine_similarity(runs[torch.bfloat16][3][name].flatten(), grad.flatten(), 0)
         assert cos > 0.98, (name, float(cos))
+
+
+def _nf4_layer(out_features: int, in_features: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False)).to(torch.bfloat16)
+    from baichuan_tune.models.quantize import keep_4bit_trainable, _quantized_linear
+
+    layer = _quantized_linear(bnb, model[0], 4)
+    keep_4bit_trainable(nn.Sequential(layer))
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(128, 192), (320, 832), (64, 4096)])
+def test_nf4_dequantize_in_torch_ops_equals_bitsandbytes_bit_for_bit(shape):
+    """The written-out dequantisation (double-quantised scales, nested blocks of 256 scales that do not
+    divide the scale count in the second and third shape) against bitsandbytes' own."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from baichuan_tune.models.quantize import _state_args, nf4_dequantize
+
+    layer = _nf4_layer(*shape)
+    state = layer.weight.quant_state
+    assert state.nested
+    expected = dequantize_4bit(layer.weight.data, state)
+    assert torch.equal(nf4_dequantize(layer.weight.data, *_state_args(state)), expected)
+
+
+def test_nf4_forward_and_input_gradient_equal_bitsandbytes_matmul():
+    from baichuan_tune.models.quantize import nf4_forward
+
+    layer = _nf4_layer(96, 320)
+    x = torch.randn(2, 7, 320, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 7, 96, dtype=torch.bfloat16)
+    expected = layer(x)
+    expected.backward(grad)
+    expected_grad, x.grad = x.grad, None
+    ours = nf4_forward(layer, x)
+    ours.backward(grad)
+    assert torch.equal(ours, expected) and torch.equal(x.grad, expected_grad)
+    assert layer.weight.grad is None
+
+
+def test_compiled_layers_dequantise_nf4_in_the_graph_and_keep_the_eager_loss(monkeypatch):
+    """Under set_fast_paths(compile=True) every NF4 layer traces through nf4_forward (plain ops the compiler
+    fuses) instead of bitsandbytes' opaque op; eager forwards and no-grad forwards keep bitsandbytes'."""
+    import torch._dynamo
+
+    from baichuan_tune.models import quantize
+    from baichuan_tune.models.modeling_baichuan import set_fast_paths
+    from baichuan_tune.train.adapters import prepare_for_training
+
+    torch._dynamo.reset()
+    model = tiny_model("tiny-baichuan2-7b", **SHAPE).to(torch.bfloat16).quantize(4)
+    model = prepare_for_training(model, "qlora", lora_rank=4, lora_dropout=0.0, gradient_checkpointing=True,
+                                 qlora_keep_dtype=torch.bfloat16).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads()
+    traced = []
+    original = quantize.nf4_forward
+    monkeypatch.setattr(quantize, "nf4_forward", lambda module, x: traced.append(module) or original(module, x))
+    set_fast_paths(model, compile=True, compile_backend="aot_eager")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 10 and all(type(m).__name__ == "CompiledLinear4bit" for m in layers)
+    fast_loss, fast_grads = loss_and_grads()
+    assert {id(m) for m in traced} == {id(m) for m in layers}  # every layer, while tracing the compiled layers
+    assert abs(fast_loss - plain_loss) < 1e-2 * abs(plain_loss)
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten().float(), grad.flatten().float(), 0)
+        assert cos > 0.999, (name, float(cos))
+    traced.clear()
+    with torch.no_grad():
+        model(input_ids=ids)  # eval-style forward: bitsandbytes' path
+    assert not traced
+    torch._dynamo.reset()
+
+
+def test_compiled_nf4_forward_keeps_no_dequantised_weight_for_backward():
+    """Under torch.compile with inductor's partitioner the backward dequantises the weight again: nothing of
+    the weight's [out, in] size is among the tensors the forward graph keeps for backward (only the packed
+    bytes and scales, as bitsandbytes' MatMul4Bit keeps)."""
+    import torch._dynamo
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from baichuan_tune.models.quantize import nf4_forward
+
+    kept = []
+
+    def forward_compiler(gm, example_inputs):
+        outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
+        kept.extend(node.meta["val"] for node in outputs if hasattr(node, "meta") and "val" in node.meta)
+        return gm
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm,
+                           partition_fn=min_cut_rematerialization_partition)
+    layer = _nf4_layer(96, 320)
+    x = torch.randn(5, 320, dtype=torch.bfloat16, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(lambda x: nf4_forward(layer, x), backend=backend, fullgraph=True)(x)
+    out.sum().backward()
+    torch._dynamo.reset()
+    assert x.grad is not None and kept  # the graph's output and what it keeps for backward
+    big = [tuple(t.shape) for t in kept if t.is_floating_point() and t.numel() >= 96 * 320]
+    assert not big, big
+
+
+def test_nf4_in_graph_option_reaches_the_nf4_layers_and_turns_back_off():
+    """`--nf4_in_graph` (with `--compile true`) goes through fast_path_kwargs and prepare_for_training to
+    every NF4 layer; false (or compile off) leaves bitsandbytes' own class, also after it was on."""
+    from baichuan_tune.commands.sft import SFTConfig
+    from baichuan_tune.config import read_options
+    from baichuan_tune.models.modeling_baichuan import set_fast_paths
+    from baichuan_tune.train.adapters import prepare_for_training
+    from baichuan_tune.train.training import fast_path_kwargs
+
+    def layer_classes(model):
+        return {type(m).__name__ for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    for flag, expected in (("true", {"CompiledLinear4bit"}), ("false", {"Linear4bit"})):
+        cfg = read_options(SFTConfig, ["--compile", "true", "--nf4_in_graph", flag])
+        model = tiny_model("tiny-baichuan2-7b", **SHAPE).quantize(4)
+        model = prepare_for_training(model, "qlora", lora_rank=4, **fast_path_kwargs(cfg, None))
+        assert layer_classes(model) == expected
+    set_fast_paths(model, compile=True)
+    assert layer_classes(model) == {"CompiledLinear4bit"}
+    set_fast_paths(model, compile=False)
+    assert layer_classes(model) == {"Linear4bit"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_nf4_dequantize_on_gpu_follows_bitsandbytes_within_one_unit(dtype):
+    """On a GPU the compiled dequantisation is bitsandbytes' up to the rounding of the double-quantised
+    scales: a few values in 10,000 at most differ, each by one unit in the last place."""
+    import torch._dynamo
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from baichuan_tune.models.quantize import _state_args, nf4_dequantize
+
+    torch._dynamo.reset()
+    weight = torch.randn(1536, 1024, dtype=dtype, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    packed, state = quantize_4bit(weight * 0.02, blocksize=64, compress_statistics=True, quant_type="nf4")
+    expected = dequantize_4bit(packed, state)
+    ours = torch.compile(nf4_dequantize)(packed, *_state_args(state))
+    torch._dynamo.reset()
+    ulp = expected.float().abs() * torch.finfo(dtype).eps
+    assert ours.dtype == expected.dtype and ours.shape == expected.shape
+    assert ((ours.float() - expected.float()).abs() <= ulp).all()
+    assert (ours != expected).float().mean() < 1e-3

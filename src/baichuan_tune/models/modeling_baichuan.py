@@ -683,12 +683,13 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
 
 def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, compile: bool = False,
-                   compile_backend: str = "inductor", sdpa_cudnn: bool = True):
+                   compile_backend: str = "inductor", sdpa_cudnn: bool = True, nf4_in_graph: bool = True):
     """Choose the attention backend, the chunked loss, compiled decoder layers (`compile`, through
-    `compile_backend`) and whether SDPA may use cuDNN's attention (`sdpa_cudnn`) of a BaichuanForCausalLM
-    (or a PEFT model around one). A compiled layer keeps the SDPA kernel it was traced with (torch.compile
-    does not guard on SDPA's backend flags): after changing `sdpa_cudnn` in a process that has already
-    run compiled layers, call `torch._dynamo.reset()`."""
+    `compile_backend`), whether SDPA may use cuDNN's attention (`sdpa_cudnn`) and whether compiled layers
+    dequantise NF4 weights as torch ops (`nf4_in_graph`, `quantize.use_compiled_nf4`) of a
+    BaichuanForCausalLM (or a PEFT model around one). A compiled layer keeps the SDPA kernel it was traced
+    with (torch.compile does not guard on SDPA's backend flags): after changing `sdpa_cudnn` in a process
+    that has already run compiled layers, call `torch._dynamo.reset()`."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if loss_chunk_size < 0:
@@ -699,6 +700,10 @@ def set_fast_paths(model, attention: str = "sdpa", loss_chunk_size: int = 0, com
         except ImportError:
             raise ValueError(f"attention 'flex' needs torch >= 2.5 (this is {torch.__version__}): "
                              "pip install -U torch, or use attention 'sdpa'") from None
+    from .quantize import is_quantized, use_compiled_nf4
+
+    if is_quantized(model):
+        use_compiled_nf4(model, enabled=compile and nf4_in_graph)  # fused into the compiled layers' graphs
     for module in model.modules():
         if isinstance(module, BaichuanModel):
             module.attention_backend = attention

@@ -9,11 +9,16 @@ another device afterwards (`model.quantize(4).cuda()`, the authors' idiom) keeps
 
 Loading a checkpoint straight into 8/4 bits (`--quantization_bit` on the commands) goes through transformers'
 `BitsAndBytesConfig` in `checkpoint.load_model`; `bnb_config(bits)` here is the config both use.
+
+Inside compiled decoder layers (`--compile true --nf4_in_graph true`) a training forward dequantises NF4
+weights with `nf4_dequantize`, plain torch ops the compiler fuses, instead of bitsandbytes' op (see
+`use_compiled_nf4`); bitsandbytes' own forward stays the reference everywhere else.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -73,7 +78,8 @@ def is_quantized(model) -> bool:
         return True
     if getattr(model, "hf_quantizer", None) is not None:
         return True
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    # the classes' MRO: `use_compiled_nf4` gives NF4 layers a subclass of their own defined here
+    return any(c.__module__.startswith("bitsandbytes") for m in model.modules() for c in type(m).__mro__[:2])
 
 
 def stored_bytes(tensors) -> int:
@@ -230,3 +236,99 @@ def quantize(model, bits: int):
         raise QuantizeError("found no decoder Linear layers (W_pack, o_proj, gate/up/down_proj) to quantise")
     model.quantization_bits = bits
     return model
+
+
+# ----------------------------------------------------------------------------- NF4 inside compiled layers
+
+
+def nf4_dequantize(packed, absmax, code, blocksize: int, shape, dtype, nested=None) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit` of an NF4 weight, as plain torch ops ([out, in] in `dtype`).
+
+    Written out so that torch.compile fuses it into one kernel inside a compiled layer, where bitsandbytes'
+    op is an opaque call with about 0.25 ms of host work each (docs/PERFORMANCE.md). The formulas are
+    bitsandbytes': each byte holds two 4-bit codes, the first in the high nibble; a value is
+    code[q] * absmax of its block of `blocksize`; with double quantisation (`nested` = (absmax2, code2,
+    offset, blocksize2)) each absmax is code2[a] * absmax2 of its block of blocksize2, plus offset; all in
+    fp32, then cast to `dtype`. Equal to bitsandbytes' on a CPU; on a GPU at most about 1 value in 60,000
+    rounds one unit in the last place apart (measured at the published shapes; a GPU-marked test bounds it).
+    """
+    codes = packed.reshape(-1).view(torch.uint8)  # [n / 2] bytes (stored as another dtype when sharded)
+    # A broadcast shift by [4, 0], not a stack of the two nibbles: the compiler fuses it with the rest (a
+    # stack was written out as two byte tensors first); an arange, not a constant tensor, which the
+    # compiler's cache cannot store (it warned on every run).
+    shifts = 4 - 4 * torch.arange(2, device=codes.device)
+    pairs = (codes[:, None].long() >> shifts) & 15  # [n / 2, 2]: high nibble first
+    pairs = pairs.reshape(-1)  # [n]
+    if nested is not None:
+        absmax2, code2, offset, blocksize2 = nested
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
+        absmax = code2[absmax.long()] * absmax2[blocks] + offset  # [n / blocksize]
+    values = code[pairs].view(-1, blocksize) * absmax.float()[:, None]  # [n / blocksize, blocksize]
+    return values.view(shape).to(dtype)
+
+
+def _state_args(state) -> tuple:
+    nested = None
+    if state.nested:
+        nested = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
+    return state.absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, nested
+
+
+def fusable_nf4(module) -> bool:
+    """An NF4 layer `nf4_dequantize` can read: whole blocks, the packed bytes in one plain (unsharded) tensor."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or state.quant_type != "nf4" or type(module.weight.data) is not torch.Tensor:
+        return False
+    return math.prod(state.shape) % state.blocksize == 0
+
+
+def nf4_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Linear4bit's training forward with `nf4_dequantize` (inside a compiled layer; see `use_compiled_nf4`).
+
+    The dequantisation runs under `checkpoint`, which torch.compile turns into "recompute in backward":
+    the backward dequantises the weight again for the input's gradient, as bitsandbytes' MatMul4Bit does,
+    instead of keeping the [out, in] weight of every layer until then (the compiler otherwise merges the
+    two dequantisations and keeps it, even from an autograd.Function that dequantises in its backward:
+    an earlier build did that and held 0.43 GiB more on the 13B recipe)."""
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = module.compute_dtype or x.dtype
+    # no RNG state to keep: the dequantisation draws no random numbers
+    weight = checkpoint(nf4_dequantize, module.weight.data, *_state_args(module.weight.quant_state),
+                        use_reentrant=False, preserve_rng_state=False)  # [out, in]
+    out = torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
+    if module.bias is not None:
+        out = out + module.bias.to(out.dtype)
+    return out.to(x.dtype)
+
+
+def _compiled_nf4_forward(self, x):
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return nf4_forward(self, x)
+    return self._bnb_forward(x)
+
+
+_COMPILED_NF4: dict[type, type] = {}
+
+
+def use_compiled_nf4(model, enabled: bool = True) -> int:
+    """Let each NF4 layer of `model` compute through `nf4_forward` while torch.compile traces a training
+    forward (grad enabled), so that its dequantisation fuses into the compiled layer; everywhere else
+    (eager, generation, no grad) bitsandbytes' own forward runs, and stays the reference. Done by a
+    subclass of the layer's class (its state, saving and PEFT's wrapping unchanged); `enabled=False`
+    gives the layers their own class back. Returns the layers changed."""
+    bnb = import_bitsandbytes()
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or not fusable_nf4(module):
+            continue
+        compiled = type(module) in _COMPILED_NF4.values()
+        if enabled == compiled:
+            continue
+        base = type(module).__mro__[1] if compiled else type(module)
+        if enabled and base not in _COMPILED_NF4:
+            _COMPILED_NF4[base] = type(f"Compiled{base.__name__}", (base,),
+                                       {"forward": _compiled_nf4_forward, "_bnb_forward": base.forward})
+        module.__class__ = _COMPILED_NF4[base] if enabled else base
+        changed += 1
+    return changed

@@ -87,11 +87,13 @@ def set_checkpoint_layers(model, count: int) -> None:
 def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), lora_rank=8, lora_alpha=16.0,
                          lora_dropout=0.05, freeze_trainable_layers=2, gradient_checkpointing=False,
                          checkpoint_layers=-1, attention="sdpa", loss_chunk_size=0, compile=False,
-                         qlora_keep_dtype: torch.dtype | None = None, sdpa_cudnn: bool = True):
+                         qlora_keep_dtype: torch.dtype | None = None, sdpa_cudnn: bool = True,
+                         nf4_in_graph: bool = True):
     """Set up `model` for `finetuning_type`; returns the model to train (a PeftModel for lora/qlora).
 
-    `attention`, `loss_chunk_size`, `compile` and `sdpa_cudnn` choose the fast paths (`modeling_baichuan.set_fast_paths`);
-    `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in that dtype (see `attach_lora`).
+    `attention`, `loss_chunk_size`, `compile`, `sdpa_cudnn` and `nf4_in_graph` choose the fast paths
+    (`modeling_baichuan.set_fast_paths`); `qlora_keep_dtype` keeps qlora's frozen embeddings/norms/head in
+    that dtype (see `attach_lora`).
     `checkpoint_layers`: under `gradient_checkpointing`, how many decoder layers (the first) recompute their
     activations (-1: all); the rest keep them, trading memory for a third of their matrix products."""
     if finetuning_type not in FINETUNING_TYPES:
@@ -113,7 +115,7 @@ def prepare_for_training(model, finetuning_type: str, *, lora_target=("all",), l
     from ..models.modeling_baichuan import set_fast_paths
 
     return set_fast_paths(model, attention=attention, loss_chunk_size=loss_chunk_size, compile=compile,
-                          sdpa_cudnn=sdpa_cudnn)
+                          sdpa_cudnn=sdpa_cudnn, nf4_in_graph=nf4_in_graph)
 
 
 def frozen_copy(model):

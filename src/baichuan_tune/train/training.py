@@ -305,7 +305,8 @@ def fast_path_kwargs(cfg, amp_dtype: torch.dtype | None) -> dict:
     """The fast-path arguments of `adapters.prepare_for_training` from a command's ModelOptions."""
     keep = amp_dtype if cfg.qlora_half_frozen and amp_dtype in (torch.bfloat16, torch.float16) else None
     return dict(attention=cfg.attention, loss_chunk_size=cfg.loss_chunk_size, compile=cfg.compile,
-                qlora_keep_dtype=keep, sdpa_cudnn=cfg.sdpa_cudnn)
+                qlora_keep_dtype=keep, sdpa_cudnn=cfg.sdpa_cudnn,
+                nf4_in_graph=cfg.nf4_in_graph)
 
 
 def write_results(out: Path, results: dict) -> None:
