@@ -100,6 +100,9 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
     # Each variant compiles afresh: a compiled layer keeps the SDPA kernel it was traced with, so a later
     # variant with other kernels (--sdpa_cudnn) would otherwise reuse the earlier variant's graphs.
     torch._dynamo.reset()
+    # and the previous run's model goes before this one loads: with NF4 in the compiled graphs it was
+    # measured to outlive the run until a collection (5.7 GiB more in the next run's peak)
+    gc.collect()
     prof = _profiling(profile_steps, steps) if profile_steps else None
     graphs = counters["stats"]["unique_graphs"]
     sft.main(recipe_argv(recipe, model, data, out, steps + profile_steps, smoke, extra))
@@ -108,7 +111,9 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
     records = records[:steps]
     tps, sps, timed = steady([r["elapsed"] for r in records], [r["tokens"] for r in records], warmup)
     peaks = [r["max_memory_gib"] for r in records if "max_memory_gib" in r]  # training's peak (reset after loading)
+    elapsed = [r["elapsed"] for r in records]
     result = dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), timed_tokens=timed,
+                  step_s=[round(b - a, 3) for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:])] if warmup else [],
                   peak_gib=max(peaks) if peaks else None,
                   loss_last=records[-1]["loss"], graphs_compiled=graphs)
     if prof is not None:

@@ -219,6 +219,9 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, default=0)
     ap.add_argument("--qlora-half-frozen", default="true", choices=["true", "false"])
     ap.add_argument("--compile", default="false", choices=["true", "false"])
+    ap.add_argument("--sdpa-cudnn", default="true", choices=["true", "false"])
+    ap.add_argument("--nf4-in-graph", default="true", choices=["true", "false"],
+                    help="with --compile true: NF4 dequantised as torch ops inside the compiled layers")
     ap.add_argument("--checkpoint-layers", type=int, default=-1,
                     help="ours: how many decoder layers recompute their activations (-1: all, as the baseline)")
     ap.add_argument("--no-baseline", action="store_true", help="our model only")
@@ -228,7 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     fast = dict(attention=args.attention, loss_chunk_size=args.loss_chunk_size, compile=args.compile == "true",
                 qlora_keep_dtype=torch.bfloat16 if args.qlora_half_frozen == "true" else None,
-                checkpoint_layers=args.checkpoint_layers)
+                checkpoint_layers=args.checkpoint_layers, sdpa_cudnn=args.sdpa_cudnn == "true",
+                nf4_in_graph=args.nf4_in_graph == "true")
     presets, methods = args.presets.split(","), args.methods.split(",")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
