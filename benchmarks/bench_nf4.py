@@ -7,8 +7,10 @@ Each weight is quantised to NF4 with double-quantised scales (as QLoRA), then de
 bitsandbytes' `dequantize_4bit` (the baseline, what its Linear4bit runs before each matrix product) and by
 `nf4_dequantize` under torch.compile (what `--nf4_in_graph true` puts inside the compiled decoder layers).
 It prints, per shape, the GPU time a call (CUDA events, median of --repeats after warm-up), the host
-time a call, the effective bandwidth (bytes read + written) and the ratio, and checks the two agree bit
-for bit.
+time a call, the effective bandwidth (bytes read + written) and the ratio, and whether the two agree bit
+for bit (on a CPU they do; on a GPU a few values in 100,000 round one unit apart). Inside a compiled
+layer inductor fuses the dequantisation differently; a profile of a training step (bench_recipes.py
+--profile) gives the in-graph kernel times.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run_shape(bnb, shape: str, dtype, device: str, repeats: int) -> dict:
                 gpu_time_ours_over_bnb=round(ours_gpu / base_gpu, 3))
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="baichuan-13b,baichuan2-7b")
     ap.add_argument("--shapes", default="", help="out x in, comma-separated (instead of --models)")
@@ -78,7 +80,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     bnb = import_bitsandbytes()
     shapes = args.shapes.split(",") if args.shapes else [s for m in args.models.split(",") for s in SHAPES[m]]
     if args.device.startswith("cuda"):
@@ -90,6 +92,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

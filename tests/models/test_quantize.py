@@ -436,3 +436,13 @@ def test_compiled_nf4_dequantize_on_gpu_follows_bitsandbytes_within_one_unit(dty
     assert ours.dtype == expected.dtype and ours.shape == expected.shape
     assert ((ours.float() - expected.float()).abs() <= ulp).all()
     assert (ours != expected).float().mean() < 1e-3
+
+
+def test_nf4_benchmark_smoke_compares_the_two_dequantisations(tmp_path):
+    """benchmarks/bench_nf4.py on a CPU: both dequantisations timed and found equal at a small shape."""
+    bench = benchmark_script("bench_nf4")
+    rows = bench.main(["--device", "cpu", "--shapes", "128x256", "--dtypes", "bfloat16", "--repeats", "2",
+                       "--json", str(tmp_path / "nf4.json")])
+    assert [(r["shape"], r["dtype"], r["equal"]) for r in rows] == [("128x256", "bfloat16", True)]
+    assert rows[0]["bnb_host_us"] > 0 and rows[0]["ours_host_us"] > 0
+    assert (tmp_path / "nf4.json").exists()
