@@ -446,3 +446,25 @@ def test_nf4_benchmark_smoke_compares_the_two_dequantisations(tmp_path):
     assert [(r["shape"], r["dtype"], r["equal"]) for r in rows] == [("128x256", "bfloat16", True)]
     assert rows[0]["bnb_host_us"] > 0 and rows[0]["ours_host_us"] > 0
     assert (tmp_path / "nf4.json").exists()
+
+
+def test_compiled_nf4_layer_without_quant_state_on_its_weight_keeps_bitsandbytes_forward():
+    """A gathered (sharded-run) weight can arrive without its quant_state, which bitsandbytes' forward
+    restores from the module: the compiled layer then traces bitsandbytes' path (one graph, no break),
+    with its result."""
+    import torch._dynamo
+
+    from baichuan_tune.models.quantize import use_compiled_nf4
+
+    layer = _nf4_layer(96, 320)
+    x = torch.randn(3, 320, dtype=torch.bfloat16, requires_grad=True)
+    expected = layer(x)
+    assert use_compiled_nf4(nn.Sequential(layer)) == 1
+    layer.quant_state = layer.weight.quant_state
+    plain = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4", module=None)
+    layer.weight = plain  # as a gathered weight: the packed bytes, no quant_state
+    assert getattr(layer.weight, "quant_state", None) is None
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert torch.equal(out, expected)

@@ -304,7 +304,9 @@ def nf4_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_nf4_forward(self, x):
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+    # checked at each call: a sharded run's gathered weight may come without its quant_state, which only
+    # bitsandbytes' forward restores (from the module)
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and fusable_nf4(self):
         return nf4_forward(self, x)
     return self._bnb_forward(x)
 
