@@ -53,7 +53,7 @@ def timed(fn, repeats: int, device: str) -> tuple[float, float]:
     return (statistics.median(gpu) if gpu else float("nan")), statistics.median(host)
 
 
-def run_shape(bnb, shape: str, dtype, device: str, repeats: int) -> dict:
+def run_shape(shape: str, dtype, device: str, repeats: int) -> dict:
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     out_f, in_f = map(int, shape.split("x"))
@@ -88,7 +88,7 @@ def main(argv=None) -> list[dict]:
     results = []
     for dtype in args.dtypes.split(","):
         for shape in shapes:
-            results.append(run_shape(bnb, shape, getattr(torch, dtype), args.device, args.repeats))
+            results.append(run_shape(shape, getattr(torch, dtype), args.device, args.repeats))
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

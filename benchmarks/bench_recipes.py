@@ -109,9 +109,9 @@ def run_ours(recipe, model, data, workdir, steps, warmup, smoke, extra, profile_
     graphs = counters["stats"]["unique_graphs"] - graphs  # compiled by torch.compile during the run
     records = [r for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
     records = records[:steps]
-    tps, sps, timed = steady([r["elapsed"] for r in records], [r["tokens"] for r in records], warmup)
-    peaks = [r["max_memory_gib"] for r in records if "max_memory_gib" in r]  # training's peak (reset after loading)
     elapsed = [r["elapsed"] for r in records]
+    tps, sps, timed = steady(elapsed, [r["tokens"] for r in records], warmup)
+    peaks = [r["max_memory_gib"] for r in records if "max_memory_gib" in r]  # training's peak (reset after loading)
     result = dict(tokens_per_s=round(tps, 1), s_per_step=round(sps, 4), timed_tokens=timed,
                   step_s=[round(b - a, 3) for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:])] if warmup else [],
                   peak_gib=max(peaks) if peaks else None,

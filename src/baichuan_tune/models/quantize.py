@@ -78,8 +78,8 @@ def is_quantized(model) -> bool:
         return True
     if getattr(model, "hf_quantizer", None) is not None:
         return True
-    # the classes' MRO: `use_compiled_nf4` gives NF4 layers a subclass of their own defined here
-    return any(c.__module__.startswith("bitsandbytes") for m in model.modules() for c in type(m).__mro__[:2])
+    # any class a layer derives from: `use_compiled_nf4` gives NF4 layers a subclass defined here
+    return any(c.__module__.startswith("bitsandbytes") for m in model.modules() for c in type(m).__mro__)
 
 
 def stored_bytes(tensors) -> int:
